@@ -1,0 +1,163 @@
+"""The kernel interface: every numeric step the engine takes goes through a Backend.
+
+The model code (minilars/model.py, minilars/ops.py, minilars/adapters.py) never calls
+numpy or torch directly for arithmetic; it calls these methods, so a new backend
+(numba, torch) slots in by implementing this class and nothing else changes.
+
+Arrays are whatever the backend holds: numpy.ndarray for numpy and numba,
+torch.Tensor for torch. The methods that model code may use on arrays directly are
+the ones numpy and torch share: `.shape`, `.dtype`, `.reshape`, `.ndim`, `.size`,
+indexing, slicing, `@`, `+ - * /` and in-place `+=`.
+
+Letters: B batch, T tokens per sequence, N = B*T, d hidden, f MLP width, H query
+heads, Hkv kv heads, hd head dim, V vocabulary, r rank. Attention tensors are kept
+token-major, (B, T, heads, hd), so every kept activation is (N, width) in memory.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any
+
+Array = Any  # numpy.ndarray or torch.Tensor, depending on the backend
+
+
+class Backend(ABC):
+    """Kernel interface. Forward kernels return what their backward needs."""
+
+    name: str = "abstract"
+
+    # ---------------------------------------------------------------- arrays
+    @abstractmethod
+    def asarray(self, x, dtype=None) -> Array:
+        """Convert a numpy array (or nested list) to a backend array."""
+
+    @abstractmethod
+    def to_numpy(self, x: Array):
+        """Convert a backend array to a numpy array (a copy when it must be)."""
+
+    @abstractmethod
+    def zeros(self, shape, dtype) -> Array: ...
+
+    @abstractmethod
+    def zeros_like(self, x: Array) -> Array: ...
+
+    @abstractmethod
+    def cast(self, x: Array, dtype) -> Array:
+        """x converted to dtype (a no-op when it already has it)."""
+
+    @abstractmethod
+    def dtype(self, name: str):
+        """The backend's dtype object for 'float16', 'float32', 'float64', 'int64'."""
+
+    @abstractmethod
+    def concat(self, xs: list, axis: int) -> Array: ...
+
+    @abstractmethod
+    def permute(self, x: Array, axes: tuple) -> Array:
+        """x with its axes reordered (contiguous copy)."""
+
+    @abstractmethod
+    def sum(self, x: Array, axis=None, keepdims: bool = False) -> Array: ...
+
+    @abstractmethod
+    def norm_sq(self, x: Array) -> float:
+        """sum(x**2) as a Python float (for global-norm gradient clipping)."""
+
+    @abstractmethod
+    def isfinite(self, x: Array) -> bool:
+        """True when every element is finite."""
+
+    @abstractmethod
+    def nbytes(self, x: Array) -> int: ...
+
+    # ---------------------------------------------------------------- linear algebra
+    @abstractmethod
+    def matmul(self, a: Array, b: Array) -> Array:
+        """a @ b in a's dtype; b may be stored in a lower precision (float16 frozen
+        weights) and is upcast here, one operand at a time."""
+
+    @abstractmethod
+    def matmul_tn(self, a: Array, b: Array) -> Array:
+        """a^T @ b for 2-D a (N, m), b (N, n) -> (m, n): weight gradients dW = x^T dy."""
+
+    @abstractmethod
+    def matmul_nt(self, a: Array, b: Array) -> Array:
+        """a @ b^T for 2-D a (N, n), b (m, n) -> (N, m): input gradients dx = dy W^T."""
+
+    @abstractmethod
+    def orthonormal_range(self, x: Array, rank: int, seed: int, oversample: int = 8,
+                          power_iters: int = 2) -> Array:
+        """Q (width, r) with orthonormal columns spanning the top-r right singular
+        directions of x (N, width): randomized range finder (Halko et al. 2011,
+        Alg. 4.4 with subspace iteration) on x^T. Exact span when rank >= rank(x)."""
+
+    # ---------------------------------------------------------------- ops
+    @abstractmethod
+    def embedding_forward(self, table: Array, tokens: Array) -> Array:
+        """y[n] = table[tokens[n]]: (V, d), (N,) -> (N, d)."""
+
+    @abstractmethod
+    def embedding_backward(self, dy: Array, tokens: Array, vocab_size: int) -> Array:
+        """dtable = sum over n of one_hot(tokens[n]) dy[n]: (N, d) -> (V, d)."""
+
+    @abstractmethod
+    def rmsnorm_forward(self, x: Array, w: Array, eps: float) -> tuple[Array, Array]:
+        """y = x * rstd * w with rstd = 1/sqrt(mean(x^2) + eps) (Zhang & Sennrich 2019).
+        (N, d), (d,) -> y (N, d), rstd (N, 1)."""
+
+    @abstractmethod
+    def rmsnorm_backward(self, dy: Array, x: Array, w: Array, rstd: Array) -> tuple[Array, Array]:
+        """dx = rstd * (dy*w) - x * rstd^3 * mean(dy*w*x), dw = sum_n dy*x*rstd."""
+
+    @abstractmethod
+    def rope_forward(self, x: Array, cos: Array, sin: Array) -> Array:
+        """Rotate-half RoPE (Su et al. 2021, HF LLaMA convention):
+        y = x*cos + rotate_half(x)*sin, rotate_half([x1, x2]) = [-x2, x1].
+        x (B, T, heads, hd), cos/sin (T, hd) -> (B, T, heads, hd)."""
+
+    @abstractmethod
+    def rope_backward(self, dy: Array, cos: Array, sin: Array) -> Array:
+        """The transpose of a rotation: rope_forward with sin negated."""
+
+    @abstractmethod
+    def attention_forward(self, q: Array, k: Array, v: Array, tile: int,
+                          q_offset: int = 0) -> tuple[Array, Array]:
+        """Causal grouped-query attention, tile by tile with an online softmax
+        (Dao et al. 2022, FlashAttention Alg. 1): no (T, T) array is formed.
+        q (B, Tq, H, hd), k/v (B, Tk, Hkv, hd); query i sits at position q_offset+i.
+        Returns o (B, Tq, H, hd) and lse (B, Tq, H) = log sum_j exp(s_ij)."""
+
+    @abstractmethod
+    def attention_backward(self, do: Array, q: Array, k: Array, v: Array, o: Array,
+                           lse: Array, tile: int) -> tuple[Array, Array, Array]:
+        """FlashAttention backward (Alg. 2): tile probabilities P = exp(S - lse)
+        recomputed, D = rowsum(dO * O), dS = P * (dO V^T - D).
+        Returns dq (B, T, H, hd), dk, dv (B, T, Hkv, hd)."""
+
+    @abstractmethod
+    def swiglu_forward(self, g: Array, u: Array) -> Array:
+        """h = silu(g) * u, silu(g) = g * sigmoid(g) (Shazeer 2020). (N, f) each."""
+
+    @abstractmethod
+    def swiglu_backward(self, dh: Array, g: Array, u: Array) -> tuple[Array, Array]:
+        """dg = dh * u * sig(g) * (1 + g*(1 - sig(g))), du = dh * silu(g)."""
+
+    @abstractmethod
+    def cross_entropy_head(self, x: Array, head: Array, targets: Array, chunk: int,
+                           ignore_index: int, need_dx: bool, need_dhead: bool
+                           ) -> tuple[float, int, Array | None, Array | None]:
+        """Mean cross-entropy of logits = x @ head^T against targets, chunk rows at a
+        time so no (N, V) array is formed. With z = logits, p = softmax(z):
+        loss = (1/n) sum_valid (logsumexp(z_n) - z_n[t_n]), dz = (p - onehot(t)) / n.
+        x (N, d), head (V, d), targets (N,) -> (loss, n_valid, dx (N, d), dhead (V, d))."""
+
+    @abstractmethod
+    def adamw_update(self, p: Array, g: Array, m: Array, v: Array, *, lr: float, beta1: float,
+                     beta2: float, eps: float, weight_decay: float, step: int) -> None:
+        """In place, as torch.optim.AdamW (Loshchilov & Hutter 2019):
+        p *= 1 - lr*wd; m = b1 m + (1-b1) g; v = b2 v + (1-b2) g^2;
+        p -= lr/(1-b1^t) * m / (sqrt(v)/sqrt(1-b2^t) + eps)."""
+
+    @abstractmethod
+    def scale_(self, x: Array, s: float) -> None:
+        """x *= s in place."""

@@ -1,0 +1,248 @@
+"""NumPy reference backend: the readable definition of every kernel.
+
+Other backends are tested against this one. Letters as in backends/base.py.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .base import Backend
+
+_DTYPES = {"float16": np.float16, "float32": np.float32, "float64": np.float64, "int64": np.int64}
+
+
+def _causal_mask(q_pos0: int, tq: int, k_pos0: int, tk: int) -> np.ndarray | None:
+    """(tq, tk) boolean, True where key position > query position; None if no key is
+    in the future of any query of the tile."""
+    if k_pos0 + tk - 1 <= q_pos0:
+        return None
+    q_pos = q_pos0 + np.arange(tq)[:, None]
+    k_pos = k_pos0 + np.arange(tk)[None, :]
+    return k_pos > q_pos
+
+
+def _heads_first(x: np.ndarray, n_kv: int) -> np.ndarray:
+    """(B, t, H, hd) -> (B, Hkv, g, t, hd) with g = H/Hkv: query heads grouped under
+    the kv head they read (head h reads kv head h // g)."""
+    b, t, h, hd = x.shape
+    return x.reshape(b, t, n_kv, h // n_kv, hd).transpose(0, 2, 3, 1, 4)
+
+
+def _tokens_first(x: np.ndarray) -> np.ndarray:
+    """(B, Hkv, g, t, hd) -> (B, t, H, hd), the inverse of _heads_first."""
+    b, n_kv, g, t, hd = x.shape
+    return x.transpose(0, 3, 1, 2, 4).reshape(b, t, n_kv * g, hd)
+
+
+class NumpyBackend(Backend):
+    name = "numpy"
+
+    # ---------------------------------------------------------------- arrays
+    def asarray(self, x, dtype=None):
+        return np.asarray(x, dtype=_DTYPES.get(dtype, dtype) if isinstance(dtype, str) else dtype)
+
+    def to_numpy(self, x):
+        return np.asarray(x)
+
+    def zeros(self, shape, dtype):
+        return np.zeros(shape, dtype=dtype)
+
+    def zeros_like(self, x):
+        return np.zeros_like(x)
+
+    def cast(self, x, dtype):
+        return x if x.dtype == dtype else x.astype(dtype)
+
+    def dtype(self, name):
+        return np.dtype(_DTYPES[name])
+
+    def concat(self, xs, axis):
+        return np.concatenate(xs, axis=axis)
+
+    def permute(self, x, axes):
+        return np.ascontiguousarray(x.transpose(axes))
+
+    def sum(self, x, axis=None, keepdims=False):
+        return x.sum(axis=axis, keepdims=keepdims)
+
+    def norm_sq(self, x):
+        x = x.ravel()
+        return float(np.dot(x, x))
+
+    def isfinite(self, x):
+        return bool(np.isfinite(x).all())
+
+    def nbytes(self, x):
+        return int(x.nbytes)
+
+    # ---------------------------------------------------------------- linear algebra
+    def matmul(self, a, b):
+        return a @ self.cast(b, a.dtype)
+
+    def matmul_tn(self, a, b):
+        return a.T @ b
+
+    def matmul_nt(self, a, b):
+        return a @ self.cast(b, a.dtype).T
+
+    def orthonormal_range(self, x, rank, seed, oversample=8, power_iters=2):
+        n, width = x.shape
+        if rank >= width:
+            return np.eye(width, dtype=x.dtype)
+        sketch = min(width, rank + oversample)
+        omega = np.random.default_rng(seed).standard_normal((width, sketch)).astype(x.dtype)
+        basis, _ = np.linalg.qr(x.T @ (x @ omega))  # (width, sketch), range of x^T x
+        for _ in range(power_iters):
+            basis, _ = np.linalg.qr(x.T @ (x @ basis))
+        # Rotate inside the sketch so the first r columns are the top-r directions.
+        _, _, vt = np.linalg.svd(x @ basis, full_matrices=False)  # (sketch, sketch)
+        return np.ascontiguousarray(basis @ vt[:rank].T)  # (width, r)
+
+    # ---------------------------------------------------------------- ops
+    def embedding_forward(self, table, tokens):
+        return table[tokens]
+
+    def embedding_backward(self, dy, tokens, vocab_size):
+        dtable = np.zeros((vocab_size, dy.shape[1]), dtype=dy.dtype)
+        np.add.at(dtable, tokens, dy)
+        return dtable
+
+    def rmsnorm_forward(self, x, w, eps):
+        rstd = 1.0 / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps)  # (N, 1)
+        return x * rstd * self.cast(w, x.dtype), rstd.astype(x.dtype)
+
+    def rmsnorm_backward(self, dy, x, w, rstd):
+        w = self.cast(w, dy.dtype)
+        x_hat = x * rstd  # (N, d)
+        dw = np.sum(dy * x_hat, axis=0)  # (d,)
+        g = dy * w  # gradient w.r.t. x_hat
+        dx = rstd * (g - x_hat * np.mean(g * x_hat, axis=-1, keepdims=True))
+        return dx, dw
+
+    def rope_forward(self, x, cos, sin):
+        half = x.shape[-1] // 2
+        c = cos[None, :, None, :half].astype(x.dtype, copy=False)  # (1, T, 1, hd/2)
+        s = sin[None, :, None, :half].astype(x.dtype, copy=False)
+        x1, x2 = x[..., :half], x[..., half:]
+        y = np.empty_like(x)
+        y[..., :half] = x1 * c - x2 * s
+        y[..., half:] = x2 * c + x1 * s
+        return y
+
+    def rope_backward(self, dy, cos, sin):
+        return self.rope_forward(dy, cos, -sin)
+
+    def attention_forward(self, q, k, v, tile, q_offset=0):
+        b, tq_total, n_heads, hd = q.shape
+        n_kv, tk_total = k.shape[2], k.shape[1]
+        scale = 1.0 / np.sqrt(hd)
+        o = np.empty_like(q)
+        lse = np.empty((b, tq_total, n_heads), dtype=q.dtype)
+        for i0 in range(0, tq_total, tile):
+            i1 = min(i0 + tile, tq_total)
+            qt = _heads_first(q[:, i0:i1], n_kv) * q.dtype.type(scale)  # (B, Hkv, g, tq, hd)
+            m = np.full(qt.shape[:-1], -np.inf, dtype=q.dtype)  # running max (B, Hkv, g, tq)
+            denom = np.zeros_like(m)  # running sum of exp
+            acc = np.zeros_like(qt)  # running sum of p @ v
+            last_key = min(tk_total, q_offset + i1)  # causal: keys up to the last query
+            for j0 in range(0, last_key, tile):
+                j1 = min(j0 + tile, last_key)
+                kt = k[:, j0:j1].transpose(0, 2, 3, 1)[:, :, None]  # (B, Hkv, 1, hd, tk)
+                vt = v[:, j0:j1].transpose(0, 2, 1, 3)[:, :, None]  # (B, Hkv, 1, tk, hd)
+                s = qt @ kt  # (B, Hkv, g, tq, tk)
+                mask = _causal_mask(q_offset + i0, i1 - i0, j0, j1 - j0)
+                if mask is not None:
+                    s[..., mask] = -np.inf
+                m_new = np.maximum(m, s.max(axis=-1))
+                correction = np.exp(m - m_new)
+                p = np.exp(s - m_new[..., None])
+                denom = denom * correction + p.sum(axis=-1)
+                acc = acc * correction[..., None] + p @ vt
+                m = m_new
+            o[:, i0:i1] = _tokens_first(acc / denom[..., None])
+            lse[:, i0:i1] = _tokens_first((m + np.log(denom))[..., None])[..., 0]
+        return o, lse
+
+    def attention_backward(self, do, q, k, v, o, lse, tile):
+        b, t_total, n_heads, hd = q.shape
+        n_kv = k.shape[2]
+        scale = q.dtype.type(1.0 / np.sqrt(hd))
+        delta = np.sum(do * o, axis=-1)  # D = rowsum(dO * O): (B, T, H)
+        dq = np.empty_like(q)
+        dk = np.zeros((b, n_kv, t_total, hd), dtype=q.dtype)
+        dv = np.zeros_like(dk)
+        for i0 in range(0, t_total, tile):
+            i1 = min(i0 + tile, t_total)
+            qt = _heads_first(q[:, i0:i1], n_kv) * scale  # (B, Hkv, g, tq, hd)
+            dot = _heads_first(do[:, i0:i1], n_kv)
+            lse_t = _heads_first(lse[:, i0:i1, :, None], n_kv)  # (B, Hkv, g, tq, 1)
+            delta_t = _heads_first(delta[:, i0:i1, :, None], n_kv)
+            dqt = np.zeros_like(qt)
+            for j0 in range(0, i1, tile):
+                j1 = min(j0 + tile, i1)
+                kt = k[:, j0:j1].transpose(0, 2, 1, 3)[:, :, None]  # (B, Hkv, 1, tk, hd)
+                vt = v[:, j0:j1].transpose(0, 2, 1, 3)[:, :, None]
+                s = qt @ kt.swapaxes(-1, -2)  # (B, Hkv, g, tq, tk)
+                mask = _causal_mask(i0, i1 - i0, j0, j1 - j0)
+                if mask is not None:
+                    s[..., mask] = -np.inf
+                p = np.exp(s - lse_t)  # probabilities recomputed from the kept lse
+                dv[:, :, j0:j1] += np.sum(p.swapaxes(-1, -2) @ dot, axis=2)
+                ds = p * (dot @ vt.swapaxes(-1, -2) - delta_t)  # dS = P * (dP - D)
+                dqt += ds @ kt
+                dk[:, :, j0:j1] += np.sum(ds.swapaxes(-1, -2) @ qt, axis=2)
+            dq[:, i0:i1] = _tokens_first(dqt * scale)
+        return dq, dk.transpose(0, 2, 1, 3).copy(), dv.transpose(0, 2, 1, 3).copy()
+
+    def swiglu_forward(self, g, u):
+        return g / (1.0 + np.exp(-g)) * u
+
+    def swiglu_backward(self, dh, g, u):
+        sig = 1.0 / (1.0 + np.exp(-g))
+        silu = g * sig
+        dg = dh * u * sig * (1.0 + g * (1.0 - sig))
+        return dg, dh * silu
+
+    def cross_entropy_head(self, x, head, targets, chunk, ignore_index, need_dx, need_dhead):
+        n = x.shape[0]
+        valid = targets != ignore_index
+        n_valid = int(valid.sum())
+        dx = np.zeros_like(x) if need_dx else None
+        dhead = np.zeros(head.shape, dtype=x.dtype) if need_dhead else None
+        if n_valid == 0:
+            return 0.0, 0, dx, dhead
+        total = 0.0
+        for c0 in range(0, n, chunk):
+            c1 = min(c0 + chunk, n)
+            xc, ok = x[c0:c1], valid[c0:c1]
+            tc = np.where(ok, targets[c0:c1], 0)
+            z = self.matmul_nt(xc, head)  # logits chunk (c, V), the only one alive
+            rows = np.arange(c1 - c0)
+            z -= z.max(axis=1, keepdims=True)  # shift for a stable exp
+            z_target = z[rows, tc].copy()
+            np.exp(z, out=z)
+            row_sum = z.sum(axis=1)
+            total += float(np.sum((np.log(row_sum) - z_target)[ok]))
+            if need_dx or need_dhead:
+                z /= row_sum[:, None]  # softmax p
+                z[rows, tc] -= 1.0  # p - onehot(t)
+                z *= (ok / n_valid).astype(x.dtype)[:, None]
+                if need_dx:
+                    dx[c0:c1] = self.matmul(z, head)
+                if need_dhead:
+                    dhead += z.T @ xc
+        return total / n_valid, n_valid, dx, dhead
+
+    def adamw_update(self, p, g, m, v, *, lr, beta1, beta2, eps, weight_decay, step):
+        p *= 1.0 - lr * weight_decay
+        m *= beta1
+        m += (1.0 - beta1) * g
+        v *= beta2
+        v += (1.0 - beta2) * (g * g)
+        bias1 = 1.0 - beta1 ** step
+        bias2 = 1.0 - beta2 ** step
+        denom = np.sqrt(v) / np.sqrt(bias2) + eps
+        p -= (lr / bias1) * (m / denom)
+
+    def scale_(self, x, s):
+        x *= s

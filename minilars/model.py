@@ -1,0 +1,310 @@
+"""The LLaMA-style decoder with an explicit forward and backward.
+
+forward(tokens, targets) runs embedding -> n_layers pre-norm blocks -> final RMSNorm
+-> tied head + cross-entropy, putting every cache that backward will need into an
+ActivationStore; backward(tape) walks the same steps in reverse and returns a
+gradient for every trainable array, by name. Nothing is kept on the model object
+between the two calls: all saved state lives in the tape's store.
+
+Block (pre-norm, as LLaMA):
+    h = RMSNorm(x);  [q|k|v] = h W_attn_in;  q, k = RoPE(q), RoPE(k)
+    x = x + Attention(q, k, v) W_attn_out
+    h = RMSNorm(x);  [g|u] = h W_mlp_in;  x = x + (silu(g) * u) W_mlp_out
+
+Letters: B batch, T tokens, N = B*T, d hidden, f MLP width, H/Hkv heads, hd head dim, V vocab.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .backends import Array, Backend, get_backend
+from .config import ModelConfig
+from .ops import (EmbeddingCache, attention_backward, attention_forward, cross_entropy_backward,
+                  cross_entropy_forward, embedding_backward, embedding_forward, rmsnorm_backward,
+                  rmsnorm_forward, rope_backward, rope_forward, rope_tables, swiglu_backward, swiglu_forward)
+from .sites import FrozenSite, LinearSite
+from .store import ActivationStore, StoragePlan
+from .weights import STREAMS, check_shapes, random_params, stream_outputs
+
+
+@dataclass
+class BlockInput:
+    x: Array  # (N, d) residual stream entering the block (kept under `recompute`)
+
+
+@dataclass
+class Tape:
+    """What forward hands to backward."""
+
+    loss: float
+    n_labelled: int  # tokens whose target is not ignore_index
+    store: ActivationStore
+    batch: int  # B
+    seq_len: int  # T
+
+
+@dataclass
+class KVCache:
+    """Keys and values of the tokens seen so far, for generation: k, v per block
+    (B, T_max, Hkv, hd), filled up to `length`."""
+
+    k: list
+    v: list
+    length: int = 0
+
+
+class Model:
+    """A decoder whose linear streams are LinearSites (frozen, full, or an adapter)."""
+
+    def __init__(self, cfg: ModelConfig, params: dict[str, np.ndarray], backend: str | Backend | None = "numpy",
+                 compute_dtype: str = "float32", attention_tile: int = 128, loss_chunk: int = 256,
+                 plan: StoragePlan | None = None):
+        check_shapes(cfg, params)
+        self.cfg = cfg
+        self.be = get_backend(backend)
+        self.compute_dtype = self.be.dtype(compute_dtype)
+        self.attention_tile = attention_tile
+        self.loss_chunk = loss_chunk
+        self.plan = plan or StoragePlan()
+        self.bases: dict[str, Array] = {}  # calibrated storage bases, see store.py
+        self.params: dict[str, Array] = {name: self.be.asarray(array) for name, array in params.items()}
+        outputs = stream_outputs(cfg)
+        self.sites: list[dict[str, LinearSite]] = [
+            {stream: FrozenSite(self.params[f"blocks.{i}.{stream}.weight"], outputs[stream]) for stream in STREAMS}
+            for i in range(cfg.n_layers)]
+        self.train_embeddings = False
+        self.train_norms = False
+        self._rope_cache: tuple[int, Array, Array] | None = None
+
+    @classmethod
+    def random(cls, cfg: ModelConfig, seed: int = 0, dtype=np.float32, **kwargs) -> "Model":
+        kwargs.setdefault("compute_dtype", np.dtype(dtype).name)
+        return cls(cfg, random_params(cfg, seed, dtype), **kwargs)
+
+    # ---------------------------------------------------------------- parameters
+    @property
+    def head(self) -> Array:
+        return self.params["embed.weight" if self.cfg.tie_embeddings else "head.weight"]
+
+    def trainable(self) -> dict[str, Array]:
+        """Every trainable array by name; the optimizer updates them in place."""
+        out: dict[str, Array] = {}
+        if self.train_embeddings:
+            out["embed.weight"] = self.params["embed.weight"]
+            if not self.cfg.tie_embeddings:
+                out["head.weight"] = self.params["head.weight"]
+        if self.train_norms:
+            out.update({name: p for name, p in self.params.items() if name.endswith("norm.weight")})
+        for i, block in enumerate(self.sites):
+            for stream, site in block.items():
+                for local, array in site.trainable().items():
+                    out[f"blocks.{i}.{stream}.{local}"] = array
+        return out
+
+    def n_trainable(self) -> int:
+        return int(sum(int(np.prod(a.shape)) for a in self.trainable().values()))
+
+    def n_params(self) -> int:
+        return int(sum(int(np.prod(a.shape)) for a in self.params.values()))
+
+    def merged_params(self) -> dict[str, np.ndarray]:
+        """Engine parameters with every adapter folded into its weight (numpy)."""
+        out = {name: self.be.to_numpy(p) for name, p in self.params.items()}
+        for i, block in enumerate(self.sites):
+            for stream, site in block.items():
+                out[f"blocks.{i}.{stream}.weight"] = self.be.to_numpy(site.to_linear(self.be))
+        return out
+
+    # ---------------------------------------------------------------- forward
+    def _rope(self, positions: int) -> tuple[Array, Array]:
+        if self._rope_cache is None or self._rope_cache[0] < positions:
+            n = max(positions, min(self.cfg.max_seq_len, 4096))
+            cos, sin = rope_tables(n, self.cfg.head_dim, self.cfg.rope_theta, np.float64)
+            self._rope_cache = (n, self.be.asarray(cos), self.be.asarray(sin))
+        return self._rope_cache[1], self._rope_cache[2]
+
+    def _check_tokens(self, tokens) -> tuple[int, int]:
+        if tokens.ndim != 2:
+            raise ValueError(f"tokens must be (batch, seq_len), got shape {tuple(tokens.shape)}")
+        batch, seq_len = tokens.shape
+        if seq_len > self.cfg.max_seq_len:
+            raise ValueError(f"sequence of {seq_len} tokens is longer than the model's context "
+                             f"({self.cfg.max_seq_len})")
+        return batch, seq_len
+
+    def _embed(self, tokens: Array) -> tuple[Array, EmbeddingCache]:
+        x, cache = embedding_forward(self.params["embed.weight"], tokens.reshape(-1), self.be)
+        return self.be.cast(x, self.compute_dtype), cache
+
+    def forward(self, tokens, targets, store: ActivationStore | None = None, need_grad: bool = True,
+                ignore_index: int = -100) -> Tape:
+        """Loss of next-token prediction. tokens, targets (B, T) int; targets are
+        already shifted (targets[b, t] is the label for position t)."""
+        be, cfg = self.be, self.cfg
+        batch, seq_len = self._check_tokens(tokens)
+        tokens, targets = be.asarray(tokens, "int64"), be.asarray(targets, "int64")
+        if store is None:
+            store = ActivationStore(be, self.plan, self.bases)
+        store.n_tokens = batch * seq_len
+        keep = store.keep if need_grad else None
+        cos, sin = self._rope(seq_len)
+        x, cache = self._embed(tokens)
+        if need_grad and self.train_embeddings:
+            store.keep("embed", cache)
+        for i in range(cfg.n_layers):
+            if keep is not None and self.plan.recompute_blocks:
+                store.keep(f"blocks.{i}.input", BlockInput(x))
+                x = self._block_forward(i, x, batch, seq_len, cos, sin, None)
+            else:
+                x = self._block_forward(i, x, batch, seq_len, cos, sin, keep)
+        h, cache = rmsnorm_forward(x, self.params["final_norm.weight"], cfg.rms_eps, be)
+        if keep is not None:
+            store.keep("final_norm", cache)
+        train_head = self.train_embeddings
+        loss, n_labelled, cache = cross_entropy_forward(
+            h, self.head, targets.reshape(-1), be, chunk=self.loss_chunk, ignore_index=ignore_index,
+            need_dx=need_grad, need_dhead=need_grad and train_head)
+        if keep is not None:
+            store.keep("head", cache)
+        return Tape(loss, n_labelled, store, batch, seq_len)
+
+    def _block_forward(self, i: int, x: Array, batch: int, seq_len: int, cos: Array, sin: Array,
+                       keep, kv: KVCache | None = None) -> Array:
+        """One pre-norm block; keep(site, cache) receives every cache (None: keep nothing)."""
+        be, cfg, p, sites = self.be, self.cfg, self.params, self.sites[i]
+        pre = f"blocks.{i}."
+        n = batch * seq_len
+        keep = keep or (lambda site, cache: None)
+
+        h, cache = rmsnorm_forward(x, p[pre + "attn_norm.weight"], cfg.rms_eps, be)  # (N, d)
+        keep(pre + "attn_norm", cache)
+        qkv, cache = sites["attn_in"].forward(h, be)  # (N, H*hd + 2k)
+        if cache is not None:
+            keep(pre + "attn_in", cache)
+        dq, dk = cfg.q_dim, cfg.kv_dim
+        q = qkv[:, :dq].reshape(batch, seq_len, cfg.n_heads, cfg.head_dim)
+        k = qkv[:, dq:dq + dk].reshape(batch, seq_len, cfg.n_kv_heads, cfg.head_dim)
+        v = qkv[:, dq + dk:].reshape(batch, seq_len, cfg.n_kv_heads, cfg.head_dim)
+        start = kv.length if kv is not None else 0
+        cos_t, sin_t = cos[start:start + seq_len], sin[start:start + seq_len]
+        q = rope_forward(q, cos_t, sin_t, be)  # (B, T, H, hd)
+        k = rope_forward(k, cos_t, sin_t, be)  # (B, T, Hkv, hd)
+        if kv is None:
+            o, cache = attention_forward(q, k, v, self.attention_tile, be)  # (B, T, H, hd)
+            keep(pre + "attn", cache)
+        else:
+            kv.k[i][:, start:start + seq_len] = k
+            kv.v[i][:, start:start + seq_len] = v
+            o, _ = be.attention_forward(q, kv.k[i][:, :start + seq_len], kv.v[i][:, :start + seq_len],
+                                        self.attention_tile, q_offset=start)
+        a, cache = sites["attn_out"].forward(o.reshape(n, dq), be)  # (N, d)
+        if cache is not None:
+            keep(pre + "attn_out", cache)
+        x = x + a
+
+        h, cache = rmsnorm_forward(x, p[pre + "mlp_norm.weight"], cfg.rms_eps, be)
+        keep(pre + "mlp_norm", cache)
+        gate_up, cache = sites["mlp_in"].forward(h, be)  # (N, 2f)
+        if cache is not None:
+            keep(pre + "mlp_in", cache)
+        m, cache = swiglu_forward(gate_up, be)  # (N, f)
+        keep(pre + "mlp", cache)
+        down, cache = sites["mlp_out"].forward(m, be)  # (N, d)
+        if cache is not None:
+            keep(pre + "mlp_out", cache)
+        return x + down
+
+    # ---------------------------------------------------------------- backward
+    def backward(self, tape: Tape, dloss: float = 1.0) -> dict[str, Array]:
+        """Gradient of dloss * loss for every array in trainable(), by name."""
+        be, cfg, store = self.be, self.cfg, tape.store
+        grads: dict[str, Array] = {}
+        dh, dhead = cross_entropy_backward(dloss, store.take("head"), be)  # (N, d), (V, d)
+        dx, dw = rmsnorm_backward(dh, store.take("final_norm"), self.params["final_norm.weight"], be)
+        if self.train_norms:
+            grads["final_norm.weight"] = dw
+        cos, sin = self._rope(tape.seq_len)
+        for i in reversed(range(cfg.n_layers)):
+            dx = self._block_backward(i, dx, tape.batch, tape.seq_len, cos, sin, store, grads,
+                                      need_dx=i > 0 or self.train_embeddings)
+        if self.train_embeddings:
+            dembed = embedding_backward(dx, store.take("embed"), cfg.vocab_size, be)
+            if cfg.tie_embeddings:
+                dembed += dhead
+            else:
+                grads["head.weight"] = dhead
+            grads["embed.weight"] = dembed
+        return grads
+
+    def _block_backward(self, i: int, dx: Array, batch: int, seq_len: int, cos: Array, sin: Array,
+                        store: ActivationStore, grads: dict, need_dx: bool = True) -> Array | None:
+        be, cfg, p, sites = self.be, self.cfg, self.params, self.sites[i]
+        pre = f"blocks.{i}."
+        n = batch * seq_len
+
+        def site_backward(stream: str, dy: Array, need: bool = True) -> Array:
+            cache = store.take(pre + stream) if pre + stream in store else None
+            d_in, site_grads = sites[stream].backward(dy, cache, be, need_dx=need)
+            for local, g in site_grads.items():
+                grads[f"{pre}{stream}.{local}"] = g
+            return d_in
+
+        if self.plan.recompute_blocks:  # rerun the forward to refill this block's caches
+            x_in = store.take(pre + "input").x
+            self._block_forward(i, x_in, batch, seq_len, cos[:seq_len], sin[:seq_len], store.keep)
+
+        dm = site_backward("mlp_out", dx)  # (N, f)
+        dgate_up = swiglu_backward(dm, store.take(pre + "mlp"), be)  # (N, 2f)
+        dh = site_backward("mlp_in", dgate_up)  # (N, d)
+        dxn, dw = rmsnorm_backward(dh, store.take(pre + "mlp_norm"), p[pre + "mlp_norm.weight"], be)
+        if self.train_norms:
+            grads[pre + "mlp_norm.weight"] = dw
+        dx = dx + dxn
+
+        do = site_backward("attn_out", dx)  # (N, H*hd)
+        do = do.reshape(batch, seq_len, cfg.n_heads, cfg.head_dim)
+        dq, dk, dv = attention_backward(do, store.take(pre + "attn"), self.attention_tile, be)
+        dq = rope_backward(dq, cos[:seq_len], sin[:seq_len], be)
+        dk = rope_backward(dk, cos[:seq_len], sin[:seq_len], be)
+        dqkv = be.concat([dq.reshape(n, cfg.q_dim), dk.reshape(n, cfg.kv_dim), dv.reshape(n, cfg.kv_dim)], axis=1)
+        dh = site_backward("attn_in", dqkv)  # (N, d)
+        dxn, dw = rmsnorm_backward(dh, store.take(pre + "attn_norm"), p[pre + "attn_norm.weight"], be)
+        if self.train_norms:
+            grads[pre + "attn_norm.weight"] = dw
+        return dx + dxn if need_dx else None
+
+    # ---------------------------------------------------------------- inference
+    def hidden(self, tokens, kv: KVCache | None = None) -> Array:
+        """Final-normed hidden states (B, T, d) without keeping anything; with a KV
+        cache the tokens continue the cached sequence and extend it."""
+        be, cfg = self.be, self.cfg
+        batch, seq_len = self._check_tokens(tokens)
+        start = kv.length if kv is not None else 0
+        if start + seq_len > cfg.max_seq_len:
+            raise ValueError(f"{start + seq_len} tokens exceed the model's context ({cfg.max_seq_len})")
+        cos, sin = self._rope(start + seq_len)
+        x, _ = self._embed(be.asarray(tokens, "int64"))
+        for i in range(cfg.n_layers):
+            x = self._block_forward(i, x, batch, seq_len, cos, sin, None, kv)
+        if kv is not None:
+            kv.length += seq_len
+        h, _ = rmsnorm_forward(x, self.params["final_norm.weight"], cfg.rms_eps, be)
+        return h.reshape(batch, seq_len, cfg.dim)
+
+    def logits(self, tokens, kv: KVCache | None = None, last_only: bool = False) -> Array:
+        """(B, T, V) logits, or (B, V) for the last position only."""
+        h = self.hidden(tokens, kv)
+        if last_only:
+            h = h[:, -1:]
+        batch, seq_len = h.shape[0], h.shape[1]
+        out = self.be.matmul_nt(h.reshape(batch * seq_len, self.cfg.dim), self.head)
+        return out.reshape(batch, self.cfg.vocab_size) if last_only else out.reshape(batch, seq_len, -1)
+
+    def new_kv_cache(self, batch: int, max_len: int | None = None) -> KVCache:
+        cfg, be = self.cfg, self.be
+        max_len = min(max_len or cfg.max_seq_len, cfg.max_seq_len)
+        shape = (batch, max_len, cfg.n_kv_heads, cfg.head_dim)
+        return KVCache([be.zeros(shape, self.compute_dtype) for _ in range(cfg.n_layers)],
+                       [be.zeros(shape, self.compute_dtype) for _ in range(cfg.n_layers)])

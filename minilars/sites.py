@@ -1,0 +1,84 @@
+"""Linear sites: the fused projections of one input stream, and what trains there.
+
+A transformer block has four input streams (LARS.md): the normed attention input
+read by q, k and v ("attn_in"), the attention output read by o ("attn_out"), the
+normed MLP input read by gate and up ("mlp_in") and the SwiGLU output read by down
+("mlp_out"). Each is one site y = x W with W (d_in, d_out) the concatenation of its
+projections, so one matmul serves q, k and v, and an adapter on a stream keeps one
+copy of what it needs.
+
+A site is built from a frozen weight (`from_linear`) and folds back into a plain
+weight (`to_linear`). Subclasses: FrozenSite (nothing trains, nothing is kept),
+FullSite (W trains, x is kept); minilars/adapters.py adds LoRA, IA3 and LARS.
+
+Letters: N tokens, d_in, d_out, r rank.
+"""
+from __future__ import annotations
+
+from .backends import Array, Backend
+from .ops import LinearCache, linear_backward, linear_forward
+
+
+class LinearSite:
+    """y = x W for one stream; `outputs` names the projections in W's columns."""
+
+    method = "abstract"
+
+    def __init__(self, weight: Array, outputs: dict[str, int]):
+        if sum(outputs.values()) != weight.shape[1]:
+            raise ValueError(f"outputs {outputs} do not add up to the weight's {weight.shape[1]} columns")
+        self.weight = weight  # W (d_in, d_out), shared with the model's params
+        self.outputs = dict(outputs)
+        self.slices: dict[str, slice] = {}
+        start = 0
+        for name, width in outputs.items():
+            self.slices[name] = slice(start, start + width)
+            start += width
+
+    @property
+    def d_in(self) -> int:
+        return self.weight.shape[0]
+
+    def trainable(self) -> dict[str, Array]:
+        """Trainable arrays by local name (updated in place by the optimizer)."""
+        return {}
+
+    def forward(self, x: Array, be: Backend) -> tuple[Array, object | None]:
+        raise NotImplementedError
+
+    def backward(self, dy: Array, cache, be: Backend, need_dx: bool = True) -> tuple[Array | None, dict[str, Array]]:
+        raise NotImplementedError
+
+    def to_linear(self, be: Backend) -> Array:
+        """The plain weight this site computes with (adapter merged in)."""
+        return self.weight
+
+
+class FrozenSite(LinearSite):
+    """W frozen: backward needs dx = dy W^T only, so nothing is kept."""
+
+    method = "frozen"
+
+    def forward(self, x, be):
+        y, _ = linear_forward(x, self.weight, be, keep_input=False)
+        return y, None
+
+    def backward(self, dy, cache, be, need_dx=True):
+        dx, _ = linear_backward(dy, None, self.weight, be, need_dx)
+        return dx, {}
+
+
+class FullSite(LinearSite):
+    """W trains: dW = x^T dy needs the input x (N, d_in) kept."""
+
+    method = "full"
+
+    def trainable(self):
+        return {"weight": self.weight}
+
+    def forward(self, x, be):
+        return linear_forward(x, self.weight, be, keep_input=True)
+
+    def backward(self, dy, cache: LinearCache, be, need_dx=True):
+        dx, dw = linear_backward(dy, cache, self.weight, be, need_dx)
+        return dx, {"weight": dw}
