@@ -13,7 +13,8 @@ cache is kept under the policy that the StoragePlan names for it (LARS.md, Part 
 
 The store counts the bytes it holds, now and at peak, per site and in total, so the
 engine knows its own activation memory exactly. An array kept `exact` under two
-sites (the normed input read by q, k and v, say) is one buffer and counted once.
+sites (the attention output read by the o projection's adapter, say) is one
+buffer and counted once.
 """
 from __future__ import annotations
 
@@ -150,7 +151,7 @@ class ActivationStore:
         self.seed = seed
         self.n_tokens = 0
         self._caches: dict[str, tuple[type, dict[str, Any]]] = {}
-        self._buffers: dict[int, list] = {}  # id -> [array, refcount, site]
+        self._buffers: dict[tuple, list] = {}  # buffer key -> [array, refcount, site]
         self.bytes_now = 0
         self.bytes_peak = 0
         self.site_now: dict[str, int] = defaultdict(int)
@@ -158,12 +159,12 @@ class ActivationStore:
 
     # ---------------------------------------------------------------- accounting
     def _hold(self, array: Array, site: str) -> Array:
-        entry = self._buffers.get(id(array))
+        entry = self._buffers.get(_buffer_key(array))
         if entry is not None:
             entry[1] += 1
             return array
         nbytes = self.backend.nbytes(array)
-        self._buffers[id(array)] = [array, 1, site]
+        self._buffers[_buffer_key(array)] = [array, 1, site]
         self.bytes_now += nbytes
         self.site_now[site] += nbytes
         self.site_peak[site] = max(self.site_peak[site], self.site_now[site])
@@ -171,13 +172,14 @@ class ActivationStore:
         return array
 
     def _release(self, array: Array) -> None:
-        entry = self._buffers[id(array)]
+        key = _buffer_key(array)
+        entry = self._buffers[key]
         entry[1] -= 1
         if entry[1] == 0:
             nbytes = self.backend.nbytes(array)
             self.bytes_now -= nbytes
             self.site_now[entry[2]] -= nbytes
-            del self._buffers[id(array)]
+            del self._buffers[key]
 
     def reset_peak(self) -> None:
         self.bytes_peak = self.bytes_now
@@ -293,6 +295,14 @@ class ActivationStore:
             self._release(kept[1].coeffs)
             if not kept[1].basis_shared:
                 self._release(kept[1].basis)
+
+
+def _buffer_key(array: Array) -> tuple:
+    """Arrays that start at the same address with the same size are one buffer (the
+    attention output o and its (N, H*hd) reshape read by the o projection, say)."""
+    if hasattr(array, "data_ptr"):
+        return (array.data_ptr(), array.element_size() * array.numel(), str(array.dtype))
+    return (array.__array_interface__["data"][0], array.nbytes, str(array.dtype))
 
 
 def _is_array(value: Any) -> bool:

@@ -1,0 +1,238 @@
+"""Adapters on a linear stream: LoRA, IA3 and LARS subspace adapters.
+
+Each is a LinearSite (minilars/sites.py): built around a frozen weight W (d_in, d_out)
+whose columns hold one or more projections (`outputs`), trainable on the projections
+named in `targets`, and folded back into a plain weight by to_linear().
+
+    LoRA (Hu et al. 2021):  y_s = x W_s + (alpha/r) (x A_s) B_s      keeps x, xA
+    IA3  (Liu et al. 2022): y_s = (x W_s) * l_s   (k, v: outputs)     keeps x W_s
+                            y   = (x * l) W       (down: its input)   keeps x
+    LARS (LARS.md Part 1):  y_s = x W_s + (x P) M_s                   keeps z = x P
+
+A LARS basis P (d_in, r) is shared by every projection of the stream, so z is kept
+once per stream: r floats per token where LoRA keeps d_in + r per site.
+
+Letters: N tokens, d_in, d_out, r rank; s a projection of the stream.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from .backends import Array, Backend
+from .sites import LinearSite
+
+
+class _AdapterSite(LinearSite):
+    """Shared plumbing: the frozen matmul and per-projection column slices."""
+
+    def __init__(self, weight: Array, outputs: dict[str, int], targets: list[str]):
+        super().__init__(weight, outputs)
+        unknown = [t for t in targets if t not in outputs]
+        if unknown:
+            raise ValueError(f"targets {unknown} are not projections of this stream ({list(outputs)})")
+        self.targets = [name for name in outputs if name in targets]  # column order
+
+    def _frozen(self, x: Array, be: Backend) -> Array:
+        return be.matmul(x, self.weight)  # (N, d_out)
+
+
+# ---------------------------------------------------------------- LoRA
+@dataclass
+class LoRACache:
+    x: Array  # (N, d_in) site input, for dA = x^T (dy B^T)
+    xa: Array  # (N, r * targets) x A for every target, for dB = (xA)^T dy
+
+
+class LoRASite(_AdapterSite):
+    """LoRA with PEFT's defaults: A ~ kaiming_uniform(a=sqrt(5)) = U(+-1/sqrt(d_in)),
+    B = 0, scaling alpha / r. Engine layout: A (d_in, r), B (r, d_out_s)."""
+
+    method = "lora"
+
+    def __init__(self, weight, outputs, targets, rank: int, alpha: float, rng: np.random.Generator, backend: Backend,
+                 dtype=None):
+        super().__init__(weight, outputs, targets)
+        self.rank, self.alpha, self.scaling = rank, alpha, alpha / rank
+        dtype = dtype or weight.dtype
+        bound = 1.0 / math.sqrt(self.d_in)
+        self.A = {s: backend.asarray(rng.uniform(-bound, bound, (self.d_in, rank)).astype(dtype)) for s in self.targets}
+        self.B = {s: backend.zeros((rank, outputs[s]), dtype) for s in self.targets}
+
+    def trainable(self):
+        out = {}
+        for s in self.targets:
+            out[f"{s}.lora_A"] = self.A[s]
+            out[f"{s}.lora_B"] = self.B[s]
+        return out
+
+    def forward(self, x, be):
+        y = self._frozen(x, be)
+        if not self.targets:
+            return y, None
+        xa = be.matmul(x, be.concat([self.A[s] for s in self.targets], axis=1))  # (N, r * targets)
+        r = self.rank
+        for j, s in enumerate(self.targets):
+            y[:, self.slices[s]] += self.scaling * be.matmul(xa[:, j * r:(j + 1) * r], self.B[s])
+        return y, LoRACache(x, xa)
+
+    def backward(self, dy, cache: LoRACache, be, need_dx=True):
+        r, grads, dxa = self.rank, {}, []
+        for j, s in enumerate(self.targets):
+            dy_s = dy[:, self.slices[s]]
+            grads[f"{s}.lora_B"] = self.scaling * be.matmul_tn(cache.xa[:, j * r:(j + 1) * r], dy_s)
+            dxa.append(self.scaling * be.matmul_nt(dy_s, self.B[s]))  # (N, r)
+        dxa = be.concat(dxa, axis=1)  # (N, r * targets)
+        da = be.matmul_tn(cache.x, dxa)  # (d_in, r * targets)
+        for j, s in enumerate(self.targets):
+            grads[f"{s}.lora_A"] = da[:, j * r:(j + 1) * r]
+        dx = None
+        if need_dx:
+            dx = be.matmul_nt(dy, self.weight) + be.matmul_nt(dxa, be.concat([self.A[s] for s in self.targets], axis=1))
+        return dx, grads
+
+    def delta(self, be) -> Array:
+        """(alpha/r) A B placed in the target columns: (d_in, d_out)."""
+        delta = be.zeros(tuple(self.weight.shape), be.dtype("float32") if self.weight.dtype == be.dtype("float16")
+                         else self.weight.dtype)
+        for s in self.targets:
+            delta[:, self.slices[s]] = self.scaling * be.matmul(be.cast(self.A[s], delta.dtype), self.B[s])
+        return delta
+
+    def to_linear(self, be):
+        delta = self.delta(be)
+        return be.cast(self.weight, delta.dtype) + delta
+
+
+# ---------------------------------------------------------------- IA3
+@dataclass
+class IA3OutputCache:
+    y0: Array  # (N, sum of target widths) unscaled outputs x W_s of the targets
+
+
+@dataclass
+class IA3InputCache:
+    x: Array  # (N, d_in) unscaled input
+
+
+class IA3Site(_AdapterSite):
+    """IA3 learned rescaling, initialised to ones (an identity). On an output stream
+    (k, v) it scales the targets' outputs; with scale_input (down, a feed-forward
+    module in PEFT's terms) it scales the input."""
+
+    method = "ia3"
+
+    def __init__(self, weight, outputs, targets, backend: Backend, scale_input: bool = False, dtype=None):
+        super().__init__(weight, outputs, targets)
+        dtype = dtype or weight.dtype
+        self.scale_input = scale_input
+        if scale_input:
+            self.scales = {"input": backend.asarray(np.ones(self.d_in, dtype=dtype))}
+        else:
+            self.scales = {s: backend.asarray(np.ones(outputs[s], dtype=dtype)) for s in self.targets}
+
+    def trainable(self):
+        if self.scale_input:
+            return {f"{self.targets[0]}.ia3_l": self.scales["input"]} if self.targets else {}
+        return {f"{s}.ia3_l": self.scales[s] for s in self.targets}
+
+    def forward(self, x, be):
+        if self.scale_input:
+            if not self.targets:
+                return self._frozen(x, be), None
+            return be.matmul(x * self.scales["input"], self.weight), IA3InputCache(x)
+        y = self._frozen(x, be)
+        if not self.targets:
+            return y, None
+        y0 = be.concat([y[:, self.slices[s]] for s in self.targets], axis=1)
+        for s in self.targets:
+            y[:, self.slices[s]] *= self.scales[s]
+        return y, IA3OutputCache(y0)
+
+    def backward(self, dy, cache, be, need_dx=True):
+        if cache is None:
+            return (be.matmul_nt(dy, self.weight) if need_dx else None), {}
+        if self.scale_input:
+            dxs = be.matmul_nt(dy, self.weight)  # d(x * l): (N, d_in)
+            grads = {f"{self.targets[0]}.ia3_l": be.sum(dxs * cache.x, axis=0)}
+            return (dxs * self.scales["input"] if need_dx else None), grads
+        grads, start = {}, 0
+        dy = dy.copy() if hasattr(dy, "copy") else dy.clone()
+        for s in self.targets:
+            width = self.outputs[s]
+            grads[f"{s}.ia3_l"] = be.sum(dy[:, self.slices[s]] * cache.y0[:, start:start + width], axis=0)
+            dy[:, self.slices[s]] *= self.scales[s]  # d(x W_s) = dy_s * l_s
+            start += width
+        return (be.matmul_nt(dy, self.weight) if need_dx else None), grads
+
+    def to_linear(self, be):
+        w = be.cast(self.weight, self.scales[next(iter(self.scales))].dtype)
+        if self.scale_input:
+            return w * self.scales["input"][:, None] if self.targets else w
+        w = w + 0  # a copy
+        for s in self.targets:
+            w[:, self.slices[s]] *= self.scales[s]
+        return w
+
+
+# ---------------------------------------------------------------- LARS
+@dataclass
+class LARSCache:
+    z: Array  # (N, r) = x P, the stream's activation coordinates in the basis
+
+
+class LARSSite(_AdapterSite):
+    """LARS subspace adapter (LARS.md Part 1): W_eff = W + P M, P (d_in, r) a fixed
+    orthonormal basis of the stream's calibrated activation subspace, M (r, d_out)
+    trainable, zero at start. Backward (exact for any r):
+        dM_s = z^T dy_s,   dx = dy W^T + (sum_s dy_s M_s^T) P^T."""
+
+    method = "lars"
+
+    def __init__(self, weight, outputs, targets, basis: Array, backend: Backend, dtype=None):
+        super().__init__(weight, outputs, targets)
+        if basis.shape[0] != self.d_in:
+            raise ValueError(f"basis has {basis.shape[0]} rows, the stream's input has {self.d_in}")
+        dtype = dtype or weight.dtype
+        self.basis = backend.cast(basis, dtype)  # P (d_in, r), frozen
+        self.rank = basis.shape[1]
+        self.M = {s: backend.zeros((self.rank, outputs[s]), dtype) for s in self.targets}
+
+    def trainable(self):
+        return {f"{s}.lars_M": self.M[s] for s in self.targets}
+
+    def forward(self, x, be):
+        y = self._frozen(x, be)
+        if not self.targets:
+            return y, None
+        z = be.matmul(x, self.basis)  # (N, r)
+        for s in self.targets:
+            y[:, self.slices[s]] += be.matmul(z, self.M[s])
+        return y, LARSCache(z)
+
+    def backward(self, dy, cache: LARSCache, be, need_dx=True):
+        if cache is None:
+            return (be.matmul_nt(dy, self.weight) if need_dx else None), {}
+        grads, dz = {}, None
+        for s in self.targets:
+            dy_s = dy[:, self.slices[s]]
+            grads[f"{s}.lars_M"] = be.matmul_tn(cache.z, dy_s)  # dM = z^T dy: (r, d_out_s)
+            if need_dx:
+                term = be.matmul_nt(dy_s, self.M[s])  # (N, r)
+                dz = term if dz is None else dz + term
+        dx = None
+        if need_dx:
+            dx = be.matmul_nt(dy, self.weight) + be.matmul_nt(dz, self.basis)  # dy W^T + dz P^T
+        return dx, grads
+
+    def to_linear(self, be):
+        w = be.cast(self.weight, self.basis.dtype) + 0
+        for s in self.targets:
+            w[:, self.slices[s]] += be.matmul(self.basis, self.M[s])
+        return w
+
+    def as_lora(self) -> dict[str, tuple[Array, Array]]:
+        """PEFT LoRA factors with scaling 1: lora_A = P^T (r, d_in), lora_B = M_s^T (d_out_s, r)."""
+        return {s: (self.basis.T, self.M[s].T) for s in self.targets}

@@ -1,0 +1,71 @@
+"""Calibration: the activation subspaces LARS trains and stores in (LARS.md Part 1.1).
+
+One no-grad forward over calibration tokens, block by block: while block i runs,
+its four stream inputs (and any cache field whose storage policy is
+`subspace(r, calibration)`) are captured, turned into orthonormal bases with the
+randomized range finder, and dropped before block i+1 runs. So calibration needs
+one block's activations at a time, never the whole model's.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from .backends import Array
+from .model import Model
+from .sites import LinearSite
+from .store import Subspace, _is_array, _site_kind
+from .weights import STREAMS
+
+
+class _Recorder(LinearSite):
+    """Wraps a site: passes its forward through and remembers the input."""
+
+    def __init__(self, inner: LinearSite):
+        self.inner = inner
+        self.seen: Array | None = None
+
+    def forward(self, x, be):
+        self.seen = x
+        return self.inner.forward(x, be)
+
+
+def calibrate(model: Model, tokens, rank: int | None, seed: int = 0,
+              streams: tuple[str, ...] = tuple(STREAMS)) -> tuple[dict[str, Array], dict[str, Array]]:
+    """Returns (stream_bases, storage_bases):
+    stream_bases["blocks.{i}.{stream}"] = P (d_in, rank), the top-`rank` directions of
+    that stream's inputs (none when rank is None);
+    storage_bases["blocks.{i}.{site}.{field}"] = Q (width, r) for every field that
+    model.plan keeps as subspace(r, calibration)."""
+    be, cfg = model.be, model.cfg
+    tokens = be.asarray(np.asarray(tokens), "int64")
+    batch, seq_len = model._check_tokens(tokens)
+    n_tokens = batch * seq_len
+    cos, sin = model._rope(seq_len)
+    stream_bases: dict[str, Array] = {}
+    storage_bases: dict[str, Array] = {}
+
+    def capture(site: str, cache) -> None:
+        kind = _site_kind(site)
+        for field in dataclasses.fields(cache):
+            value = getattr(cache, field.name)
+            policy = model.plan.policy_for(f"{kind}.{field.name}")
+            if (isinstance(policy, Subspace) and policy.source == "calibration" and _is_array(value)
+                    and value.size % n_tokens == 0):
+                matrix = value.reshape(n_tokens, value.size // n_tokens)
+                storage_bases[f"{site}.{field.name}"] = be.orthonormal_range(matrix, policy.rank, seed=seed)
+
+    x, _ = model._embed(tokens)
+    for i in range(cfg.n_layers):
+        block = model.sites[i]
+        recorders = {stream: _Recorder(block[stream]) for stream in streams}
+        block.update(recorders)
+        try:
+            x = model._block_forward(i, x, batch, seq_len, cos, sin, capture)
+        finally:
+            block.update({stream: rec.inner for stream, rec in recorders.items()})
+        if rank is not None:
+            for stream, rec in recorders.items():
+                stream_bases[f"blocks.{i}.{stream}"] = be.orthonormal_range(rec.seen, rank, seed=seed + i)
+    return stream_bases, storage_bases
