@@ -1,0 +1,222 @@
+"""Tokenizer: a `tokenizers.Tokenizer` plus the special ids and the chat template.
+
+Two sources give the same object:
+
+* `from_file`: a Hugging Face `tokenizer.json` (+ optional `tokenizer_config.json`
+  for the special tokens and the chat template);
+* `from_gguf`: the `tokenizer.ggml.*` metadata of a llama.cpp GGUF. For a byte-level
+  BPE ("gpt2") vocabulary the GGUF keeps the HF token strings and merges verbatim,
+  so rebuilding the HF pipeline from them only needs the pre-tokenizer that
+  `tokenizer.ggml.pre` names. llama.cpp's "smollm" (like "starcoder") splits every
+  `\\p{N}` code point on its own, then applies the GPT-2 regex; HF's tokenizer.json
+  for SmolLM2 says the same as `Sequence[Digits(individual_digits=True),
+  ByteLevel(add_prefix_space=False, use_regex=True)]`, which is what we build.
+
+Chat templates are rendered as `transformers` does (`apply_chat_template`): a
+sandboxed Jinja environment with trim_blocks/lstrip_blocks, loop controls,
+`raise_exception`, and `bos_token`/`eos_token` in scope.
+"""
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from functools import cached_property
+from pathlib import Path
+
+import tokenizers
+from tokenizers import AddedToken, decoders, pre_tokenizers, processors
+from tokenizers.models import BPE
+
+from .errors import ModelLoadError
+
+# llama.cpp's llama_token_type values (gguf.TokenType).
+_TOKEN_NORMAL, _TOKEN_CONTROL, _TOKEN_USER_DEFINED = 1, 3, 4
+
+# tokenizer.ggml.pre values whose llama.cpp regexes we reproduce -> split digits singly?
+_PRE_TOKENIZERS = {
+    "gpt-2": False,
+    "smollm": True,
+    "starcoder": True,
+    "refact": True,
+    "codeshell": True,
+}
+
+
+class Tokenizer:
+    """Text <-> token ids, special ids, and chat formatting."""
+
+    def __init__(self, tok: tokenizers.Tokenizer, bos_id: int | None = None, eos_id: int | None = None,
+                 pad_id: int | None = None, chat_template: str | None = None, add_bos: bool = False):
+        self.tok = tok
+        self.bos_id = bos_id
+        self.eos_id = eos_id
+        self.pad_id = pad_id
+        self.chat_template = chat_template
+        self.add_bos = add_bos  # prepend bos in encode(); False for SmolLM2
+
+    # ---- constructors -------------------------------------------------------------
+
+    @classmethod
+    def from_file(cls, tokenizer_json: str | Path, tokenizer_config: str | Path | None = None) -> "Tokenizer":
+        """From HF files; special tokens and template come from tokenizer_config.json if given."""
+        tokenizer_json = Path(tokenizer_json)
+        try:
+            tok = tokenizers.Tokenizer.from_file(str(tokenizer_json))
+        except Exception as e:  # tokenizers raises a bare Exception on bad JSON
+            raise ModelLoadError(f"not a readable tokenizer.json ({e})", tokenizer_json) from e
+        conf: dict = {}
+        if tokenizer_config is not None:
+            try:
+                conf = json.loads(Path(tokenizer_config).read_text(encoding="utf-8"))
+            except (OSError, ValueError) as e:
+                raise ModelLoadError(f"not a readable tokenizer_config.json ({e})", tokenizer_config) from e
+
+        def special_id(key):
+            token = conf.get(key)
+            if isinstance(token, dict):  # {"content": "<|im_end|>", ...} in older configs
+                token = token.get("content")
+            return None if token is None else tok.token_to_id(token)
+
+        template = conf.get("chat_template")
+        if isinstance(template, list):  # named templates: [{"name": ..., "template": ...}]
+            template = {t["name"]: t["template"] for t in template}.get("default")
+        return cls(tok, special_id("bos_token"), special_id("eos_token"), special_id("pad_token"),
+                   template, bool(conf.get("add_bos_token", False)))
+
+    @classmethod
+    def from_gguf(cls, path: str | Path, reader=None) -> "Tokenizer":
+        """Rebuild the HF byte-level BPE tokenizer from a GGUF's `tokenizer.ggml.*` keys."""
+        from .gguf_loader import field_value, open_gguf  # gguf_loader is heavy; only GGUF users need it
+
+        path = Path(path)
+        reader = open_gguf(path) if reader is None else reader
+        model = field_value(reader, "tokenizer.ggml.model")
+        if model != "gpt2":
+            raise ModelLoadError(f"tokenizer.ggml.model {model!r} is not supported (only byte-level BPE 'gpt2')", path)
+        pre = field_value(reader, "tokenizer.ggml.pre", "gpt-2")
+        if pre not in _PRE_TOKENIZERS:
+            raise ModelLoadError(f"tokenizer.ggml.pre {pre!r} is not supported "
+                                 f"(supported: {', '.join(sorted(_PRE_TOKENIZERS))})", path)
+        tokens = field_value(reader, "tokenizer.ggml.tokens")
+        merges = field_value(reader, "tokenizer.ggml.merges", [])
+        types = field_value(reader, "tokenizer.ggml.token_type", [_TOKEN_NORMAL] * len(tokens or []))
+        if not tokens or len(types) != len(tokens):
+            raise ModelLoadError("tokenizer.ggml.tokens is missing or does not match tokenizer.ggml.token_type", path)
+        tok = build_bpe(tokens, merges, types, split_digits=_PRE_TOKENIZERS[pre], path=path)
+
+        def special_id(key):
+            value = field_value(reader, f"tokenizer.ggml.{key}_token_id")
+            return None if value is None else int(value)
+
+        return cls(tok, special_id("bos"), special_id("eos"), special_id("padding"),
+                   field_value(reader, "tokenizer.chat_template"),
+                   bool(field_value(reader, "tokenizer.ggml.add_bos_token", False)))
+
+    # ---- text <-> ids ---------------------------------------------------------------
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tok.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
+        """Token ids; special tokens written in the text (e.g. "<|im_end|>") become one id."""
+        ids = self.tok.encode(text, add_special_tokens=False).ids
+        if (self.add_bos if add_bos is None else add_bos) and self.bos_id is not None:
+            ids = [self.bos_id] + ids
+        return ids
+
+    def decode(self, ids, skip_special_tokens: bool = False) -> str:
+        return self.tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+
+    def token(self, i: int) -> str | None:
+        return self.tok.id_to_token(int(i))
+
+    @property
+    def bos_token(self) -> str | None:
+        return None if self.bos_id is None else self.token(self.bos_id)
+
+    @property
+    def eos_token(self) -> str | None:
+        return None if self.eos_id is None else self.token(self.eos_id)
+
+    @property
+    def pad_token(self) -> str | None:
+        return None if self.pad_id is None else self.token(self.pad_id)
+
+    # ---- chat -------------------------------------------------------------------------
+
+    @cached_property
+    def _compiled_template(self):
+        import jinja2.ext
+        from jinja2.exceptions import TemplateError
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        def raise_exception(message):
+            raise TemplateError(message)
+
+        def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+            # transformers overrides Jinja's tojson, which would HTML-escape quotes.
+            return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                            extensions=[jinja2.ext.loopcontrols])
+        env.filters["tojson"] = tojson
+        env.globals["raise_exception"] = raise_exception
+        env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+        return env.from_string(self.chat_template)
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, **kwargs) -> str:
+        """Render [{"role": ..., "content": ...}, ...] with the model's template."""
+        if self.chat_template is None:
+            raise ValueError("this tokenizer has no chat template")
+        return self._compiled_template.render(
+            messages=messages, add_generation_prompt=add_generation_prompt,
+            bos_token=self.bos_token or "", eos_token=self.eos_token or "",
+            pad_token=self.pad_token or "", **kwargs)
+
+    # ---- export -----------------------------------------------------------------------
+
+    def to_tokenizer_json(self) -> str:
+        """The HF tokenizer.json text; `tokenizers.Tokenizer.from_str` reads it back."""
+        return self.tok.to_str()
+
+    def tokenizer_config(self) -> dict:
+        """The fields of an HF tokenizer_config.json that `from_file` reads back."""
+        return {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": self.bos_token,
+                "eos_token": self.eos_token, "pad_token": self.pad_token,
+                "add_bos_token": self.add_bos, "chat_template": self.chat_template}
+
+    def save(self, directory: str | Path) -> None:
+        """Write tokenizer.json and tokenizer_config.json into `directory`."""
+        directory = Path(directory)
+        (directory / "tokenizer.json").write_text(self.to_tokenizer_json(), encoding="utf-8")
+        (directory / "tokenizer_config.json").write_text(json.dumps(self.tokenizer_config(), indent=2,
+                                                                    ensure_ascii=False), encoding="utf-8")
+
+
+def build_bpe(tokens: list[str], merges: list[str], types: list[int], split_digits: bool,
+              path: Path | None = None) -> tokenizers.Tokenizer:
+    """A byte-level BPE `tokenizers.Tokenizer` laid out like HF's GPT-2-family tokenizer.json."""
+    vocab: dict[str, int] = {}
+    for i, t in enumerate(tokens):
+        vocab.setdefault(t, i)  # a duplicated string keeps its first id, as in llama.cpp
+    pairs = []
+    for m in merges:
+        left, sep, right = m.partition(" ")  # byte-level tokens never hold a literal space
+        if not sep:
+            raise ModelLoadError(f"malformed merge {m!r} in tokenizer.ggml.merges", path)
+        pairs.append((left, right))
+    tok = tokenizers.Tokenizer(BPE(vocab=vocab, merges=pairs, fuse_unk=False, byte_fallback=False))
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True)
+    tok.pre_tokenizer = (pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+                         if split_digits else byte_level)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    # Control tokens must never come out of BPE merges of their characters, and must
+    # encode as one id when they appear in text (a chat template writes them).
+    special = [AddedToken(t, special=True, normalized=False) for t, ty in zip(tokens, types) if ty == _TOKEN_CONTROL]
+    user = [AddedToken(t, special=False, normalized=False) for t, ty in zip(tokens, types) if ty == _TOKEN_USER_DEFINED]
+    tok.add_special_tokens(special)
+    if user:
+        tok.add_tokens(user)
+    return tok
