@@ -58,7 +58,7 @@ class LoRASite(_AdapterSite):
         self.rank, self.alpha, self.scaling = rank, alpha, alpha / rank
         dtype = dtype or weight.dtype
         bound = 1.0 / math.sqrt(self.d_in)
-        self.A = {s: backend.asarray(rng.uniform(-bound, bound, (self.d_in, rank)).astype(dtype)) for s in self.targets}
+        self.A = {s: backend.asarray(rng.uniform(-bound, bound, (self.d_in, rank)), dtype) for s in self.targets}
         self.B = {s: backend.zeros((rank, outputs[s]), dtype) for s in self.targets}
 
     def trainable(self):
@@ -129,9 +129,9 @@ class IA3Site(_AdapterSite):
         dtype = dtype or weight.dtype
         self.scale_input = scale_input
         if scale_input:
-            self.scales = {"input": backend.asarray(np.ones(self.d_in, dtype=dtype))}
+            self.scales = {"input": backend.asarray(np.ones(self.d_in), dtype)}
         else:
-            self.scales = {s: backend.asarray(np.ones(outputs[s], dtype=dtype)) for s in self.targets}
+            self.scales = {s: backend.asarray(np.ones(outputs[s]), dtype) for s in self.targets}
 
     def trainable(self):
         if self.scale_input:
