@@ -87,10 +87,12 @@ class NumpyBackend(Backend):
 
     def orthonormal_range(self, x, rank, seed, oversample=8, power_iters=2):
         n, width = x.shape
-        if rank >= width:
-            return np.eye(width, dtype=x.dtype)
+        rng = np.random.default_rng(seed)
+        if rank >= width:  # the whole space: any orthogonal matrix is exact
+            basis, _ = np.linalg.qr(rng.standard_normal((width, width)))
+            return basis.astype(x.dtype)
         sketch = min(width, rank + oversample)
-        omega = np.random.default_rng(seed).standard_normal((width, sketch)).astype(x.dtype)
+        omega = rng.standard_normal((width, sketch)).astype(x.dtype)
         basis, _ = np.linalg.qr(x.T @ (x @ omega))  # (width, sketch), range of x^T x
         for _ in range(power_iters):
             basis, _ = np.linalg.qr(x.T @ (x @ basis))

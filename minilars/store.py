@@ -243,7 +243,7 @@ class ActivationStore:
             return ("half", self._hold(be.cast(array, be.dtype("float16")), full_key), array.dtype)
         if isinstance(policy, Subspace) and array.ndim >= 2 and self.n_tokens and array.size % self.n_tokens == 0:
             width = array.size // self.n_tokens
-            if policy.rank < width:
+            if width > 1:  # rank >= width stores a rotation of X: no saving, but exact
                 matrix = array.reshape(self.n_tokens, width)
                 if policy.source == "calibration":
                     basis = self.bases.get(full_key)
@@ -252,7 +252,7 @@ class ActivationStore:
                                        "or use subspace(R) from the batch")
                     shared = True
                 else:
-                    basis = be.orthonormal_range(matrix, policy.rank, seed=self.seed)
+                    basis = be.orthonormal_range(matrix, min(policy.rank, width), seed=self.seed)
                     shared = False
                 basis = be.cast(basis, array.dtype)
                 coeffs = be.matmul(matrix, basis)  # C = X Q: (N, r)

@@ -1,0 +1,127 @@
+"""The guarantees of LARS.md, as property tests over shapes and ranks.
+
+1. Adapter gradients are exact for every r.
+2. subspace(r) at r = width gives full-backprop gradients; exact (and exact
+   recompute) give them bit for bit.
+3. A stored activation that lies in span(Q) comes back exactly.
+4. Linear site: ||dW_hat - dW||_F <= ||X - X Q Q^T||_F * ||dY||_2.
+5. The exported LoRA reproduces the LARS model's logits: test_model_reference.py
+   (test_adapter_gradients_match_reference, LARS cases) loads the saved adapter in
+   the independent torch reference.
+"""
+from __future__ import annotations
+
+import numpy as np
+from hypothesis import given
+from hypothesis import strategies as st
+
+from tolerances import assert_close
+from minilars.adapters import LARSSite
+from minilars.backends import get_backend
+from minilars.config import ModelConfig
+from minilars.methods import MethodConfig, apply_method
+from minilars.model import Model
+from minilars.ops import LinearCache
+from minilars.sites import FullSite
+from minilars.store import ActivationStore, StoragePlan
+
+be = get_backend("numpy")
+seeds = st.integers(0, 2**31 - 1)
+
+
+def orthonormal(rng, rows, cols):
+    q, _ = np.linalg.qr(rng.standard_normal((rows, cols)))
+    return q
+
+
+@st.composite
+def site_shapes(draw):
+    d_in = draw(st.integers(1, 24))
+    rank = draw(st.one_of(st.just(1), st.just(d_in), st.integers(1, d_in)))
+    return draw(st.integers(1, 12)), d_in, rank, [draw(st.integers(1, 9)) for _ in range(draw(st.integers(1, 3)))]
+
+
+@given(shapes=site_shapes(), seed=seeds)
+def test_1_lars_adapter_gradient_is_exact_for_every_rank(shapes, seed):
+    """dM from the kept z = xP equals P^T dW_eff, the gradient of W_eff = W + P M by
+    full backprop with x stored (a FullSite on W_eff)."""
+    n, d_in, rank, widths = shapes
+    rng = np.random.default_rng(seed)
+    outputs = {f"s{j}": w for j, w in enumerate(widths)}
+    weight = rng.standard_normal((d_in, sum(widths)))
+    site = LARSSite(weight, outputs, list(outputs), orthonormal(rng, d_in, rank), be)
+    for m in site.M.values():
+        m[...] = rng.standard_normal(m.shape)
+    x, dy = rng.standard_normal((n, d_in)), rng.standard_normal((n, sum(widths)))
+    y, cache = site.forward(x, be)
+    assert cache.z.shape == (n, rank)  # all LARS keeps
+    dx, grads = site.backward(dy, cache, be)
+    full = FullSite(site.to_linear(be), outputs)
+    y_full, full_cache = full.forward(x, be)
+    dx_full, full_grads = full.backward(dy, full_cache, be)
+    assert_close(y, y_full, name="y")
+    assert_close(dx, dx_full, name="dx")
+    for s in outputs:
+        assert_close(grads[f"{s}.lars_M"], site.basis.T @ full_grads["weight"][:, site.slices[s]], name=s)
+
+
+TINY = ModelConfig(vocab_size=31, dim=12, n_layers=2, n_heads=3, n_kv_heads=1, ffn_dim=20, max_seq_len=64)
+
+
+def _grads(storage, rank=4, seed=0):
+    rng = np.random.default_rng(seed)
+    tokens, targets = rng.integers(0, TINY.vocab_size, (2, 9)), rng.integers(0, TINY.vocab_size, (2, 9))
+    model = Model.random(TINY, seed=1, dtype=np.float64, attention_tile=4)
+    apply_method(model, MethodConfig("lars", rank=rank, storage=storage), calibration_tokens=tokens)
+    for p in model.trainable().values():
+        p += 0.3 * np.random.default_rng(2).standard_normal(p.shape)
+    tape = model.forward(tokens, targets)
+    return tape.loss, model.backward(tape)
+
+
+FULL_WIDTH = ("attn_norm.x", "attn.q", "attn.k", "attn.v", "attn.o", "mlp_norm.x", "mlp.gate_up",
+              "attn_in.z", "attn_out.z", "mlp_in.z", "mlp_out.z", "head.dx")
+
+
+def test_2_subspace_at_full_width_equals_full_backprop():
+    loss_exact, exact = _grads(())
+    # rank 64 >= every width: each field is kept as C = X Q with Q a random rotation
+    loss_sub, sub = _grads(tuple((key, "subspace(64)") for key in FULL_WIDTH))
+    assert loss_sub == loss_exact
+    for name in exact:
+        assert_close(sub[name], exact[name], name=name)
+
+
+def test_2_exact_recompute_is_bit_identical_to_exact_storage():
+    _, exact = _grads(())
+    _, recompute = _grads((("block", "recompute"),))
+    for name in exact:
+        assert np.array_equal(recompute[name], exact[name]), name
+
+
+@given(n=st.integers(2, 30), width=st.integers(2, 20), data=st.data(), source=st.sampled_from(["batch", "calibration"]),
+       seed=seeds)
+def test_3_activation_in_span_is_stored_exactly(n, width, data, source, seed):
+    rank = data.draw(st.integers(1, min(n, width)))
+    rng = np.random.default_rng(seed)
+    basis = orthonormal(rng, width, rank)
+    x = rng.standard_normal((n, rank)) @ basis.T  # rows in span(basis)
+    policy = f"subspace({rank}{', calibration' if source == 'calibration' else ''})"
+    store = ActivationStore(be, StoragePlan.from_mapping({"site.x": policy}), bases={"site.x": basis})
+    store.n_tokens = n
+    store.keep("site", LinearCache(x))
+    assert_close(store.take("site").x, x, tol=(1e-10, 1e-8), name="x_hat")
+
+
+@given(n=st.integers(1, 30), width=st.integers(2, 20), d_out=st.integers(1, 10), data=st.data(), seed=seeds)
+def test_4_weight_gradient_error_bound(n, width, d_out, data, seed):
+    rank = data.draw(st.integers(1, width))
+    rng = np.random.default_rng(seed)
+    x, dy = rng.standard_normal((n, width)), rng.standard_normal((n, d_out))
+    store = ActivationStore(be, StoragePlan.from_mapping({"site.x": f"subspace({rank})"}), seed=seed)
+    store.n_tokens = n
+    store.keep("site", LinearCache(x))
+    x_hat = store.take("site").x  # X Q Q^T
+    dw, dw_hat = x.T @ dy, x_hat.T @ dy
+    bound = np.linalg.norm(x - x_hat) * np.linalg.norm(dy, 2)
+    assert np.linalg.norm(dw_hat - dw) <= bound * (1 + 1e-9) + 1e-12
