@@ -1,0 +1,1 @@
+"""Subcommands of the minilars CLI, one module each (see minilars/cli.py)."""
