@@ -52,6 +52,9 @@ class ModelConfig:
         return self.n_kv_heads * self.head_dim
 
     def with_(self, **changes) -> "ModelConfig":
+        """A copy with `changes`; a head_dim that was derived is derived again."""
+        if "head_dim" not in changes and self.head_dim == self.dim // self.n_heads:
+            changes["head_dim"] = None
         return replace(self, **changes)
 
 
