@@ -1,0 +1,244 @@
+"""Numba backend: the NumPy reference with its hot kernels jitted.
+
+Matrix products stay with NumPy's BLAS (matmul, matmul_tn, matmul_nt, the logits
+chunk of the cross-entropy, the range finder of the LARS subspace store): BLAS is
+faster than anything written as loops. What is jitted (backends/numba_kernels.py)
+is the work BLAS cannot fuse: attention (tile products, online softmax and
+masking in one pass over each tile, no (T, T) array), the row-wise norms,
+rotations and activations, the softmax rows of the loss, the embedding scatter
+and the AdamW update. Every method falls back to the NumPy reference on inputs a
+kernel does not take (float16, mismatched dtypes, shapes the reference rejects),
+so the two backends are interchangeable everywhere.
+
+Warming up: numba compiles each kernel on its first call for the dtypes and array
+layouts it meets (seconds per kernel) and caches the machine code on disk
+(`cache=True`), so only the first run on a machine pays. Call `warmup()` before
+timing anything; it returns the seconds it took:
+
+    from minilars.backends.numba_backend import warmup
+    print(f"numba compile: {warmup(('float32',)):.1f} s")
+
+Letters as in backends/base.py.
+"""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from . import numba_kernels as K  # imports numba: this module is loaded only on request
+from .numpy_backend import NumpyBackend
+
+_JIT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+_ROWS_PER_PART = 64  # rmsnorm dw: rows summed per partial (fixed, so sums are reproducible)
+_COLS_PER_PART = 32  # embedding backward: columns per thread-owned slice
+
+
+def _jittable(*arrays) -> bool:
+    """All float32 or all float64: the kernels compute in their inputs' dtype."""
+    dtype = arrays[0].dtype
+    return dtype in _JIT_DTYPES and all(a.dtype == dtype for a in arrays)
+
+
+class NumbaBackend(NumpyBackend):
+    name = "numba"
+
+    # ---------------------------------------------------------------- ops
+    def embedding_backward(self, dy, tokens, vocab_size):
+        tokens = np.asarray(tokens)
+        if (not _jittable(dy) or dy.ndim != 2 or tokens.ndim != 1 or tokens.size != dy.shape[0]
+                or tokens.dtype.kind not in "iu"
+                or (tokens.size and (tokens.min() < 0 or tokens.max() >= vocab_size))):
+            return super().embedding_backward(dy, tokens, vocab_size)  # numpy's indexing rules
+        dtable = np.zeros((vocab_size, dy.shape[1]), dtype=dy.dtype)
+        K.embedding_backward(dy, tokens, dtable, _COLS_PER_PART)
+        return dtable
+
+    def rmsnorm_forward(self, x, w, eps):
+        if not _jittable(x) or x.ndim != 2 or w.shape != (x.shape[1],):
+            return super().rmsnorm_forward(x, w, eps)
+        y = np.empty(x.shape, dtype=x.dtype)  # (N, d)
+        rstd = np.empty((x.shape[0], 1), dtype=x.dtype)  # (N, 1)
+        K.rmsnorm_forward(x, self.cast(w, x.dtype), float(eps), y, rstd)
+        return y, rstd
+
+    def rmsnorm_backward(self, dy, x, w, rstd):
+        if (not _jittable(dy, x, rstd) or x.ndim != 2 or dy.shape != x.shape
+                or w.shape != (x.shape[1],) or rstd.shape != (x.shape[0], 1)):
+            return super().rmsnorm_backward(dy, x, w, rstd)
+        n, d = x.shape
+        dx = np.empty((n, d), dtype=x.dtype)
+        dw_parts = np.empty((max(1, -(-n // _ROWS_PER_PART)), d), dtype=np.float64)  # (P, d)
+        K.rmsnorm_backward(dy, x, self.cast(w, x.dtype), rstd, dx, dw_parts, _ROWS_PER_PART)
+        return dx, dw_parts.sum(axis=0).astype(x.dtype)
+
+    def _rope(self, x, cos, sin, sign):
+        if (not _jittable(x) or x.ndim != 4 or x.shape[-1] % 2 or cos.shape != sin.shape
+                or cos.shape != (x.shape[1], x.shape[3])):
+            return None
+        half = x.shape[-1] // 2
+        # the reference rotates by the first half of the tables, cast to x's dtype
+        c = np.ascontiguousarray(cos[:, :half], dtype=x.dtype)  # (T, hd/2)
+        s = np.ascontiguousarray(sin[:, :half], dtype=x.dtype)
+        y = np.empty(x.shape, dtype=x.dtype)
+        K.rope(x, c, s, sign, y)
+        return y
+
+    def rope_forward(self, x, cos, sin):
+        y = self._rope(x, cos, sin, 1.0)
+        return super().rope_forward(x, cos, sin) if y is None else y
+
+    def rope_backward(self, dy, cos, sin):
+        y = self._rope(dy, cos, sin, -1.0)
+        return super().rope_backward(dy, cos, sin) if y is None else y
+
+    @staticmethod
+    def _attention_shapes_ok(q, k, v) -> bool:
+        return (q.ndim == 4 and k.ndim == 4 and k.shape == v.shape and q.shape[0] == k.shape[0]
+                and q.shape[3] == k.shape[3] and k.shape[2] > 0 and q.shape[2] % k.shape[2] == 0)
+
+    def attention_forward(self, q, k, v, tile, q_offset=0):
+        if not _jittable(q, k, v) or not self._attention_shapes_ok(q, k, v) or k.shape[1] == 0:
+            return super().attention_forward(q, k, v, tile, q_offset)
+        b, tq, n_heads, hd = q.shape
+        o = np.empty((b, tq, n_heads, hd), dtype=q.dtype)
+        lse = np.empty((b, tq, n_heads), dtype=q.dtype)
+        if q.size:
+            tile = max(1, min(int(tile), max(tq, k.shape[1])))  # a tile past T changes nothing
+            K.attention_forward(q, k, v, tile, int(q_offset), o, lse)
+        return o, lse
+
+    def attention_backward(self, do, q, k, v, o, lse, tile):
+        if (not _jittable(do, q, k, v, o, lse) or not self._attention_shapes_ok(q, k, v)
+                or k.shape[1] != q.shape[1] or do.shape != q.shape or o.shape != q.shape
+                or lse.shape != q.shape[:3]):
+            return super().attention_backward(do, q, k, v, o, lse, tile)
+        b, t, n_heads, hd = q.shape
+        n_kv = k.shape[2]
+        dq = np.empty(q.shape, dtype=q.dtype)  # (B, T, H, hd)
+        dk = np.empty(k.shape, dtype=q.dtype)  # (B, T, Hkv, hd)
+        dv = np.empty(k.shape, dtype=q.dtype)
+        if q.size == 0:
+            return dq, dk, dv
+        tile = max(1, min(int(tile), t))
+        if n_kv == n_heads:  # one query head per kv head: its contributions are the gradient
+            K.attention_backward(do, q, k, v, o, lse, tile, dq, dk, dv)
+            return dq, dk, dv
+        dk_heads = np.empty(q.shape, dtype=q.dtype)  # per query head, summed per group below
+        dv_heads = np.empty(q.shape, dtype=q.dtype)
+        K.attention_backward(do, q, k, v, o, lse, tile, dq, dk_heads, dv_heads)
+        K.reduce_kv_heads(dk_heads, dk)
+        K.reduce_kv_heads(dv_heads, dv)
+        return dq, dk, dv
+
+    def swiglu_forward(self, g, u):
+        if not _jittable(g, u) or g.ndim != 2 or g.shape != u.shape:
+            return super().swiglu_forward(g, u)
+        h = np.empty(g.shape, dtype=g.dtype)  # (N, f)
+        K.swiglu_forward(g, u, h)
+        return h
+
+    def swiglu_backward(self, dh, g, u):
+        if not _jittable(dh, g, u) or g.ndim != 2 or g.shape != u.shape or dh.shape != g.shape:
+            return super().swiglu_backward(dh, g, u)
+        dg = np.empty(g.shape, dtype=g.dtype)  # (N, f)
+        du = np.empty(g.shape, dtype=g.dtype)
+        K.swiglu_backward(dh, g, u, dg, du)
+        return dg, du
+
+    def cross_entropy_head(self, x, head, targets, chunk, ignore_index, need_dx, need_dhead):
+        targets = np.asarray(targets)
+        if not _jittable(x) or x.ndim != 2 or targets.shape != (x.shape[0],) or targets.dtype.kind not in "iu":
+            return super().cross_entropy_head(x, head, targets, chunk, ignore_index, need_dx, need_dhead)
+        n = x.shape[0]
+        n_vocab = head.shape[0]
+        valid = targets != ignore_index  # (N,)
+        n_valid = int(valid.sum())
+        if n_valid and (targets[valid].min() < 0 or targets[valid].max() >= n_vocab):
+            return super().cross_entropy_head(x, head, targets, chunk, ignore_index, need_dx, need_dhead)
+        dx = np.zeros_like(x) if need_dx else None
+        dhead = np.zeros(head.shape, dtype=x.dtype) if need_dhead else None
+        if n_valid == 0:
+            return 0.0, 0, dx, dhead
+        need_grad = need_dx or need_dhead
+        head = self.cast(head, x.dtype)  # once, not once per chunk
+        chunk = max(1, min(int(chunk), n))
+        logits = np.empty((chunk, n_vocab), dtype=x.dtype)  # the only (rows, V) array alive
+        losses = np.empty(chunk, dtype=np.float64)
+        dhead_chunk = np.empty(head.shape, dtype=x.dtype) if need_dhead else None
+        weight = 1.0 / n_valid
+        total = 0.0
+        for c0 in range(0, n, chunk):
+            c1 = min(c0 + chunk, n)
+            ok = valid[c0:c1]
+            if not ok.any():  # no loss, and a zero gradient: dx rows stay 0, dhead unchanged
+                continue
+            xc = x[c0:c1]
+            z = logits[:c1 - c0]
+            np.matmul(xc, head.T, out=z)  # BLAS: z = x_c head^T (c, V)
+            K.softmax_xent_rows(z, targets[c0:c1], ok, weight, need_grad, losses)
+            total += float(losses[:c1 - c0].sum())
+            if need_dx:
+                np.matmul(z, head, out=dx[c0:c1])  # dx_c = dz head (c, d)
+            if need_dhead:
+                np.matmul(z.T, xc, out=dhead_chunk)  # dz^T x_c (V, d)
+                dhead += dhead_chunk
+        return total / n_valid, n_valid, dx, dhead
+
+    def adamw_update(self, p, g, m, v, *, lr, beta1, beta2, eps, weight_decay, step):
+        arrays = (p, g, m, v)
+        if (not _jittable(p) or any(a.shape != p.shape or not a.flags.c_contiguous for a in arrays)
+                or any(a.dtype not in _JIT_DTYPES for a in arrays) or not p.flags.writeable):
+            return super().adamw_update(p, g, m, v, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+                                        weight_decay=weight_decay, step=step)
+        K.adamw_update(p.reshape(-1), g.reshape(-1), m.reshape(-1), v.reshape(-1), float(lr),
+                       float(beta1), float(beta2), float(eps), float(weight_decay),
+                       1.0 - beta1 ** step, 1.0 - beta2 ** step)
+
+
+def warmup(dtypes=("float32",)) -> float:
+    """Compile (or load from the on-disk cache) every kernel for each dtype, with
+    the array layouts the model passes (contiguous arrays and column slices of a
+    fused projection output), on tiny inputs. Returns the seconds it took."""
+    be = NumbaBackend()
+    rng = np.random.default_rng(0)
+    start = time.perf_counter()
+    for name in dtypes:
+        dt = np.dtype(name)
+        b, t, n_heads, n_kv, hd, d, f, vocab = 1, 5, 4, 2, 4, 6, 3, 7
+
+        def randn(*shape):
+            return rng.standard_normal(shape).astype(dt)
+
+        x, w = randn(b * t, d), randn(d)
+        y, rstd = be.rmsnorm_forward(x, w, 1e-5)
+        be.rmsnorm_backward(y, x, w, rstd)
+        qkv = randn(b * t, (n_heads + 2 * n_kv) * hd)  # fused projection, sliced as model.py does
+        q = qkv[:, :n_heads * hd].reshape(b, t, n_heads, hd)
+        k = qkv[:, n_heads * hd:(n_heads + n_kv) * hd].reshape(b, t, n_kv, hd)
+        v = qkv[:, (n_heads + n_kv) * hd:].reshape(b, t, n_kv, hd)
+        cos, sin = randn(t, hd), randn(t, hd)
+        q, k = be.rope_forward(q, cos, sin), be.rope_forward(k, cos, sin)
+        for tile in (2,):
+            o, lse = be.attention_forward(q, k, v, tile)
+            be.attention_forward(q[:, -1:], k, v, tile, q_offset=t - 1)  # decoding step
+            be.attention_forward(q[:, -1:], k[:, :t], v[:, :t].copy(), tile, q_offset=t - 1)
+            do = randn(b, t, n_heads, hd)
+            dq, dk, dv = be.attention_backward(do, q, k, v, o, lse, tile)
+            be.attention_backward(do, q, k, v.copy(), o, lse, tile)
+            be.attention_backward(do, q, randn(b, t, n_heads, hd), randn(b, t, n_heads, hd), o, lse, tile)
+        be.rope_backward(dq, cos, sin)
+        gate_up = randn(b * t, 2 * f)
+        g, u = gate_up[:, :f], gate_up[:, f:]
+        h = be.swiglu_forward(g, u)
+        be.swiglu_forward(g.copy(), u.copy())
+        be.swiglu_backward(h, g, u)
+        be.swiglu_backward(h, g.copy(), u.copy())
+        targets = np.array([1, -100, 3, 0, 6], dtype=np.int64)
+        be.cross_entropy_head(x, randn(vocab, d), targets, 2, -100, True, True)
+        be.cross_entropy_head(x, randn(vocab, d), targets, 2, -100, False, False)
+        be.embedding_backward(x, targets.clip(0), vocab)
+        p = randn(3, 2)
+        be.adamw_update(p, randn(3, 2), np.zeros_like(p), np.zeros_like(p), lr=1e-3, beta1=0.9,
+                        beta2=0.999, eps=1e-8, weight_decay=0.0, step=1)
+    return time.perf_counter() - start

@@ -1,0 +1,300 @@
+"""The numba backend against the NumPy reference, kernel by kernel, then the tiny model.
+
+Every jitted kernel of NumbaBackend runs on Hypothesis shapes chosen to break tiled
+and threaded code (T = 1, T not a multiple of the tile, one head, kv-group ratios
+1/3/9, head dims 2..64, decoding with q_offset > 0 and Tq < Tk, loss chunks that do
+not divide N, ignored and all-ignored rows), in float32 and float64, on the array
+layouts the model passes (column slices of a fused projection, a KV-cache prefix),
+and is compared with NumpyBackend's result through the one tolerance table.
+
+Run it also as `NUMBA_DISABLE_JIT=1 pytest tests/test_backend_numba.py`: the same
+kernels then execute as plain Python, which keeps what they say honest.
+"""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+pytest.importorskip("numba", reason="the numba backend needs numba: pip install numba")
+
+from hypothesis import example, given, strategies as st  # noqa: E402
+
+from minilars.backends import get_backend  # noqa: E402
+from minilars.backends.numba_backend import NumbaBackend, warmup  # noqa: E402
+from minilars.config import preset  # noqa: E402
+from minilars.methods import MethodConfig, apply_method  # noqa: E402
+from minilars.model import Model  # noqa: E402
+from minilars.ops import rope_tables  # noqa: E402
+from minilars.optim import AdamW, AdamWConfig  # noqa: E402
+from tolerances import assert_close  # noqa: E402
+
+NP = get_backend("numpy")
+NB = get_backend("numba")
+DTYPES = st.sampled_from(["float32", "float64"])
+SEEDS = st.integers(0, 2**32 - 1)
+
+
+def normal(rng, shape, dtype, scale=1.0):
+    return (scale * rng.standard_normal(shape)).astype(dtype)
+
+
+def both(kernel: str, *args, **kwargs):
+    """Run one kernel on both backends, each on its own copies of the array inputs
+    (AdamW updates in place); returns (numba's result, numpy's)."""
+    def copies():
+        return [a.copy() if isinstance(a, np.ndarray) and a.flags.owndata else a for a in args]
+    return getattr(NB, kernel)(*copies(), **kwargs), getattr(NP, kernel)(*copies(), **kwargs)
+
+
+def check(actual, reference, name: str) -> None:
+    """None where the reference is None; else a numpy array of the same dtype whose
+    values are within the dtype's tolerance (assert_close checks the shape first)."""
+    if reference is None:
+        assert actual is None, f"{name}: expected None"
+        return
+    assert isinstance(actual, np.ndarray), f"{name}: {type(actual)} is not a numpy array"
+    assert actual.dtype == reference.dtype, f"{name}: dtype {actual.dtype} != {reference.dtype}"
+    assert_close(actual, reference, name=name)
+
+
+def fused_columns(rng, n, widths, dtype, scale=1.0):
+    """Column blocks of one (n, sum(widths)) array, as the model slices its fused
+    q|k|v and gate|up projections: views that are not contiguous."""
+    whole = normal(rng, (n, sum(widths)), dtype, scale)
+    bounds = np.cumsum([0, *widths])
+    return [whole[:, a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+# ---------------------------------------------------------------- attention
+ATTENTION = dict(b=st.integers(1, 2), t=st.integers(1, 20), n_kv=st.integers(1, 2), group=st.sampled_from([1, 3, 9]),
+                 hd=st.integers(2, 64), tile=st.integers(1, 9), fused=st.booleans(), dtype=DTYPES, seed=SEEDS)
+
+
+def attention_inputs(rng, b, tq, tk, n_kv, group, hd, dtype, fused):
+    """q (B, Tq, H, hd), k/v (B, Tk, Hkv, hd); fused: slices of one projection output
+    (Tq = Tk) or, when Tq < Tk, k/v the prefix of a longer KV cache."""
+    n_heads = n_kv * group
+    if not fused:
+        return (normal(rng, (b, tq, n_heads, hd), dtype), normal(rng, (b, tk, n_kv, hd), dtype),
+                normal(rng, (b, tk, n_kv, hd), dtype))
+    if tq == tk:
+        q, k, v = fused_columns(rng, b * tq, [n_heads * hd, n_kv * hd, n_kv * hd], dtype)
+        return q.reshape(b, tq, n_heads, hd), k.reshape(b, tk, n_kv, hd), v.reshape(b, tk, n_kv, hd)
+    cache = normal(rng, (2, b, tk + 3, n_kv, hd), dtype)  # room for 3 more tokens
+    return normal(rng, (b, tq, n_heads, hd), dtype), cache[0, :, :tk], cache[1, :, :tk]
+
+
+@given(q_offset=st.integers(0, 10), future=st.integers(0, 3), **ATTENTION)
+@example(q_offset=0, future=0, b=1, t=1, n_kv=1, group=1, hd=2, tile=2, fused=False, dtype="float64", seed=0)
+@example(q_offset=0, future=0, b=1, t=19, n_kv=1, group=9, hd=64, tile=4, fused=True, dtype="float32", seed=1)
+@example(q_offset=9, future=0, b=2, t=1, n_kv=2, group=3, hd=8, tile=4, fused=True, dtype="float32", seed=2)
+def test_attention_forward(q_offset, future, b, t, n_kv, group, hd, tile, fused, dtype, seed):
+    """Query i sits at position q_offset + i of Tk = q_offset + Tq + future keys;
+    keys past a query's position are masked (future > 0 checks the mask, not only
+    the key count)."""
+    tk = q_offset + t + future
+    q, k, v = attention_inputs(np.random.default_rng(seed), b, t, tk, n_kv, group, hd, dtype,
+                               fused and future == 0)
+    (o, lse), (o_ref, lse_ref) = both("attention_forward", q, k, v, tile, q_offset=q_offset)
+    check(o, o_ref, "o")
+    check(lse, lse_ref, "lse")
+
+
+@given(**ATTENTION)
+@example(b=1, t=1, n_kv=1, group=1, hd=2, tile=2, fused=False, dtype="float64", seed=0)
+@example(b=1, t=19, n_kv=1, group=9, hd=64, tile=4, fused=True, dtype="float32", seed=1)
+@example(b=2, t=10, n_kv=2, group=3, hd=5, tile=3, fused=False, dtype="float64", seed=2)
+def test_attention_backward(b, t, n_kv, group, hd, tile, fused, dtype, seed):
+    rng = np.random.default_rng(seed)
+    q, k, v = attention_inputs(rng, b, t, t, n_kv, group, hd, dtype, fused)
+    o, lse = NP.attention_forward(q, k, v, tile)
+    do = normal(rng, o.shape, dtype)  # a random upstream gradient
+    grads, refs = both("attention_backward", do, q, k, v, o, lse, tile)
+    for name, g, ref in zip(("dq", "dk", "dv"), grads, refs):
+        check(g, ref, name)
+
+
+def test_attention_tile_larger_than_sequence_and_empty_batch():
+    rng = np.random.default_rng(0)
+    q, k, v = attention_inputs(rng, 1, 3, 3, 1, 3, 4, "float32", False)
+    (o, lse), (o_ref, lse_ref) = both("attention_forward", q, k, v, 128)
+    check(o, o_ref, "o, tile > T")
+    check(lse, lse_ref, "lse, tile > T")
+    (o, lse), (o_ref, lse_ref) = both("attention_forward", q[:0], k[:0], v[:0], 4)
+    assert o.shape == o_ref.shape == (0, 3, 3, 4) and lse.shape == lse_ref.shape == (0, 3, 3)
+
+
+# ---------------------------------------------------------------- row kernels
+@given(n=st.integers(1, 140), d=st.integers(1, 48), dtype=DTYPES, seed=SEEDS)
+@example(n=129, d=7, dtype="float32", seed=0)  # dw summed over three row blocks of 64
+def test_rmsnorm(n, d, dtype, seed):
+    rng = np.random.default_rng(seed)
+    x, w = normal(rng, (n, d), dtype, 3.0), (1 + normal(rng, (d,), dtype, 0.1)).astype(dtype)
+    (y, rstd), (y_ref, rstd_ref) = both("rmsnorm_forward", x, w, 1e-5)
+    check(y, y_ref, "y")
+    check(rstd, rstd_ref, "rstd")
+    dy = normal(rng, (n, d), dtype)  # a random upstream gradient
+    (dx, dw), (dx_ref, dw_ref) = both("rmsnorm_backward", dy, x, w, rstd_ref)
+    check(dx, dx_ref, "dx")
+    check(dw, dw_ref, "dw")
+
+
+@given(b=st.integers(1, 2), t=st.integers(1, 12), heads=st.integers(1, 4), half=st.integers(1, 32),
+       fused=st.booleans(), tables=st.sampled_from(["float64", "same"]), dtype=DTYPES, seed=SEEDS)
+def test_rope(b, t, heads, half, fused, tables, dtype, seed):
+    rng = np.random.default_rng(seed)
+    hd = 2 * half
+    cos, sin = rope_tables(t, hd, 10000.0, np.float64 if tables == "float64" else dtype)
+    if fused:  # the q columns of a fused q|k|v output
+        x = fused_columns(rng, b * t, [heads * hd, hd], dtype)[0].reshape(b, t, heads, hd)
+    else:
+        x = normal(rng, (b, t, heads, hd), dtype)
+    check(*both("rope_forward", x, cos, sin), "rope")
+    check(*both("rope_backward", x, cos, sin), "rope backward")
+
+
+@given(n=st.integers(1, 20), f=st.integers(1, 40), scale=st.sampled_from([1.0, 4.0, 60.0]), fused=st.booleans(),
+       dtype=DTYPES, seed=SEEDS)
+def test_swiglu(n, f, scale, fused, dtype, seed):
+    """scale 60 sends exp(-g) past float32's range: silu(g) must still be g*0 or g*1."""
+    rng = np.random.default_rng(seed)
+    if fused:  # the gate and up halves of one (N, 2f) projection output, as ops.swiglu_forward passes them
+        g, u = fused_columns(rng, n, [f, f], dtype)
+        g *= scale
+    else:
+        g, u = normal(rng, (n, f), dtype, scale), normal(rng, (n, f), dtype)
+    dh = normal(rng, (n, f), dtype)
+    with np.errstate(over="ignore"):
+        check(*both("swiglu_forward", g, u), "h")
+        (dg, du), (dg_ref, du_ref) = both("swiglu_backward", dh, g, u)
+    check(dg, dg_ref, "dg")
+    check(du, du_ref, "du")
+
+
+# ---------------------------------------------------------------- loss, embedding, optimizer
+@given(n=st.integers(1, 30), d=st.integers(1, 8), vocab=st.integers(2, 40), chunk=st.integers(1, 33),
+       ignored=st.sampled_from([0.0, 0.3, 0.8, 1.0]), need_dx=st.booleans(), need_dhead=st.booleans(),
+       half_head=st.booleans(), dtype=DTYPES, seed=SEEDS)
+@example(n=7, d=3, vocab=5, chunk=3, ignored=0.3, need_dx=True, need_dhead=True, half_head=False, dtype="float64",
+         seed=0)
+@example(n=6, d=2, vocab=3, chunk=4, ignored=1.0, need_dx=True, need_dhead=True, half_head=False, dtype="float32",
+         seed=0)
+def test_cross_entropy_head(n, d, vocab, chunk, ignored, need_dx, need_dhead, half_head, dtype, seed):
+    """ignored 0.8 leaves whole chunks without a label; 1.0 leaves none at all.
+    half_head: a float16 frozen head, upcast by the kernel."""
+    rng = np.random.default_rng(seed)
+    x = normal(rng, (n, d), dtype, 2.0)
+    head = normal(rng, (vocab, d), np.float16 if half_head else dtype)
+    targets = np.where(rng.random(n) < ignored, -100, rng.integers(0, vocab, n))
+    (loss, n_valid, dx, dhead), (loss_ref, n_ref, dx_ref, dhead_ref) = both(
+        "cross_entropy_head", x, head, targets, chunk, -100, need_dx, need_dhead)
+    assert isinstance(loss, float) and n_valid == n_ref
+    assert_close(np.float64(loss), np.float64(loss_ref), dtype=dtype, name="loss")
+    check(dx, dx_ref, "dx")
+    check(dhead, dhead_ref, "dhead")
+
+
+@given(vocab=st.integers(1, 12), n=st.integers(1, 30), d=st.integers(1, 70), dtype=DTYPES, seed=SEEDS)
+def test_embedding_backward(vocab, n, d, dtype, seed):
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(0, vocab, n)  # repeats are likely: backward must accumulate them
+    check(*both("embedding_backward", normal(rng, (n, d), dtype), tokens, vocab), "dtable")
+
+
+@given(shape=st.sampled_from([(1,), (7,), (3, 5), (2, 3, 4)]), weight_decay=st.sampled_from([0.0, 0.1]), dtype=DTYPES,
+       seed=SEEDS)
+def test_adamw_update(shape, weight_decay, dtype, seed):
+    rng = np.random.default_rng(seed)
+    hyper = dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=weight_decay)
+    p, m, v = normal(rng, shape, dtype), np.zeros(shape, dtype), np.zeros(shape, dtype)
+    p_ref, m_ref, v_ref = p.copy(), m.copy(), v.copy()
+    for step in range(1, 4):
+        g = normal(rng, shape, dtype)
+        assert NB.adamw_update(p, g, m, v, step=step, **hyper) is None  # in place
+        NP.adamw_update(p_ref, g, m_ref, v_ref, step=step, **hyper)
+    check(p, p_ref, "p")
+    check(m, m_ref, "m")
+    check(v, v_ref, "v")
+
+
+def test_inputs_the_kernels_do_not_take_fall_back_to_numpy():
+    """float16 and mixed dtypes go to the reference, so results are identical."""
+    rng = np.random.default_rng(0)
+    q, k, v = attention_inputs(rng, 1, 5, 5, 1, 3, 4, "float16", False)
+    for got, ref in zip(*both("attention_forward", q, k, v, 2)):
+        np.testing.assert_array_equal(got, ref)
+    g, u = normal(rng, (3, 4), np.float32), normal(rng, (3, 4), np.float64)
+    np.testing.assert_array_equal(*both("swiglu_forward", g, u))
+    x = normal(rng, (4, 3), np.float16)
+    np.testing.assert_array_equal(*both("embedding_backward", x, np.array([0, 2, 2, -1]), 3))  # numpy wraps -1
+
+
+# ---------------------------------------------------------------- the whole model
+CFG = preset("tiny")  # V 97, d 32, 2 layers, H 4, Hkv 2 (GQA 2), f 64
+
+
+def batch(seed=1, b=2, t=9):
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(0, CFG.vocab_size, (b, t))
+    targets = rng.integers(0, CFG.vocab_size, (b, t))
+    targets[0, :2] = -100  # ignored labels
+    return tokens, targets
+
+
+def model_pair(dtype=np.float64):
+    """The same tiny model, fully trainable, on numpy and on numba."""
+    reference = Model.random(CFG, 0, dtype=dtype, backend="numpy", attention_tile=4, loss_chunk=5)
+    params = {name: p.copy() for name, p in reference.params.items()}
+    model = Model(CFG, params, backend="numba", compute_dtype=np.dtype(dtype).name, attention_tile=4, loss_chunk=5)
+    for m in (reference, model):
+        apply_method(m, MethodConfig("full"))
+    return model, reference
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_whole_model_loss_gradients_and_steps_match_numpy(dtype):
+    model, reference = model_pair(dtype)
+    config = AdamWConfig(lr=1e-2, weight_decay=0.01, max_grad_norm=0.5)
+    opt, opt_ref = AdamW(model.trainable(), model.be, config), AdamW(reference.trainable(), reference.be, config)
+    for step in range(2):
+        tokens, targets = batch(seed=10 + step)
+        tape, tape_ref = model.forward(tokens, targets), reference.forward(tokens, targets)
+        assert_close(np.float64(tape.loss), np.float64(tape_ref.loss), dtype=np.dtype(dtype).name,
+                     name=f"loss at step {step}")
+        grads, grads_ref = model.backward(tape, dloss=0.7), reference.backward(tape_ref, dloss=0.7)
+        assert sorted(grads) == sorted(grads_ref)
+        for name, g in grads_ref.items():
+            check(grads[name], g, f"{name} at step {step}")
+        opt.step(grads)
+        opt_ref.step(grads_ref)
+    for name, p in reference.trainable().items():
+        check(model.trainable()[name], p, name)
+
+
+def test_kv_cache_decoding_matches_numpy():
+    model, reference = model_pair()
+    tokens, _ = batch()
+    out = []
+    for m in (model, reference):
+        kv = m.new_kv_cache(batch=2, max_len=16)
+        m.logits(tokens[:, :6], kv)
+        out.append(m.logits(tokens[:, 6:7], kv, last_only=True))  # attention with q_offset = 6
+    check(out[0], out[1], "next-token logits")
+
+
+# ---------------------------------------------------------------- packaging
+def test_warmup_compiles_every_kernel_and_reports_seconds():
+    seconds = warmup(("float64",))
+    assert isinstance(seconds, float) and seconds >= 0.0
+    assert isinstance(NB, NumbaBackend) and NB.name == "numba"
+
+
+def test_numpy_path_does_not_import_numba():
+    code = ("import sys, minilars, minilars.model, minilars.backends\n"
+            "from minilars.backends import get_backend\n"
+            "get_backend('numpy')\n"
+            "assert 'numba' not in sys.modules, 'numba was imported'\n")
+    subprocess.run([sys.executable, "-c", code], check=True)
