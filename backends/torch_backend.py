@@ -103,6 +103,8 @@ class TorchBackend(Backend):
             raise TypeError(f"torch backend has no dtype {name!r}; known: {', '.join(_DTYPES)}") from None
 
     def asarray(self, x, dtype=None):
+        """A tensor on this backend's device. On cpu a writable numpy array of the
+        same dtype is wrapped, not copied (as NumpyBackend.asarray does)."""
         dtype = self._dt(dtype)
         if isinstance(x, torch.Tensor):
             return x.detach().to(device=self.device, dtype=dtype)
