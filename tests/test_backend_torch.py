@@ -32,6 +32,16 @@ DTYPES = st.sampled_from(["float32", "float64"])
 SEEDS = st.integers(0, 2**32 - 1)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """These kernels are tiny: split over threads on a busy shared machine, each op
+    would wait on OpenMP barriers far longer than it computes."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def both(kernel: str, *args, **kwargs):
     """Run one kernel on both backends: numpy arrays as given, torch on copies."""
     ref = getattr(NP, kernel)(*args, **kwargs)
