@@ -15,7 +15,6 @@ gradient checkpointing) as the baseline people use. Per case it measures:
 
 and prints a markdown table, also written to --out (and a plot to --plot).
 
-    pip install -e . --no-deps --no-build-isolation    # once, so minilars.backends imports
     python benchmarks/gpu_check.py --device cuda --out gpu_check.md --plot gpu_check.png
     python benchmarks/gpu_check.py --device cpu --quick  # tiny preset, T = 64: checks the script
 
@@ -24,6 +23,8 @@ works (cached or downloadable) and are random otherwise (same shapes, so the sam
 memory and time). A method that minilars does not provide yet is skipped with its
 reason; an out-of-memory case is recorded as OOM and longer T for that method are
 skipped. --budget-s stops starting new cases so the whole run stays under 5 minutes.
+Runs from a bare checkout too: without `pip install -e .` it maps backends/ and
+models/ to minilars.backends and minilars.models itself.
 """
 from __future__ import annotations
 
@@ -56,7 +57,13 @@ def ensure_minilars_importable() -> None:
                                                       submodule_search_locations=[str(ROOT / sub)])
         module = importlib.util.module_from_spec(spec)
         sys.modules[f"minilars.{sub}"] = module
-        spec.loader.exec_module(module)
+        try:
+            spec.loader.exec_module(module)
+        except ImportError:
+            del sys.modules[f"minilars.{sub}"]
+            if sub == "backends":
+                raise
+            # models/ needs gguf and tokenizers; without them the weights are random
 
 
 def parse_args(argv=None) -> argparse.Namespace:
