@@ -6,8 +6,9 @@ numpy or torch directly for arithmetic; it calls these methods, so a new backend
 
 Arrays are whatever the backend holds: numpy.ndarray for numpy and numba,
 torch.Tensor for torch. The methods that model code may use on arrays directly are
-the ones numpy and torch share: `.shape`, `.dtype`, `.reshape`, `.ndim`, `.size`,
-indexing, slicing, `@`, `+ - * /` and in-place `+=`.
+the ones numpy and torch share: `.shape`, `.dtype`, `.reshape`, `.ndim`,
+indexing, slicing, `@`, `+ - * /` and in-place `+=` (element count: math.prod(x.shape);
+`.size` is a method on torch tensors).
 
 Letters: B batch, T tokens per sequence, N = B*T, d hidden, f MLP width, H query
 heads, Hkv kv heads, hd head dim, V vocabulary, r rank. Attention tensors are kept

@@ -76,14 +76,32 @@ class NumpyBackend(Backend):
         return int(x.nbytes)
 
     # ---------------------------------------------------------------- linear algebra
+    # A weight stored in lower precision is upcast a block of rows at a time, so the
+    # transient copy stays small even for the (V, d) embedding.
+    UPCAST_BLOCK = 1 << 22  # elements per upcast block (16 MiB in float32)
+
     def matmul(self, a, b):
-        return a @ self.cast(b, a.dtype)
+        if b.dtype == a.dtype:
+            return a @ b
+        rows = max(1, self.UPCAST_BLOCK // max(1, b.shape[1]))
+        if rows >= b.shape[0]:
+            return a @ b.astype(a.dtype)
+        out = np.zeros((a.shape[0], b.shape[1]), dtype=a.dtype)
+        for k0 in range(0, b.shape[0], rows):  # a b = sum_k a[:, k] b[k, :]
+            out += a[:, k0:k0 + rows] @ b[k0:k0 + rows].astype(a.dtype)
+        return out
 
     def matmul_tn(self, a, b):
         return a.T @ b
 
     def matmul_nt(self, a, b):
-        return a @ self.cast(b, a.dtype).T
+        if b.dtype == a.dtype:
+            return a @ b.T
+        rows = max(1, self.UPCAST_BLOCK // max(1, b.shape[1]))
+        out = np.empty((a.shape[0], b.shape[0]), dtype=a.dtype)
+        for m0 in range(0, b.shape[0], rows):  # output columns block by block
+            out[:, m0:m0 + rows] = a @ b[m0:m0 + rows].astype(a.dtype).T
+        return out
 
     def orthonormal_range(self, x, rank, seed, oversample=8, power_iters=2):
         n, width = x.shape

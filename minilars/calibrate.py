@@ -9,6 +9,7 @@ one block's activations at a time, never the whole model's.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import numpy as np
 
@@ -39,7 +40,7 @@ def calibrate(model: Model, tokens, rank: int | None, seed: int = 0,
     storage_bases["blocks.{i}.{site}.{field}"] = Q (width, r) for every field that
     model.plan keeps as subspace(r, calibration)."""
     be, cfg = model.be, model.cfg
-    tokens = be.asarray(np.asarray(tokens), "int64")
+    tokens = be.asarray(tokens if hasattr(tokens, "device") else np.asarray(tokens), "int64")
     batch, seq_len = model._check_tokens(tokens)
     n_tokens = batch * seq_len
     cos, sin = model._rope(seq_len)
@@ -51,9 +52,9 @@ def calibrate(model: Model, tokens, rank: int | None, seed: int = 0,
         for field in dataclasses.fields(cache):
             value = getattr(cache, field.name)
             policy = model.plan.policy_for(f"{kind}.{field.name}")
-            if (isinstance(policy, Subspace) and policy.source == "calibration" and _is_array(value)
-                    and value.size % n_tokens == 0):
-                matrix = value.reshape(n_tokens, value.size // n_tokens)
+            size = math.prod(value.shape) if _is_array(value) else 0
+            if isinstance(policy, Subspace) and policy.source == "calibration" and size and size % n_tokens == 0:
+                matrix = value.reshape(n_tokens, size // n_tokens)
                 storage_bases[f"{site}.{field.name}"] = be.orthonormal_range(matrix, policy.rank, seed=seed)
 
     x, _ = model._embed(tokens)

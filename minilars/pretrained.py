@@ -19,12 +19,11 @@ def load_pretrained(spec: str, backend: str | Backend | None = "numpy", weight_d
 
     if weight_dtype not in WEIGHT_DTYPES:
         raise ValueError(f"weight dtype must be one of {WEIGHT_DTYPES}, got {weight_dtype!r}")
-    cfg, state, tokenizer = load_model_weights(spec, np.float32)
-    params = from_hf(cfg, state, np.dtype(weight_dtype))
-    del state
-    for name in params:
+    cfg, state, tokenizer = load_model_weights(spec, np.dtype(weight_dtype))  # dequantised tensor by tensor
+    params = from_hf(cfg, state, np.dtype(weight_dtype))  # empties `state` as it goes
+    for name in params:  # norm weights are tiny: keep them in float32 (the kernels cast to the compute dtype)
         if name.endswith("norm.weight"):
-            params[name] = params[name].astype(compute_dtype)
+            params[name] = params[name].astype(np.float32)
     model = Model(cfg, params, backend=backend, compute_dtype=compute_dtype, **model_options)
     model.source = str(spec)
     return model, tokenizer

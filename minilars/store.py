@@ -19,6 +19,7 @@ buffer and counted once.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from collections import defaultdict
 from dataclasses import dataclass
@@ -241,8 +242,9 @@ class ActivationStore:
         policy = self.plan.policy_for(field_key)
         if isinstance(policy, Half) and array.dtype != be.dtype("float16"):
             return ("half", self._hold(be.cast(array, be.dtype("float16")), full_key), array.dtype)
-        if isinstance(policy, Subspace) and array.ndim >= 2 and self.n_tokens and array.size % self.n_tokens == 0:
-            width = array.size // self.n_tokens
+        size = math.prod(array.shape)
+        if isinstance(policy, Subspace) and array.ndim >= 2 and self.n_tokens and size % self.n_tokens == 0:
+            width = size // self.n_tokens
             if width > 1:  # rank >= width stores a rotation of X: no saving, but exact
                 matrix = array.reshape(self.n_tokens, width)
                 if policy.source == "calibration":

@@ -54,9 +54,9 @@ def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
 
 
 def from_hf(cfg: ModelConfig, state: dict[str, np.ndarray], dtype=np.float32) -> dict[str, np.ndarray]:
-    """Engine parameters from a Hugging Face LLaMA state dict (entries are consumed:
-    each HF array is dropped once converted, so the peak stays near one copy)."""
-    state = dict(state)
+    """Engine parameters from a Hugging Face LLaMA state dict. The dict is consumed:
+    each HF array is popped once converted, so the peak stays near one copy of the
+    weights plus one block."""
     out = {"embed.weight": np.ascontiguousarray(state.pop("model.embed_tokens.weight"), dtype=dtype),
            "final_norm.weight": np.asarray(state.pop("model.norm.weight"), dtype=dtype)}
     if not cfg.tie_embeddings:

@@ -322,14 +322,8 @@ def test_kv_cache_decoding_matches_numpy():
     check(out[0], out[1], "next-token logits")
 
 
-SUBSPACE_NEEDS_NUMEL = pytest.mark.xfail(
-    strict=True, raises=TypeError,
-    reason="minilars/store.py _store_field reads array.size, a method on torch tensors; math.prod(array.shape) "
-           "works on both backends (remove this mark when it lands)")
-
-
 @pytest.mark.parametrize("plan", [{"*": "half"}, {"block": "recompute"},
-                                  pytest.param({"attn.q": "subspace(18)"}, marks=SUBSPACE_NEEDS_NUMEL)],
+                                  {"attn.q": "subspace(18)"}],
                          ids=["half", "recompute", "subspace"])
 def test_storage_policies_match_numpy(plan):
     """subspace(18) on 18 tokens spans every stored q exactly, so the two backends'

@@ -23,7 +23,7 @@ CONFIGS = {"tiny": preset("tiny"), "tiny-untied-mha": preset("tiny").with_(tie_e
 
 def make_pair(cfg, seed=0):
     state = random_state(cfg, seed=seed)
-    model = Model(cfg, from_hf(cfg, state, np.float64), compute_dtype="float64", attention_tile=5, loss_chunk=7)
+    model = Model(cfg, from_hf(cfg, dict(state), np.float64), compute_dtype="float64", attention_tile=5, loss_chunk=7)
     return model, ReferenceLlama(cfg, state)
 
 
