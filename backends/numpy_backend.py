@@ -21,17 +21,26 @@ def _causal_mask(q_pos0: int, tq: int, k_pos0: int, tk: int) -> np.ndarray | Non
     return k_pos > q_pos
 
 
-def _heads_first(x: np.ndarray, n_kv: int) -> np.ndarray:
-    """(B, t, H, hd) -> (B, Hkv, g, t, hd) with g = H/Hkv: query heads grouped under
-    the kv head they read (head h reads kv head h // g)."""
+def _group_rows(x: np.ndarray, n_kv: int) -> np.ndarray:
+    """(B, t, H, hd) -> (B*Hkv, g*t, hd): the g = H/Hkv query heads that read one kv
+    head (head h reads kv head h // g) stacked as rows, so one matmul per kv head
+    serves the whole group and sums over it in the kv gradients."""
     b, t, h, hd = x.shape
-    return x.reshape(b, t, n_kv, h // n_kv, hd).transpose(0, 2, 3, 1, 4)
+    g = h // n_kv
+    return x.reshape(b, t, n_kv, g, hd).transpose(0, 2, 3, 1, 4).reshape(b * n_kv, g * t, hd)
 
 
-def _tokens_first(x: np.ndarray) -> np.ndarray:
-    """(B, Hkv, g, t, hd) -> (B, t, H, hd), the inverse of _heads_first."""
-    b, n_kv, g, t, hd = x.shape
-    return x.transpose(0, 3, 1, 2, 4).reshape(b, t, n_kv * g, hd)
+def _ungroup_rows(x: np.ndarray, b: int, t: int, n_kv: int) -> np.ndarray:
+    """(B*Hkv, g*t, w) -> (B, t, H, w), the inverse of _group_rows."""
+    w = x.shape[-1]
+    g = x.shape[1] // t
+    return x.reshape(b, n_kv, g, t, w).transpose(0, 3, 1, 2, 4).reshape(b, t, n_kv * g, w)
+
+
+def _kv_heads(x: np.ndarray) -> np.ndarray:
+    """(B, t, Hkv, hd) -> (B*Hkv, t, hd), contiguous."""
+    b, t, n_kv, hd = x.shape
+    return np.ascontiguousarray(x.transpose(0, 2, 1, 3)).reshape(b * n_kv, t, hd)
 
 
 class NumpyBackend(Backend):
@@ -154,65 +163,67 @@ class NumpyBackend(Backend):
 
     def attention_forward(self, q, k, v, tile, q_offset=0):
         b, tq_total, n_heads, hd = q.shape
-        n_kv, tk_total = k.shape[2], k.shape[1]
-        scale = 1.0 / np.sqrt(hd)
+        n_kv = k.shape[2]
+        g = n_heads // n_kv
+        scale = q.dtype.type(1.0 / np.sqrt(hd))
+        keys, values = _kv_heads(k), _kv_heads(v)  # (B*Hkv, Tk, hd)
         o = np.empty_like(q)
         lse = np.empty((b, tq_total, n_heads), dtype=q.dtype)
         for i0 in range(0, tq_total, tile):
             i1 = min(i0 + tile, tq_total)
-            qt = _heads_first(q[:, i0:i1], n_kv) * q.dtype.type(scale)  # (B, Hkv, g, tq, hd)
-            m = np.full(qt.shape[:-1], -np.inf, dtype=q.dtype)  # running max (B, Hkv, g, tq)
-            denom = np.zeros_like(m)  # running sum of exp
-            acc = np.zeros_like(qt)  # running sum of p @ v
-            last_key = min(tk_total, q_offset + i1)  # causal: keys up to the last query
+            qt = _group_rows(q[:, i0:i1], n_kv) * scale  # (B*Hkv, g*tq, hd)
+            m = np.full(qt.shape[:-1], -np.inf, dtype=q.dtype)  # running row max
+            denom = np.zeros_like(m)  # running sum of exp(s - m)
+            acc = np.zeros_like(qt)  # running sum of exp(s - m) @ v
+            last_key = min(keys.shape[1], q_offset + i1)  # causal: keys up to the last query
             for j0 in range(0, last_key, tile):
                 j1 = min(j0 + tile, last_key)
-                kt = k[:, j0:j1].transpose(0, 2, 3, 1)[:, :, None]  # (B, Hkv, 1, hd, tk)
-                vt = v[:, j0:j1].transpose(0, 2, 1, 3)[:, :, None]  # (B, Hkv, 1, tk, hd)
-                s = qt @ kt  # (B, Hkv, g, tq, tk)
+                s = qt @ keys[:, j0:j1].transpose(0, 2, 1)  # (B*Hkv, g*tq, tk)
                 mask = _causal_mask(q_offset + i0, i1 - i0, j0, j1 - j0)
                 if mask is not None:
-                    s[..., mask] = -np.inf
+                    s[:, np.tile(mask, (g, 1))] = -np.inf
                 m_new = np.maximum(m, s.max(axis=-1))
                 correction = np.exp(m - m_new)
                 p = np.exp(s - m_new[..., None])
                 denom = denom * correction + p.sum(axis=-1)
-                acc = acc * correction[..., None] + p @ vt
+                acc = acc * correction[..., None] + p @ values[:, j0:j1]
                 m = m_new
-            o[:, i0:i1] = _tokens_first(acc / denom[..., None])
-            lse[:, i0:i1] = _tokens_first((m + np.log(denom))[..., None])[..., 0]
+            o[:, i0:i1] = _ungroup_rows(acc / denom[..., None], b, i1 - i0, n_kv)
+            lse[:, i0:i1] = _ungroup_rows((m + np.log(denom))[..., None], b, i1 - i0, n_kv)[..., 0]
         return o, lse
 
     def attention_backward(self, do, q, k, v, o, lse, tile):
         b, t_total, n_heads, hd = q.shape
         n_kv = k.shape[2]
+        g = n_heads // n_kv
         scale = q.dtype.type(1.0 / np.sqrt(hd))
+        keys, values = _kv_heads(k), _kv_heads(v)  # (B*Hkv, T, hd)
         delta = np.sum(do * o, axis=-1)  # D = rowsum(dO * O): (B, T, H)
         dq = np.empty_like(q)
-        dk = np.zeros((b, n_kv, t_total, hd), dtype=q.dtype)
-        dv = np.zeros_like(dk)
+        dkeys, dvalues = np.zeros_like(keys), np.zeros_like(values)
         for i0 in range(0, t_total, tile):
             i1 = min(i0 + tile, t_total)
-            qt = _heads_first(q[:, i0:i1], n_kv) * scale  # (B, Hkv, g, tq, hd)
-            dot = _heads_first(do[:, i0:i1], n_kv)
-            lse_t = _heads_first(lse[:, i0:i1, :, None], n_kv)  # (B, Hkv, g, tq, 1)
-            delta_t = _heads_first(delta[:, i0:i1, :, None], n_kv)
+            qt = _group_rows(q[:, i0:i1], n_kv) * scale  # (B*Hkv, g*tq, hd)
+            dot = _group_rows(do[:, i0:i1], n_kv)
+            lse_t = _group_rows(lse[:, i0:i1, :, None], n_kv)  # (B*Hkv, g*tq, 1)
+            delta_t = _group_rows(delta[:, i0:i1, :, None], n_kv)
             dqt = np.zeros_like(qt)
             for j0 in range(0, i1, tile):
                 j1 = min(j0 + tile, i1)
-                kt = k[:, j0:j1].transpose(0, 2, 1, 3)[:, :, None]  # (B, Hkv, 1, tk, hd)
-                vt = v[:, j0:j1].transpose(0, 2, 1, 3)[:, :, None]
-                s = qt @ kt.swapaxes(-1, -2)  # (B, Hkv, g, tq, tk)
+                kt, vt = keys[:, j0:j1], values[:, j0:j1]  # (B*Hkv, tk, hd)
+                s = qt @ kt.transpose(0, 2, 1)  # (B*Hkv, g*tq, tk)
                 mask = _causal_mask(i0, i1 - i0, j0, j1 - j0)
                 if mask is not None:
-                    s[..., mask] = -np.inf
+                    s[:, np.tile(mask, (g, 1))] = -np.inf
                 p = np.exp(s - lse_t)  # probabilities recomputed from the kept lse
-                dv[:, :, j0:j1] += np.sum(p.swapaxes(-1, -2) @ dot, axis=2)
-                ds = p * (dot @ vt.swapaxes(-1, -2) - delta_t)  # dS = P * (dP - D)
+                dvalues[:, j0:j1] += p.transpose(0, 2, 1) @ dot  # sums over the group's rows
+                ds = p * (dot @ vt.transpose(0, 2, 1) - delta_t)  # dS = P * (dP - D)
                 dqt += ds @ kt
-                dk[:, :, j0:j1] += np.sum(ds.swapaxes(-1, -2) @ qt, axis=2)
-            dq[:, i0:i1] = _tokens_first(dqt * scale)
-        return dq, dk.transpose(0, 2, 1, 3).copy(), dv.transpose(0, 2, 1, 3).copy()
+                dkeys[:, j0:j1] += ds.transpose(0, 2, 1) @ qt
+            dq[:, i0:i1] = _ungroup_rows(dqt * scale, b, i1 - i0, n_kv)
+        dk = dkeys.reshape(b, n_kv, t_total, hd).transpose(0, 2, 1, 3).copy()
+        dv = dvalues.reshape(b, n_kv, t_total, hd).transpose(0, 2, 1, 3).copy()
+        return dq, dk, dv
 
     def swiglu_forward(self, g, u):
         return g / (1.0 + np.exp(-g)) * u

@@ -59,7 +59,7 @@ class Model:
     """A decoder whose linear streams are LinearSites (frozen, full, or an adapter)."""
 
     def __init__(self, cfg: ModelConfig, params: dict[str, np.ndarray], backend: str | Backend | None = "numpy",
-                 compute_dtype: str = "float32", attention_tile: int = 128, loss_chunk: int = 256,
+                 compute_dtype: str = "float32", attention_tile: int = 256, loss_chunk: int = 256,
                  plan: StoragePlan | None = None):
         check_shapes(cfg, params)
         self.cfg = cfg
