@@ -1,0 +1,55 @@
+"""Helpers shared by the benchmarks: models, batches and tables."""
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+
+
+def random_batch(vocab_size: int, batch: int, seq_len: int, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, vocab_size, (batch, seq_len)), rng.integers(0, vocab_size, (batch, seq_len))
+
+
+def load_model(name: str, backend=None, weight_dtype: str = "float32", seed: int = 0, **options):
+    """A preset with random weights ('tiny') or a pretrained model (anything else)."""
+    from minilars.config import PRESETS
+    from minilars.model import Model
+
+    if name == "tiny":
+        return Model.random(PRESETS["tiny"], seed=seed, backend=backend, **options)
+    from minilars.pretrained import load_pretrained
+
+    model, _ = load_pretrained(name, backend=backend, weight_dtype=weight_dtype, **options)
+    return model
+
+
+def print_table(rows: list[dict], columns: list[str] | None = None, file=None) -> None:
+    """A plain aligned table (Markdown pipe syntax, so it pastes into docs/)."""
+    if not rows:
+        return
+    columns = columns or list(rows[0])
+    cells = [[_fmt(row.get(c)) for c in columns] for row in rows]
+    widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
+    print("| " + " | ".join(c.ljust(w) for c, w in zip(columns, widths)) + " |", file=file)
+    print("|" + "|".join("-" * (w + 2) for w in widths) + "|", file=file)
+    for r in cells:
+        print("| " + " | ".join(v.ljust(w) for v, w in zip(r, widths)) + " |", file=file)
+
+
+def write_csv(rows: list[dict], path: str | Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
