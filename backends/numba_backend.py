@@ -1,14 +1,16 @@
 """Numba backend: the NumPy reference with its hot kernels jitted.
 
-Matrix products stay with NumPy's BLAS (matmul, matmul_tn, matmul_nt, the logits
-chunk of the cross-entropy, the range finder of the LARS subspace store): BLAS is
-faster than anything written as loops. What is jitted (backends/numba_kernels.py)
-is the work BLAS cannot fuse: attention (tile products, online softmax and
-masking in one pass over each tile, no (T, T) array), the row-wise norms,
-rotations and activations, the softmax rows of the loss, the embedding scatter
-and the AdamW update. Every method falls back to the NumPy reference on inputs a
-kernel does not take (float16, mismatched dtypes, shapes the reference rejects),
-so the two backends are interchangeable everywhere.
+What is jitted (backends/numba_kernels.py): attention forward and backward (tiled,
+causal, grouped-query, online softmax fused with masking, no (T, T) array, work
+items spread over threads with prange), RMSNorm, RoPE and SwiGLU forward and
+backward, the softmax rows of the chunked loss, the embedding scatter and the
+AdamW update. What stays with BLAS: the model's projections (matmul, matmul_tn,
+matmul_nt, inherited: numpy's multithreaded BLAS), the logits chunk and its two
+gradient products in the loss, the LARS range finder (QR, SVD); inside the
+attention kernels the tile products are BLAS calls too (np.dot, one thread per
+call, since each thread makes its own). Every method falls back to the NumPy
+reference on inputs a kernel does not take (float16, mixed dtypes, shapes the
+reference rejects), so the two backends are interchangeable everywhere.
 
 Warming up: numba compiles each kernel on its first call for the dtypes and array
 layouts it meets (seconds per kernel) and caches the machine code on disk
@@ -32,6 +34,7 @@ from .numpy_backend import NumpyBackend
 _JIT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 _ROWS_PER_PART = 64  # rmsnorm dw: rows summed per partial (fixed, so sums are reproducible)
 _COLS_PER_PART = 32  # embedding backward: columns per thread-owned slice
+
 
 
 def _jittable(*arrays) -> bool:

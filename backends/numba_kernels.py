@@ -13,118 +13,276 @@ Conventions:
 - `parallel=True` kernels split work with `prange` over rows or independent
   (batch, head, tile) items, never over a reduction, so results do not depend on
   the thread count;
-- no fastmath: masked scores are -inf and must stay -inf; loops are written so
-  LLVM vectorises them without reassociation (the innermost loop is an axpy along
-  a contiguous axis, never a dot-product reduction).
+- matrix products of tiles call np.dot, which numba lowers to BLAS gemm: loops
+  written here reach half of BLAS's speed at best (measured on 128 x 64 tiles);
+- no fastmath: results must not depend on flags that reassociate or drop the
+  handling of -inf (masked scores) and inf (exp overflow in silu).
 
 Letters as in backends/base.py: B batch, T tokens, N = B*T, d hidden, f MLP width,
 H query heads, Hkv kv heads, g = H/Hkv, hd head dim, V vocabulary.
 """
 from __future__ import annotations
 
+import ctypes
+import glob
 import math
-import time
+import os
+import warnings
 
 import numpy as np
+import scipy.linalg.cython_blas  # noqa: F401  the BLAS numba's np.dot calls: no scipy, no numba backend
 from numba import njit, prange
 
 
-# ---------------------------------------------------------------- attention
-@njit(cache=True)
-def _attention_tile_forward(q, k, v, b, h, kvh, i0, i1, q_offset, scale,
-                            qs, kt, vt, s, m, l, acc, tile):
-    """One (query tile, all its key tiles) item of the FlashAttention forward
-    (Dao et al. 2022, Alg. 1) for query head h reading kv head kvh.
+def _one_thread_for_kernel_blas() -> str | None:
+    """Make the BLAS that numba's np.dot calls (scipy's) run each call on one thread;
+    returns the library's path, or None where it could not.
 
-    For query row i at position p = q_offset + i0 + i, over key tiles j:
-        s_j    = (q_i * scale) . k_j        for keys j <= p (causal)
-        m'     = max(m, max_j s_j)
-        l      = l * exp(m - m') + sum_j exp(s_j - m')
-        acc    = acc * exp(m - m') + sum_j exp(s_j - m') v_j,    m = m'
-    and finally o_i = acc / l, lse_i = m + log(l).
-    Buffers: qs (tile, hd), kt (hd, tile) = K_j^T, vt (tile, hd), s (tile,),
-    m/l (tile,), acc (tile, hd)."""
-    hd = q.shape[3]
-    tk_total = k.shape[1]
-    tq = i1 - i0
-    for i in range(tq):
-        for d in range(hd):
-            qs[i, d] = q[b, i0 + i, h, d] * scale
-        m[i] = -np.inf
-        l[i] = 0.0
-        acc[i, :] = 0.0
-    last_key = min(tk_total, q_offset + i1)  # keys after the tile's last query are masked
-    for j0 in range(0, last_key, tile):
-        tk = min(tile, last_key - j0)
-        for jj in range(tk):  # K_j^T and V_j as contiguous tiles
+    The attention kernels call np.dot from every prange thread at once. A BLAS that
+    also splits each of those calls over its own threads oversubscribes the cores:
+    on 2 cores the T = 2048 attention forward took 13 s instead of 0.24 s. Pip
+    wheels of scipy carry their own OpenBLAS, separate from numpy's, so limiting it
+    leaves numpy's matmuls (the model's projections) multithreaded."""
+    import scipy
+
+    root = os.path.dirname(scipy.__file__)
+    for path in (glob.glob(os.path.join(root, os.pardir, "scipy.libs", "*openblas*"))
+                 + glob.glob(os.path.join(root, ".dylibs", "*openblas*"))):
+        try:
+            lib = ctypes.CDLL(path)
+        except OSError:
+            continue
+        for setter in ("scipy_openblas_set_num_threads", "openblas_set_num_threads"):
+            if hasattr(lib, setter):
+                getattr(lib, setter)(1)
+                return path
+    warnings.warn("numba backend: scipy's BLAS is not a bundled OpenBLAS, so it could not be limited to one "
+                  "thread; if attention is slow, set OPENBLAS_NUM_THREADS/MKL_NUM_THREADS=1 for the kernels",
+                  RuntimeWarning, stacklevel=2)
+    return None
+
+
+KERNEL_BLAS = _one_thread_for_kernel_blas()  # path of the library limited, or None
+
+
+# ---------------------------------------------------------------- row primitives
+# exp and row reductions written so that LLVM vectorises them without fastmath:
+# a scalar math.exp is a libm call per element, and a running max or sum is a
+# chain of dependent operations; either costs more than the tile products.
+_F32 = np.float32
+_EXP32_LO, _EXP32_HI = _F32(-87.0), _F32(88.72284)  # below: 0 (exp < 2^-125); above ln(FLT_MAX): inf
+_EXP32_LOG2E, _EXP32_HALF, _EXP32_ONE = _F32(1.4426950408889634), _F32(0.5), _F32(1.0)
+_EXP32_LN2_HI, _EXP32_LN2_LO = _F32(0.693359375), _F32(-2.12194440e-4)
+_EXP32_P = (_F32(1.9875691500e-4), _F32(1.3981999507e-3), _F32(8.3334519073e-3), _F32(4.1665795894e-2),
+            _F32(1.6666665459e-1), _F32(5.0000001201e-1))
+_EXP64_LO, _EXP64_HI = -708.0, 709.782712893384  # 0 below (exp < 2^-1021), inf above ln(DBL_MAX)
+_EXP64_LN2_HI, _EXP64_LN2_LO = 6.93147180369123816490e-01, 1.90821492927058770002e-10
+_EXP_BLOCK = 256  # elements per pass of _exp_inplace: its int64 scratch holds this many
+
+
+@njit(cache=True)
+def _exp_block_f32(x, n, scale, shift, bits):
+    """x[c] <- exp(scale * x[c] - shift) for c < n <= len(bits), in float32, as Cephes
+    expf: a = k ln2 + r with k = round(a / ln2), |r| <= ln2/2 (ln2 split in two so
+    k ln2 is exact), exp(r) = 1 + r + r^2 P(r) (degree-5 P, error ~1 ulp), times
+    2^k = 2 * 2^(k-1) with 2^(k-1) built from its bits, (k - 1 + 127) << 23, viewed
+    as float32 (k reaches 128 just below the overflow threshold). Below -87 the
+    factor's bits are those of 0 (exp < 2^-125), above ln(FLT_MAX) those of inf,
+    for NaN those of NaN. In place: separate input and output arrays would make LLVM
+    check them for overlap and fall back to scalar code when they are one array."""
+    two_k = bits.view(np.int32)
+    for c in range(n):
+        a = scale * x[c] - shift
+        a_in = _EXP32_LO if not a >= _EXP32_LO else (_EXP32_HI if a > _EXP32_HI else a)  # NaN -> LO
+        k = np.floor(a_in * _EXP32_LOG2E + _EXP32_HALF)
+        r = (a_in - k * _EXP32_LN2_HI) - k * _EXP32_LN2_LO
+        p = _EXP32_P[0]
+        p = p * r + _EXP32_P[1]
+        p = p * r + _EXP32_P[2]
+        p = p * r + _EXP32_P[3]
+        p = p * r + _EXP32_P[4]
+        p = p * r + _EXP32_P[5]
+        x[c] = p * (r * r) + r + _EXP32_ONE
+        two_k[c] = (0x7FC00000 if a != a else 0 if a < _EXP32_LO else 0x7F800000 if a > _EXP32_HI
+                    else (np.int32(k) + 126) << 23)  # NaN, 0, inf or 2^(k-1)
+    factor = two_k[:n].view(np.float32)
+    for c in range(n):
+        x[c] = x[c] * factor[c] * _F32(2.0)
+
+
+@njit(cache=True)
+def _exp_block_f64(x, n, scale, shift, bits):
+    """x[c] <- exp(scale * x[c] - shift) for c < n <= len(bits), in float64, as
+    _exp_block_f32 with exp(r) by its Taylor series to r^12/12! (truncation < 3e-16
+    relative for |r| <= ln2/2) and 2^(k-1) from (k - 1 + 1023) << 52. Below -708 the
+    result is 0 (exp < 2^-1021), above ln(DBL_MAX) inf; NaN stays NaN."""
+    for c in range(n):
+        a = scale * x[c] - shift
+        a_in = _EXP64_LO if not a >= _EXP64_LO else (_EXP64_HI if a > _EXP64_HI else a)  # NaN -> LO
+        k = np.floor(a_in * 1.4426950408889634 + 0.5)
+        r = (a_in - k * _EXP64_LN2_HI) - k * _EXP64_LN2_LO
+        p = 1.0 / 479001600.0
+        p = p * r + 1.0 / 39916800.0
+        p = p * r + 1.0 / 3628800.0
+        p = p * r + 1.0 / 362880.0
+        p = p * r + 1.0 / 40320.0
+        p = p * r + 1.0 / 5040.0
+        p = p * r + 1.0 / 720.0
+        p = p * r + 1.0 / 120.0
+        p = p * r + 1.0 / 24.0
+        p = p * r + 1.0 / 6.0
+        p = p * r + 0.5
+        p = p * r + 1.0
+        x[c] = p * r + 1.0
+        bits[c] = (0x7FF8000000000000 if a != a else 0 if a < _EXP64_LO else 0x7FF0000000000000 if a > _EXP64_HI
+                   else (np.int64(np.int32(k)) + 1022) << 52)  # NaN, 0, inf or 2^(k-1)
+    factor = bits[:n].view(np.float64)
+    for c in range(n):
+        x[c] = x[c] * factor[c] * 2.0
+
+
+@njit(cache=True)
+def _exp_inplace(x, n, scale, shift, bits):
+    """x[c] <- exp(scale * x[c] - shift) for c < n, in x's dtype, in blocks of
+    len(bits) (an int64 scratch)."""
+    block = bits.shape[0]
+    for c0 in range(0, n, block):
+        m = min(block, n - c0)
+        if x.itemsize == 4:
+            _exp_block_f32(x[c0:], m, np.float32(scale), np.float32(shift), bits)
+        else:
+            _exp_block_f64(x[c0:], m, scale, shift, bits)
+
+
+@njit(cache=True)
+def _row_max(x, n, start):
+    """max(start, x[0], ..., x[n-1]) over four running maxima (exact in any order)."""
+    m0 = m1 = m2 = m3 = start
+    n4 = n - n % 4
+    for c in range(0, n4, 4):
+        m0 = max(m0, x[c])
+        m1 = max(m1, x[c + 1])
+        m2 = max(m2, x[c + 2])
+        m3 = max(m3, x[c + 3])
+    for c in range(n4, n):
+        m0 = max(m0, x[c])
+    return max(max(m0, m1), max(m2, m3))
+
+
+@njit(cache=True)
+def _row_sum(x, n):
+    """sum(x[0], ..., x[n-1]) in float64 as four interleaved partial sums."""
+    s0 = s1 = s2 = s3 = 0.0
+    n4 = n - n % 4
+    for c in range(0, n4, 4):
+        s0 += x[c]
+        s1 += x[c + 1]
+        s2 += x[c + 2]
+        s3 += x[c + 3]
+    for c in range(n4, n):
+        s0 += x[c]
+    return (s0 + s1) + (s2 + s3)
+
+
+# ---------------------------------------------------------------- attention
+# Tile products go to BLAS through np.dot (numba calls the BLAS behind
+# scipy.linalg.cython_blas, limited to one thread above, since every prange thread
+# calls it at once). Products write into preallocated tiles:
+# `_tile(buffer, rows, cols)` is a contiguous (rows, cols) view of a flat buffer,
+# so the ragged last tile needs no allocation and BLAS sees no strides.
+@njit(cache=True)
+def _tile(buffer, rows, cols):
+    """The first rows*cols elements of a flat buffer as a C-contiguous (rows, cols) array."""
+    return buffer[:rows * cols].reshape((rows, cols))
+
+
+@njit(cache=True)
+def _online_softmax_rows(s, rows_per_head, first_query, first_key, m, l, acc, bits):
+    """The online-softmax step of the FlashAttention forward (Dao et al. 2022, Alg. 1,
+    lines 9-12) for one score tile s (R, tk), in place. Row r is query position
+    p = first_query + r % rows_per_head; key column c is position first_key + c and
+    is visible when first_key + c <= p. With m the running row max and l the running
+    sum of exponentials:
+        m'  = max(m, max_c s_rc),   s_rc <- exp(s_rc - m')  (0 where masked)
+        l  <- l exp(m - m') + sum_c s_rc,   acc_r <- acc_r exp(m - m'),   m <- m'
+    so that acc + s V is the next accumulator. bits: scratch for _exp_inplace."""
+    n_rows, tk = s.shape
+    hd = acc.shape[1]
+    for r in range(n_rows):
+        row = s[r]
+        nv = min(tk, first_query + r % rows_per_head - first_key + 1)  # visible keys
+        if nv <= 0:
+            row[:] = 0.0
+            continue
+        m_new = _row_max(row, nv, m[r])
+        correction = math.exp(m[r] - m_new)  # exp(-inf) = 0 on the first tile
+        _exp_inplace(row, nv, 1.0, m_new, bits)
+        row[nv:] = 0.0
+        l[r] = l[r] * correction + _row_sum(row, nv)
+        m[r] = m_new
+        if correction != 1.0:
             for d in range(hd):
-                kt[d, jj] = k[b, j0 + jj, kvh, d]
-                vt[jj, d] = v[b, j0 + jj, kvh, d]
-        for i in range(tq):
-            nv = min(tk, q_offset + i0 + i - j0 + 1)  # keys j0 .. j0+nv-1 are visible
-            if nv <= 0:
-                continue
-            # s = qs_i K_j^T as axpys along the key axis: s += qs[i, d] * K^T[d, :]
-            for jj in range(nv):
-                s[jj] = 0.0
-            for d in range(hd):
-                qd = qs[i, d]
-                for jj in range(nv):
-                    s[jj] += qd * kt[d, jj]
-            m_new = m[i]
-            for jj in range(nv):
-                m_new = max(m_new, s[jj])
-            correction = math.exp(m[i] - m_new)  # exp(-inf) = 0 on the first tile
-            row_sum = 0.0
-            for jj in range(nv):
-                p = math.exp(s[jj] - m_new)
-                s[jj] = p
-                row_sum += p
-            l[i] = l[i] * correction + row_sum
-            m[i] = m_new
-            if correction != 1.0:
-                for d in range(hd):
-                    acc[i, d] *= correction
-            for jj in range(nv):  # acc += p V_j, axpys along hd
-                pj = s[jj]
-                for d in range(hd):
-                    acc[i, d] += pj * vt[jj, d]
+                acc[r, d] *= correction
 
 
 @njit(parallel=True, cache=True)
 def attention_forward(q, k, v, tile, q_offset, o, lse):
-    """Causal grouped-query attention with an online softmax, no (T, T) array:
-        o_i = sum_{j <= q_offset + i} softmax_j(q_i . k_j / sqrt(hd)) v_j,
+    """Causal grouped-query attention, tile by tile with an online softmax (Dao et
+    al. 2022, Alg. 1), no (T, T) array:
+        o_i   = sum_{j <= q_offset + i} softmax_j(q_i . k_j / sqrt(hd)) v_j
         lse_i = log sum_{j <= q_offset + i} exp(q_i . k_j / sqrt(hd)).
-    q (B, Tq, H, hd), k/v (B, Tk, Hkv, hd) -> o (B, Tq, H, hd), lse (B, Tq, H).
-    Query head h reads kv head h // g. Work items are (batch, query head, query
-    tile); tiles are taken in the order 0, n-1, 1, n-2, ... so that contiguous
-    blocks of items (as prange hands them to threads) carry equal causal work."""
+    q (B, Tq, H, hd), k/v (B, Tk, Hkv, hd) -> o (B, Tq, H, hd), lse (B, Tq, H);
+    query head h reads kv head h // g.
+
+    Work items are (batch, kv head, query tile); an item stacks the g query heads
+    of its kv head into one (g*tq, hd) block Q, so each key tile feeds one product
+    S = Q K_j^T (g*tq, tk) and one P V_j. Query tiles are visited 0, n-1, 1, n-2, ...
+    so the contiguous blocks of items that prange gives each thread carry equal
+    causal work."""
     n_b, tq_total, n_heads, hd = q.shape
-    n_kv = k.shape[2]
+    tk_total, n_kv = k.shape[1], k.shape[2]
     group = n_heads // n_kv
     n_tiles = (tq_total + tile - 1) // tile
     scale = 1.0 / math.sqrt(hd)
-    for item in prange(n_b * n_heads * n_tiles):
-        bh, w = divmod(np.int64(item), n_tiles)
-        b, h = divmod(bh, n_heads)
+    for item in prange(n_b * n_kv * n_tiles):
+        bk, w = divmod(np.int64(item), n_tiles)
+        b, kvh = divmod(bk, n_kv)
         t = w // 2 if w % 2 == 0 else n_tiles - 1 - w // 2
         i0 = t * tile
-        i1 = min(i0 + tile, tq_total)
-        qs = np.empty((tile, hd), dtype=q.dtype)
-        kt = np.empty((hd, tile), dtype=q.dtype)
-        vt = np.empty((tile, hd), dtype=q.dtype)
-        s = np.empty(tile, dtype=q.dtype)
-        m = np.empty(tile, dtype=q.dtype)
-        l = np.empty(tile, dtype=np.float64)
-        acc = np.empty((tile, hd), dtype=q.dtype)
-        _attention_tile_forward(q, k, v, b, h, h // group, i0, i1, q_offset, scale,
-                                qs, kt, vt, s, m, l, acc, tile)
-        for i in range(i1 - i0):
-            inv = 1.0 / l[i]
-            for d in range(hd):
-                o[b, i0 + i, h, d] = acc[i, d] * inv
-            lse[b, i0 + i, h] = m[i] + math.log(l[i])
+        tq = min(tile, tq_total - i0)
+        rows = group * tq  # row r = hh * tq + i: query i0 + i of head kvh * group + hh
+        qg = np.empty((rows, hd), dtype=q.dtype)
+        for hh in range(group):
+            for i in range(tq):
+                for d in range(hd):
+                    qg[hh * tq + i, d] = q[b, i0 + i, kvh * group + hh, d] * scale
+        m = np.full(rows, -np.inf, dtype=q.dtype)  # running max
+        l = np.zeros(rows, dtype=np.float64)  # running sum of exponentials
+        acc = np.zeros((rows, hd), dtype=q.dtype)  # running sum of p v
+        k_buf = np.empty(tile * hd, dtype=q.dtype)
+        v_buf = np.empty(tile * hd, dtype=q.dtype)
+        s_buf = np.empty(rows * tile, dtype=q.dtype)
+        pv = np.empty((rows, hd), dtype=q.dtype)
+        bits = np.empty(_EXP_BLOCK, dtype=np.int64)
+        last_key = min(tk_total, q_offset + i0 + tq)  # keys after the tile's last query are masked
+        for j0 in range(0, last_key, tile):
+            tk = min(tile, last_key - j0)
+            kj, vj, s = _tile(k_buf, tk, hd), _tile(v_buf, tk, hd), _tile(s_buf, rows, tk)
+            for c in range(tk):
+                for d in range(hd):
+                    kj[c, d] = k[b, j0 + c, kvh, d]
+                    vj[c, d] = v[b, j0 + c, kvh, d]
+            np.dot(qg, kj.T, s)  # S = Q K_j^T (rows, tk)
+            _online_softmax_rows(s, tq, q_offset + i0, j0, m, l, acc, bits)
+            np.dot(s, vj, pv)  # P V_j (rows, hd)
+            acc += pv
+        for hh in range(group):
+            for i in range(tq):
+                r = hh * tq + i
+                inv = 1.0 / l[r]
+                for d in range(hd):
+                    o[b, i0 + i, kvh * group + hh, d] = acc[r, d] * inv
+                lse[b, i0 + i, kvh * group + hh] = m[r] + math.log(l[r])
 
 
 @njit(parallel=True, cache=True)
@@ -135,10 +293,13 @@ def attention_backward(do, q, k, v, o, lse, tile, dq, dk_heads, dv_heads):
         dv_j = sum_i P_ij do_i
         dS_ij = P_ij (do_i . v_j - D_i)
         dq_i = scale * sum_j dS_ij k_j
-        dk_j = scale * sum_i dS_ij q_i.
-    Work items are (batch, query head); each owns dq[b, :, h] and writes its
-    dk, dv contributions to dk_heads/dv_heads[b, :, h] (B, T, H, hd), which
-    reduce_kv_heads then sums over the g query heads of each kv head."""
+        dk_j = scale * sum_i dS_ij q_i     (q_i already carries one scale)
+    Work items are (batch, query head): an item owns dq[b, :, h] and writes its own
+    contributions to dk_heads/dv_heads[b, :, h] (B, T, H, hd), which reduce_kv_heads
+    sums over the g query heads of each kv head (with g = 1 they are dk, dv).
+    Each item copies its head's q, do, k, v into contiguous (T, hd) arrays, loops
+    over key tiles j and, inside, over query tiles i >= j: five (tile x tile x hd)
+    products per pair, all BLAS."""
     n_b, t_total, n_heads, hd = q.shape
     n_kv = k.shape[2]
     group = n_heads // n_kv
@@ -146,67 +307,60 @@ def attention_backward(do, q, k, v, o, lse, tile, dq, dk_heads, dv_heads):
     for item in prange(n_b * n_heads):
         b, h = divmod(np.int64(item), n_heads)
         kvh = h // group
-        delta = np.empty(t_total, dtype=np.float64)  # D_i = do_i . o_i
+        qh = np.empty((t_total, hd), dtype=q.dtype)  # q * scale
+        doh = np.empty((t_total, hd), dtype=q.dtype)
+        kh = np.empty((t_total, hd), dtype=q.dtype)
+        vh = np.empty((t_total, hd), dtype=q.dtype)
+        delta = np.empty(t_total, dtype=q.dtype)  # D_i = do_i . o_i
         for i in range(t_total):
             acc = 0.0
             for d in range(hd):
+                qh[i, d] = q[b, i, h, d] * scale
+                doh[i, d] = do[b, i, h, d]
+                kh[i, d] = k[b, i, kvh, d]
+                vh[i, d] = v[b, i, kvh, d]
                 acc += do[b, i, h, d] * o[b, i, h, d]
             delta[i] = acc
-            dq[b, i, h, :] = 0.0
-        kj = np.empty((tile, hd), dtype=q.dtype)
-        kt = np.empty((hd, tile), dtype=q.dtype)
-        vt = np.empty((hd, tile), dtype=q.dtype)
-        dkj = np.empty((tile, hd), dtype=q.dtype)
-        dvj = np.empty((tile, hd), dtype=q.dtype)
-        qs = np.empty(hd, dtype=q.dtype)
-        doi = np.empty(hd, dtype=q.dtype)
-        dqi = np.empty(hd, dtype=q.dtype)
-        p = np.empty(tile, dtype=q.dtype)
-        dp = np.empty(tile, dtype=q.dtype)
+        dqh = np.zeros((t_total, hd), dtype=q.dtype)
+        dkh = np.zeros((t_total, hd), dtype=q.dtype)
+        dvh = np.zeros((t_total, hd), dtype=q.dtype)
+        p_buf = np.empty(tile * tile, dtype=q.dtype)
+        ds_buf = np.empty(tile * tile, dtype=q.dtype)
+        kv_buf = np.empty(tile * hd, dtype=q.dtype)  # (tk, hd) product for dk_j, dv_j
+        q_buf = np.empty(tile * hd, dtype=q.dtype)  # (tq, hd) product for dq_i
+        bits = np.empty(_EXP_BLOCK, dtype=np.int64)
         for j0 in range(0, t_total, tile):
             tk = min(tile, t_total - j0)
-            for jj in range(tk):
-                for d in range(hd):
-                    kj[jj, d] = k[b, j0 + jj, kvh, d]
-                    kt[d, jj] = k[b, j0 + jj, kvh, d]
-                    vt[d, jj] = v[b, j0 + jj, kvh, d]
-            dkj[:tk] = 0.0
-            dvj[:tk] = 0.0
-            for i in range(j0, t_total):  # causal: queries before j0 see no key of the tile
-                nv = min(tk, i - j0 + 1)
-                for d in range(hd):
-                    qs[d] = q[b, i, h, d] * scale
-                    doi[d] = do[b, i, h, d]
-                # p = exp(qs K^T - lse_i), dp = do_i V^T, both as axpys along keys
-                for jj in range(nv):
-                    p[jj] = 0.0
-                    dp[jj] = 0.0
-                for d in range(hd):
-                    qd = qs[d]
-                    gd = doi[d]
-                    for jj in range(nv):
-                        p[jj] += qd * kt[d, jj]
-                        dp[jj] += gd * vt[d, jj]
-                lse_i = lse[b, i, h]
-                delta_i = delta[i]
-                for jj in range(nv):
-                    pj = math.exp(p[jj] - lse_i)
-                    p[jj] = pj
-                    dp[jj] = pj * (dp[jj] - delta_i)  # dS_ij
-                dqi[:] = 0.0
-                for jj in range(nv):
-                    pj = p[jj]
-                    dsj = dp[jj]
-                    for d in range(hd):
-                        dvj[jj, d] += pj * doi[d]
-                        dkj[jj, d] += dsj * qs[d]
-                        dqi[d] += dsj * kj[jj, d]
-                for d in range(hd):
-                    dq[b, i, h, d] += dqi[d] * scale
-            for jj in range(tk):
-                for d in range(hd):
-                    dk_heads[b, j0 + jj, h, d] = dkj[jj, d]
-                    dv_heads[b, j0 + jj, h, d] = dvj[jj, d]
+            kj, vj = kh[j0:j0 + tk], vh[j0:j0 + tk]
+            dkj, dvj = dkh[j0:j0 + tk], dvh[j0:j0 + tk]
+            kv_out = _tile(kv_buf, tk, hd)
+            for i0 in range(j0, t_total, tile):  # causal: query tiles before j0 see no key of it
+                tq = min(tile, t_total - i0)
+                qi, doi = qh[i0:i0 + tq], doh[i0:i0 + tq]
+                p, ds = _tile(p_buf, tq, tk), _tile(ds_buf, tq, tk)
+                np.dot(qi, kj.T, p)  # S (tq, tk)
+                np.dot(doi, vj.T, ds)  # dP = dO V^T
+                for i in range(tq):
+                    p_row, ds_row = p[i], ds[i]
+                    nv = min(tk, i0 + i - j0 + 1)  # visible keys of row i
+                    _exp_inplace(p_row, nv, 1.0, lse[b, i0 + i, h], bits)  # P = exp(S - lse)
+                    delta_i = delta[i0 + i]
+                    for c in range(nv):
+                        ds_row[c] = p_row[c] * (ds_row[c] - delta_i)  # dS = P (dP - D)
+                    p_row[nv:] = 0.0  # masked: only on the diagonal pair
+                    ds_row[nv:] = 0.0
+                np.dot(p.T, doi, kv_out)  # dV_j += P^T dO
+                dvj += kv_out
+                np.dot(ds.T, qi, kv_out)  # dK_j += dS^T Q
+                dkj += kv_out
+                q_out = _tile(q_buf, tq, hd)
+                np.dot(ds, kj, q_out)  # dQ_i += dS K_j
+                dqh[i0:i0 + tq] += q_out
+        for i in range(t_total):
+            for d in range(hd):
+                dq[b, i, h, d] = dqh[i, d] * scale
+                dk_heads[b, i, h, d] = dkh[i, d]
+                dv_heads[b, i, h, d] = dvh[i, d]
 
 
 @njit(parallel=True, cache=True)
@@ -294,9 +448,14 @@ def swiglu_forward(g, u, h):
     """h = silu(g) * u = g / (1 + exp(-g)) * u (Shazeer 2020). (N, f) each."""
     n, f = g.shape
     for r in prange(n):
-        for c in range(f):
-            gc = g[r, c]
-            h[r, c] = gc / (1.0 + math.exp(-gc)) * u[r, c]
+        e = np.empty(_EXP_BLOCK, dtype=g.dtype)
+        bits = np.empty(_EXP_BLOCK, dtype=np.int64)
+        for c0 in range(0, f, _EXP_BLOCK):
+            m = min(_EXP_BLOCK, f - c0)
+            e[:m] = g[r, c0:c0 + m]
+            _exp_inplace(e, m, -1.0, 0.0, bits)  # e = exp(-g), inf past float range
+            for c in range(m):
+                h[r, c0 + c] = g[r, c0 + c] / (1.0 + e[c]) * u[r, c0 + c]
 
 
 @njit(parallel=True, cache=True)
@@ -305,11 +464,17 @@ def swiglu_backward(dh, g, u, dg, du):
         dg = dh * u * sig * (1 + g (1 - sig)),   du = dh * silu."""
     n, f = g.shape
     for r in prange(n):
-        for c in range(f):
-            gc = g[r, c]
-            sig = 1.0 / (1.0 + math.exp(-gc))
-            dg[r, c] = dh[r, c] * u[r, c] * sig * (1.0 + gc * (1.0 - sig))
-            du[r, c] = dh[r, c] * (gc * sig)
+        e = np.empty(_EXP_BLOCK, dtype=g.dtype)
+        bits = np.empty(_EXP_BLOCK, dtype=np.int64)
+        for c0 in range(0, f, _EXP_BLOCK):
+            m = min(_EXP_BLOCK, f - c0)
+            e[:m] = g[r, c0:c0 + m]
+            _exp_inplace(e, m, -1.0, 0.0, bits)
+            for c in range(m):
+                gc = g[r, c0 + c]
+                sig = 1.0 / (1.0 + e[c])
+                dg[r, c0 + c] = dh[r, c0 + c] * u[r, c0 + c] * sig * (1.0 + gc * (1.0 - sig))
+                du[r, c0 + c] = dh[r, c0 + c] * (gc * sig)
 
 
 # ---------------------------------------------------------------- cross-entropy rows
@@ -322,31 +487,24 @@ def softmax_xent_rows(z, targets, valid, weight, need_grad, losses):
     logsumexp is taken after shifting by the row max, so exp never overflows."""
     c, n_vocab = z.shape
     for r in prange(c):
+        row = z[r]
         if not valid[r]:
             losses[r] = 0.0
             if need_grad:
-                z[r, :] = 0.0
+                row[:] = 0.0
             continue
-        shift = z[r, 0]
-        for col in range(1, n_vocab):
-            shift = max(shift, z[r, col])
+        shift = _row_max(row, n_vocab, row[0])
         target = targets[r]
-        z_target = z[r, target] - shift
-        row_sum = 0.0
-        if need_grad:
-            for col in range(n_vocab):
-                e = math.exp(z[r, col] - shift)
-                z[r, col] = e
-                row_sum += e
-        else:
-            for col in range(n_vocab):
-                row_sum += math.exp(z[r, col] - shift)
+        z_target = row[target] - shift
+        bits = np.empty(_EXP_BLOCK, dtype=np.int64)
+        _exp_inplace(row, n_vocab, 1.0, shift, bits)  # the logits are not needed again
+        row_sum = _row_sum(row, n_vocab)
         losses[r] = math.log(row_sum) - z_target
         if need_grad:
             factor = weight / row_sum
             for col in range(n_vocab):
-                z[r, col] *= factor
-            z[r, target] -= weight
+                row[col] *= factor
+            row[target] -= weight
 
 
 # ---------------------------------------------------------------- embedding

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 pytest.importorskip("numba", reason="the numba backend needs numba: pip install numba")
+pytest.importorskip("scipy", reason="the numba backend needs scipy: numba's np.dot calls its BLAS")
 
 from hypothesis import example, given, strategies as st  # noqa: E402
 
@@ -128,6 +129,26 @@ def test_attention_tile_larger_than_sequence_and_empty_batch():
 
 
 # ---------------------------------------------------------------- row kernels
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("scale, shift", [(1.0, 0.0), (-1.0, 0.25)])
+def test_vectorised_exp_matches_numpy_with_overflow_underflow_and_nan(dtype, scale, shift):
+    """The polynomial exp behind attention, swiglu and the loss, in place, as the
+    kernels call it (exp(scale * x - shift)), across both ends of the float range."""
+    from minilars.backends.numba_kernels import _EXP_BLOCK, _exp_inplace
+
+    rng = np.random.default_rng(0)
+    x = np.concatenate([rng.uniform(-800, 800, 700), rng.uniform(-3, 3, 700),
+                        [0.0, -0.0, np.inf, -np.inf, np.nan, 88.5, -87.5, 88.8, 709.5, -745.0]]).astype(dtype)
+    got = x.copy()
+    _exp_inplace(got, got.size, scale, shift, np.empty(_EXP_BLOCK, np.int64))
+    with np.errstate(over="ignore", invalid="ignore"):
+        ref = np.exp(scale * x - x.dtype.type(shift))
+    assert got.dtype == ref.dtype
+    assert np.array_equal(np.isnan(got), np.isnan(ref)) and np.array_equal(np.isposinf(got), np.isposinf(ref))
+    finite = np.isfinite(ref)
+    assert_close(got[finite], ref[finite], name="exp")
+
+
 @given(n=st.integers(1, 140), d=st.integers(1, 48), dtype=DTYPES, seed=SEEDS)
 @example(n=129, d=7, dtype="float32", seed=0)  # dw summed over three row blocks of 64
 def test_rmsnorm(n, d, dtype, seed):
