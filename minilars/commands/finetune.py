@@ -1,0 +1,557 @@
+"""`minilars finetune`: fine-tune a model on a JSONL or text dataset, end to end.
+
+    minilars finetune --model smollm2-135m --data my.jsonl --method lars --seq-len 512 --steps 200 --output out/
+
+With no arguments it runs the built-in job: SmolLM2-135M-Instruct learns facts about
+an invented person from minilars/data/personal_notes.jsonl with the default LARS
+recipe, and prints its answers to held-out questions before and after.
+
+Options come from, in rising priority: the defaults below, --quick (or MINILARS_QUICK=1),
+a TOML file (--config), and the flags given on the command line.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from minilars.cli import CommandError
+
+
+def _size(text) -> int:
+    """'1GiB', '512MiB', '2G', '1e9' -> bytes; binary units with or without 'i', as the planner reads them."""
+    if isinstance(text, int):
+        return text
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([kmgt]?)i?b?\s*", str(text), re.IGNORECASE)
+    if not match:
+        raise argparse.ArgumentTypeError(f"cannot read size {text!r}; write e.g. 1GiB, 512MiB or 2G")
+    number, prefix = match.groups()
+    return int(float(number) * 1024 ** " kmgt".index(prefix.lower() or " "))
+
+
+def _positive_int(text) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _count(text) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+@dataclass(frozen=True)
+class Option:
+    name: str  # the flag without dashes, underscores for dashes (also the TOML key)
+    type: object  # str, int, float, bool or a converter
+    default: object
+    help: str
+    choices: tuple | None = None
+    quick: object = None  # the value under --quick, when it differs
+
+
+# The defaults are the built-in job, measured to finish in under 10 minutes on a
+# 2-core CPU (see minilars/data/README.md for the timing).
+OPTIONS = (
+    Option("model", str, "smollm2-135m", "a model name (smollm2-135m is SmolLM2-135M-Instruct, pulled on first "
+           "use), a .gguf file, a Hugging Face model directory, or 'tiny' (random tiny preset with a character "
+           "tokenizer, for tests)"),
+    Option("data", str, None, "training data: a .jsonl file ({prompt, completion}, {messages}, {text} per line), "
+           "a .txt file, or a directory of them (default: the built-in personal_notes.jsonl)"),
+    Option("method", str, "lars", "what trains: lars (subspace adapters), lora, ia3 or full",
+           choices=("lars", "lora", "ia3", "full")),
+    Option("rank", _positive_int, 16, "adapter rank: the LARS basis rank or the LoRA r"),
+    Option("alpha", float, None, "LoRA scaling alpha (scaling alpha/r; default 2r)"),
+    Option("targets", str, None, "projections to adapt, comma-separated from q,k,v,o,gate,up,down "
+           "(default: all; ia3: k,v,down)"),
+    Option("storage", str, "default", "LARS activation-storage rules, e.g. 'block=recompute,input.x=half' (the "
+           "default recipe), 'exact', or 'attn.*=subspace(32),mlp.*=half'"),
+    Option("steps", _positive_int, 20, "optimizer steps", quick=3),
+    Option("batch_size", _positive_int, 2, "rows per step", quick=1),
+    Option("seq_len", _positive_int, 256, "tokens per row; longer examples are truncated, shorter ones packed "
+           "or padded"),
+    Option("packing", str, "pack", "pack: several whole examples per row; pad: one example per row",
+           choices=("pack", "pad")),
+    Option("lr", float, 4e-3, "peak learning rate (cosine decay to a tenth of it)"),
+    Option("warmup", _count, 2, "steps of linear learning-rate warm-up", quick=0),
+    Option("weight_decay", float, 0.0, "AdamW decoupled weight decay"),
+    Option("seed", int, 0, "seed of the eval split, data order and adapter initialisation"),
+    Option("backend", str, "auto", "kernel backend; auto picks torch where it imports, else numba, else numpy",
+           choices=("auto", "numpy", "numba", "torch")),
+    Option("device", str, "cpu", "torch backend only: cpu or cuda"),
+    Option("threads", _count, 0, "torch backend only: intra-op threads; 0 picks the cores that are idle at start "
+           "(more threads than free cores slow every op down: 5x measured on 2 busy cores)"),
+    Option("weight_dtype", str, "float32", "dtype the frozen weights are kept in; float16 halves their memory",
+           choices=("float32", "float16")),
+    Option("eval_fraction", float, 0.1, "share of the records held out for evaluation (ignored when the data "
+           "file marks a split)"),
+    Option("eval_samples", _count, 24, "held-out examples scored (eval loss and greedy answers) at each "
+           "evaluation; 0 turns evaluation off", quick=2),
+    Option("eval_every", _count, 0, "evaluate every N steps as well as before and after training (0: only "
+           "before and after)"),
+    Option("show", _count, 5, "held-out questions whose answers are printed before and after", quick=2),
+    Option("max_new_tokens", _positive_int, 16, "longest generated answer when scoring"),
+    Option("save_every", _count, 10, "write a checkpoint every N steps (also at the end and on Ctrl-C); 0: "
+           "only then"),
+    Option("max_memory", _size, None, "memory budget, e.g. 1GiB: refuse to start when the planner says the "
+           "run needs more"),
+    Option("init_adapter", str, None, "start from a saved adapter directory (its method and rank are used)"),
+    Option("output", str, None, "output directory (default: runs/finetune-<date>-<time>)"),
+    Option("resume", bool, False, "continue the run in --output from its last checkpoint"),
+    Option("overwrite", bool, False, "start over in an --output that holds a run"),
+    Option("merge", bool, False, "also export the merged model (adapter folded in) to OUTPUT/merged"),
+    Option("quick", bool, False, "a short run for CI: a few steps, two held-out questions (also MINILARS_QUICK=1)"),
+    Option("progress", bool, True, "show the progress bar (--no-progress to hide it)"),
+)
+BY_NAME = {o.name: o for o in OPTIONS}
+
+
+def add_parser(sub) -> None:
+    parser = sub.add_parser(
+        "finetune", help="fine-tune a model (LARS, LoRA, IA3, full); no arguments: the built-in demo job",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for o in OPTIONS:
+        flag = "--" + o.name.replace("_", "-")
+        shown = "" if o.default in (None, False) else f" (default: {o.default}"
+        if shown and o.quick is not None:
+            shown += f"; --quick: {o.quick}"
+        shown += ")" if shown else ""
+        if o.type is bool:
+            parser.add_argument(flag, dest=o.name, default=None, action=argparse.BooleanOptionalAction
+                                if o.default else "store_true", help=o.help + shown)
+        else:
+            parser.add_argument(flag, dest=o.name, default=None, type=o.type, choices=o.choices,
+                                metavar=o.name.upper() if o.choices is None else None, help=o.help + shown)
+    parser.add_argument("--config", default=None, metavar="FILE.toml",
+                        help="read options from a TOML file (keys as the flags, e.g. seq-len = 512); flags win")
+    parser.set_defaults(func=run)
+
+
+# ---------------------------------------------------------------- options
+def read_config_file(path: str) -> dict:
+    """TOML keys -> option values, checked against OPTIONS."""
+    import tomllib
+
+    try:
+        with open(path, "rb") as f:
+            raw = tomllib.load(f)
+    except FileNotFoundError:
+        raise CommandError(f"{path}: no such config file") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise CommandError(f"{path}: not valid TOML ({exc})") from None
+    out = {}
+    unknown = [k for k in raw if k.replace("-", "_") not in BY_NAME]
+    if unknown:
+        raise CommandError(f"{path}: unknown option{'s' if len(unknown) > 1 else ''} {', '.join(unknown)} "
+                           f"(known: {', '.join(o.name.replace('_', '-') for o in OPTIONS)})")
+    for key, value in raw.items():
+        o = BY_NAME[key.replace("-", "_")]
+        if o.type is bool:
+            if not isinstance(value, bool):
+                raise CommandError(f"{path}: {key} must be true or false, got {value!r}")
+        else:
+            if isinstance(value, bool) or isinstance(value, (dict, list)):
+                raise CommandError(f"{path}: {key} has an unusable value {value!r}")
+            try:
+                value = o.type(value) if o.type is not str else str(value)
+            except (ValueError, TypeError, argparse.ArgumentTypeError) as exc:
+                raise CommandError(f"{path}: {key} = {value!r}: {exc}") from None
+            if o.choices and value not in o.choices:
+                raise CommandError(f"{path}: {key} must be one of {', '.join(o.choices)}, got {value!r}")
+        out[o.name] = value
+    return out
+
+
+def resolve_options(args) -> argparse.Namespace:
+    """defaults < --quick < TOML < flags."""
+    from_file = read_config_file(args.config) if args.config else {}
+    given = {o.name: getattr(args, o.name) for o in OPTIONS if getattr(args, o.name) is not None}
+    quick = given.get("quick", from_file.get("quick", os.environ.get("MINILARS_QUICK", "") not in ("", "0")))
+    values = {o.name: o.default for o in OPTIONS}
+    if quick:
+        values.update({o.name: o.quick for o in OPTIONS if o.quick is not None})
+    values.update(from_file)
+    values.update(given)
+    values["quick"] = bool(quick)
+    return argparse.Namespace(**values)
+
+
+# ---------------------------------------------------------------- the job
+def run(args) -> int:
+    """The command; torch's process-wide thread count is put back afterwards."""
+    torch = sys.modules.get("torch")
+    threads = torch.get_num_threads() if torch is not None else None
+    try:
+        return _run(args)
+    finally:
+        if threads is not None:
+            torch.set_num_threads(threads)
+
+
+def _run(args) -> int:
+    started = time.perf_counter()
+    opts = resolve_options(args)
+    out = Path(opts.output) if opts.output else Path("runs") / time.strftime("finetune-%Y%m%d-%H%M%S")
+    _check_output(out, opts)
+
+    from minilars import data as datasets
+    from minilars import train
+
+    if opts.resume and opts.threads == 0:  # the thread count can change float sums: keep the run's
+        opts.threads = train.read_checkpoint_meta(out / train.CHECKPOINT).get("run_config", {}).get("threads") or 0
+
+    model, tokenizer, model_name = _load_model(opts)
+    cfg = model.cfg
+    if opts.seq_len > cfg.max_seq_len:
+        raise CommandError(f"--seq-len {opts.seq_len} is longer than the model's context ({cfg.max_seq_len} tokens)")
+    if tokenizer is None:
+        raise CommandError(f"{opts.model} has no tokenizer, so text cannot be turned into tokens")
+    dataset = datasets.load_dataset(opts.data, tokenizer, opts.eval_fraction, opts.seed)
+    pad_id = datasets.pad_id_of(tokenizer)
+    rows = datasets.make_rows(dataset.train, opts.seq_len, pad_id, opts.packing, opts.seed)
+    method = _method(opts)
+    if opts.max_memory is not None:
+        _check_budget(cfg, method, opts, model.be.name)
+
+    config = train.TrainConfig(steps=opts.steps, batch_size=opts.batch_size, seq_len=opts.seq_len, lr=opts.lr,
+                               warmup=opts.warmup, weight_decay=opts.weight_decay, seed=opts.seed)
+    calibration = rows.tokens[datasets.batch_indices(len(rows), opts.batch_size, opts.seed, 0)]  # step 0's batch
+    _prepare_model(model, method, opts, calibration)
+    method = model.method
+
+    from minilars.optim import AdamW, AdamWConfig
+    from minilars.peft_io import model_fingerprint
+
+    opt = AdamW(model.trainable(), model.be, AdamWConfig(lr=opts.lr, weight_decay=opts.weight_decay))
+    run_config = {  # everything that shapes the loss trajectory; its hash guards --resume
+        "model": opts.model, "model_fingerprint": model_fingerprint(model), "method": method.describe(),
+        "method_seed": method.seed, "init_adapter": opts.init_adapter, "data": dataset.source,
+        "data_rows": rows.digest(), "packing": opts.packing, "backend": model.be.name,
+        "threads": _threads(model.be), "weight_dtype": opts.weight_dtype, **config.__dict__}
+    eval_set = _eval_subset(dataset.eval, opts)
+    stop_ids = datasets.stop_ids_of(tokenizer)
+
+    def evaluate(step: int):
+        return train.evaluate(model, tokenizer, eval_set, step, opts.seq_len, opts.batch_size, pad_id, stop_ids,
+                              opts.max_new_tokens)
+
+    trainer = train.Trainer(model, opt, rows, config, out, run_config, save_every=opts.save_every,
+                            eval_every=opts.eval_every, evaluate_fn=evaluate if eval_set else None,
+                            progress=opts.progress)
+    if opts.resume:
+        meta = trainer.resume()  # CheckpointError when the configuration differs
+        note = f"resuming at step {meta['step']} of {opts.steps}"
+    else:
+        note = f"starting at step 0 of {opts.steps}"
+    expected = train.expected_activation_bytes(model, opts.batch_size, opts.seq_len)
+    _print_header(opts, model_name, model, method, dataset, rows, expected, out, note)
+
+    out.mkdir(parents=True, exist_ok=True)
+    if not opts.resume:
+        _clear_run_files(out)
+    before = _history_eval(trainer.history, 0)
+    if before is None and eval_set:
+        print(f"evaluating {len(eval_set)} held-out examples before training ...", flush=True)
+        t = time.perf_counter()
+        before = evaluate(0)
+        trainer.record_eval(before)
+        print(f"before: {before.summary()} ({time.perf_counter() - t:.0f} s)", flush=True)
+
+    try:
+        losses = trainer.run()
+    except train.TrainingDiverged as exc:
+        raise CommandError(str(exc)) from None
+    except train.TrainingInterrupted as exc:
+        print(f"minilars finetune: {exc.signal_name} after step {exc.step}; checkpoint written to "
+              f"{out / train.CHECKPOINT}; continue with the same options and --resume", file=sys.stderr)
+        return 130
+
+    after = _history_eval(trainer.history, opts.steps)
+    if after is None and eval_set:
+        print(f"evaluating {len(eval_set)} held-out examples after training ...", flush=True)
+        t = time.perf_counter()
+        after = evaluate(opts.steps)
+        trainer.record_eval(after)
+        print(f"after: {after.summary()} ({time.perf_counter() - t:.0f} s)", flush=True)
+    saved = _save_result(model, tokenizer, method, opts, out)
+    wall = time.perf_counter() - started
+    _report(before, after, opts.show, losses, trainer.peak_bytes, expected, wall)
+    train.write_json_atomic(out / train.RESULT, {
+        "finished": True, "steps": opts.steps, "losses": losses, "run_config": trainer.run_config,
+        "config_hash": trainer.hash, "before": _as_dict(before), "after": _as_dict(after),
+        "activation_bytes_expected": expected, "activation_bytes_peak": trainer.peak_bytes,
+        "wall_seconds_this_session": wall, "saved": saved})
+    (out / train.CHECKPOINT).unlink(missing_ok=True)  # the result replaces it
+    _print_try_it(opts, out, saved)
+    return 0
+
+
+def _as_dict(result):
+    from dataclasses import asdict
+
+    return None if result is None else asdict(result)
+
+
+def _history_eval(history: list[dict], step: int):
+    """The evaluation recorded at `step` (a resumed run does not redo it)."""
+    from minilars.train import Answer, EvalResult
+
+    for entry in history:
+        if "eval" in entry and entry["step"] == step:
+            e = dict(entry["eval"])
+            e["answers"] = [Answer(**a) for a in e.get("answers", [])]
+            return EvalResult(step=step, **e)
+    return None
+
+
+def _eval_subset(examples, opts):
+    """The first --eval-samples held-out examples in a seeded order (the same at every evaluation)."""
+    import numpy as np
+
+    order = np.random.default_rng([opts.seed, 0xE7A1]).permutation(len(examples))
+    return [examples[i] for i in order[:opts.eval_samples]]
+
+
+# ---------------------------------------------------------------- output directory
+RUN_FILES = ("checkpoint.safetensors", "log.jsonl", "result.json", "adapter_config.json", "adapter_model.safetensors",
+             "minilars_adapter.json")
+
+
+def _check_output(out: Path, opts) -> None:
+    """Refuse to write over a finished run, or to start over an unfinished one, unless asked."""
+    from minilars.train import CHECKPOINT, RESULT
+
+    if opts.resume and opts.overwrite:
+        raise CommandError("--resume and --overwrite contradict each other; choose one")
+    finished = (out / RESULT).is_file()
+    checkpoint = (out / CHECKPOINT).is_file()
+    if out.exists() and not out.is_dir():
+        raise CommandError(f"--output {out} is a file, not a directory")
+    if opts.resume:
+        if finished:
+            raise CommandError(f"{out} holds a finished run; nothing to resume")
+        if not checkpoint:
+            raise CommandError(f"{out} holds no checkpoint to resume ({CHECKPOINT} is missing)")
+    elif not opts.overwrite:
+        if finished:
+            raise CommandError(f"{out} already holds a finished run; pass --overwrite to replace it or choose "
+                               "another --output")
+        if (out / "adapter_config.json").is_file() and not checkpoint:
+            raise CommandError(f"{out} already holds an adapter; pass --overwrite to replace it or choose "
+                               "another --output")
+        if checkpoint:
+            raise CommandError(f"{out} holds an unfinished run; pass --resume to continue it or --overwrite to "
+                               "start again")
+
+
+def _clear_run_files(out: Path) -> None:
+    """--overwrite: remove the files a previous run wrote (and nothing else)."""
+    for name in RUN_FILES:
+        (out / name).unlink(missing_ok=True)
+    if (out / "merged").is_dir():
+        shutil.rmtree(out / "merged")
+
+
+# ---------------------------------------------------------------- model and method
+def _backend(opts):
+    from minilars.backends import get_backend
+
+    names = [opts.backend] if opts.backend != "auto" else ["torch", "numba", "numpy"]
+    for name in names:
+        try:
+            backend = get_backend(name, **({"device": opts.device} if name == "torch" else {}))
+        except ImportError:
+            if opts.backend != "auto":
+                raise
+            continue
+        if name == "torch":
+            import torch
+
+            torch.set_num_threads(opts.threads or idle_cores())
+        return backend
+
+
+def idle_cores() -> int:
+    """CPUs minus the one-minute load average (at least 1)."""
+    count = os.cpu_count() or 1
+    try:
+        load = os.getloadavg()[0]
+    except OSError:
+        return count
+    return max(1, min(count, count - int(load + 0.5)))
+
+
+def _threads(backend) -> int | None:
+    """torch's intra-op thread count (None for the other backends)."""
+    if backend.name != "torch":
+        return None
+    import torch
+
+    return torch.get_num_threads()
+
+
+def _threads_text(backend) -> str:
+    n = _threads(backend)
+    return "" if n is None else f", {n} thread{'s' if n > 1 else ''}"
+
+
+def _load_model(opts):
+    """(Model, Tokenizer, a name to print)."""
+    import numpy as np
+
+    backend = _backend(opts)
+    if opts.model == "tiny":
+        from minilars.config import preset
+        from minilars.data import char_tokenizer
+        from minilars.model import Model
+        from minilars.weights import random_params
+
+        cfg = preset("tiny")
+        params = random_params(cfg, 0, np.float32)
+        for name in params:
+            if not name.endswith("norm.weight"):
+                params[name] = params[name].astype(opts.weight_dtype)
+        model = Model(cfg, params, backend=backend)
+        model.source = "tiny"
+        return model, char_tokenizer(cfg.vocab_size), "tiny (random weights, character tokenizer)"
+    from minilars.pretrained import load_pretrained
+
+    model, tokenizer = load_pretrained(opts.model, backend=backend, weight_dtype=opts.weight_dtype)
+    name = opts.model
+    if opts.model == "smollm2-135m":
+        name = "smollm2-135m (SmolLM2-135M-Instruct)"
+    return model, tokenizer, name
+
+
+def _method(opts):
+    from minilars.methods import MethodConfig, parse_storage
+
+    targets = tuple(t.strip() for t in opts.targets.split(",") if t.strip()) if opts.targets else None
+    storage = parse_storage(opts.storage) if opts.method == "lars" else ()
+    return MethodConfig(opts.method, rank=opts.rank, alpha=opts.alpha, targets=targets, storage=storage,
+                        seed=opts.seed)
+
+
+def _prepare_model(model, method, opts, calibration) -> None:
+    """Apply the method (LARS calibrates on `calibration`, the first batch) or load --init-adapter."""
+    from minilars.methods import apply_method
+
+    if opts.init_adapter:
+        from minilars.peft_io import load_adapter
+
+        load_adapter(model, opts.init_adapter)  # AdapterError for another base model
+        return
+    apply_method(model, method, calibration if method.name == "lars" else None)
+
+
+def _check_budget(cfg, method, opts, backend_name: str) -> None:
+    try:
+        from minilars.planner import check_budget
+    except ImportError:
+        raise CommandError("--max-memory needs the memory planner (minilars.planner), which this install does not "
+                           "have; run without --max-memory") from None
+    check_budget(cfg, method, opts.seq_len, opts.batch_size, opts.weight_dtype, opts.max_memory,
+                 backend_name=backend_name)  # ValueError with what would fit
+
+
+def _planned_peak(cfg, method, opts, backend_name: str) -> str:
+    """The planner's whole-step peak, for the start report."""
+    try:
+        from minilars.planner import format_size, plan_memory
+    except ImportError:
+        return "the planner (minilars.planner) is not installed"
+    try:
+        plan = plan_memory(cfg, method, opts.seq_len, opts.batch_size, opts.weight_dtype, backend_name)
+    except ValueError as exc:
+        return f"the planner cannot plan this run ({exc})"
+    return f"{format_size(plan.total)} planned peak for the whole step (weights, optimizer, activations, work)"
+
+
+# ---------------------------------------------------------------- printing
+def _mib(n: float) -> str:
+    return f"{n / 2**20:,.1f} MiB"
+
+
+def _print_header(opts, model_name, model, method, dataset, rows, expected, out, note) -> None:
+    cfg = model.cfg
+    total, trainable = model.n_params(), model.n_trainable()
+    tokens = rows.targets.size
+    labelled = int((rows.targets != -100).sum())
+    lines = [
+        ("model", f"{model_name}: {cfg.n_layers} layers, d {cfg.dim}, vocab {cfg.vocab_size}, "
+                  f"context {cfg.max_seq_len}"),
+        ("backend", f"{model.be.name}{_threads_text(model.be)}, weights {opts.weight_dtype}"),
+        ("method", method.describe() + (f" (from {opts.init_adapter})" if opts.init_adapter else "")),
+        ("parameters", f"{trainable:,} trainable of {total:,} ({100 * trainable / total:.2f}%)"),
+        ("data", dataset.describe()),
+        ("rows", f"{len(rows)} rows of {opts.seq_len} tokens ({opts.packing}), {labelled:,} of {tokens:,} "
+                 f"targets labelled" + (f"; {rows.truncated} examples truncated" if rows.truncated else "")
+                 + (f"; {rows.dropped} dropped (no answer token within --seq-len)" if rows.dropped else "")),
+        ("activations", f"{_mib(expected)} expected in the activation store per step "
+                        f"(batch {opts.batch_size} x {opts.seq_len} tokens)"),
+        ("memory", _planned_peak(cfg, method, opts, model.be.name)),
+        ("training", f"{opts.steps} step{'s' if opts.steps != 1 else ''}, lr {opts.lr:g} "
+                     f"(warm-up {opts.warmup}, cosine), seed {opts.seed}; "
+                     f"{note}" + (" [quick]" if opts.quick else "")),
+        ("output", str(out)),
+    ]
+    print("minilars finetune")
+    for key, value in lines:
+        print(f"  {key:12s}{value}")
+    sys.stdout.flush()
+
+
+def _report(before, after, show, losses, peak, expected, wall) -> None:
+    if losses:
+        head = sum(losses[:3]) / len(losses[:3])
+        tail = sum(losses[-3:]) / len(losses[-3:])
+        print(f"training loss: {head:.4f} (first steps) -> {tail:.4f} (last steps); activation store peak "
+              f"{_mib(peak)} (expected {_mib(expected)})")
+    if before is not None and after is not None and before.answers:
+        print(f"held-out answers (greedy), before -> after training:")
+        for b, a in list(zip(before.answers, after.answers))[:show]:
+            print(f"  Q: {b.question}")
+            print(f"     reference: {b.reference}")
+            print(f"     before:    {b.output!r}{_marks(b)}")
+            print(f"     after:     {a.output!r}{_marks(a)}")
+    if before is not None and after is not None:
+        print(f"held-out, before: {before.summary()}")
+        print(f"held-out, after:  {after.summary()}")
+    print(f"wall time {wall:.0f} s")
+
+
+def _marks(answer) -> str:
+    return "  [exact]" if answer.exact else "  [contains answer]" if answer.contains else ""
+
+
+def _save_result(model, tokenizer, method, opts, out: Path) -> dict:
+    from minilars.peft_io import export_merged, save_adapter
+
+    saved = {}
+    if model.method is not None and model.method.name in ("lora", "ia3", "lars"):
+        save_adapter(model, out)
+        saved["adapter"] = str(out)
+    if opts.merge or model.method is None or model.method.name == "full":
+        export_merged(model, out / "merged", tokenizer=tokenizer)
+        saved["merged"] = str(out / "merged")
+    return saved
+
+
+def _print_try_it(opts, out: Path, saved: dict) -> None:
+    if opts.model == "tiny":
+        print(f"saved {', '.join(saved.values())}")
+        return
+    model = "" if opts.model == "smollm2-135m" else f" --model {opts.model}"
+    if "adapter" in saved:
+        print(f"saved the adapter to {out}; try it: minilars generate{model} --adapter {out} \"your question\"")
+    if "merged" in saved:
+        print(f"saved merged weights to {saved['merged']}; try them: minilars generate --model {saved['merged']} "
+              "\"your question\"")

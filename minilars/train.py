@@ -1,0 +1,494 @@
+"""The fine-tuning loop: deterministic batches, AdamW, checkpoints, resume, NaN guard.
+
+One optimizer step s:
+
+    tokens, targets = rows[batch_indices(R, B, seed, s)]     # a pure function of (seed, s)
+    tape = model.forward(tokens, targets); grads = model.backward(tape)
+    opt.step(grads, lr=config.lr_at(s))                       # AdamW, clipped to max_grad_norm
+
+Because the batch depends on (seed, s) only, and a checkpoint holds every array that
+changes (the trainable arrays, AdamW's m and v and its step count) plus the frozen
+arrays that calibration chose (LARS bases), a run resumed from a checkpoint takes
+bitwise the same steps as the run that was never stopped.
+
+A checkpoint is one safetensors file; its metadata holds the step, the loss history
+and the run's configuration and hash. It is written to a temporary file, flushed to
+disk, then renamed over the old one (os.replace), so a kill at any moment leaves
+either the old checkpoint or the new one, never half of one.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import signal
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from .data import Example, Rows, batch_indices, contains_answer, exact_match, make_rows
+from .model import Model
+from .optim import AdamW, NonFiniteGradient
+
+CHECKPOINT = "checkpoint.safetensors"
+LOG = "log.jsonl"
+RESULT = "result.json"
+CHECKPOINT_FORMAT = 1
+
+
+class TrainingDiverged(RuntimeError):
+    """A non-finite loss, gradient or parameter: training stopped, checkpoint kept."""
+
+
+class TrainingInterrupted(Exception):
+    """SIGINT or SIGTERM: the current step finished and a checkpoint was written."""
+
+    def __init__(self, step: int, signal_name: str):
+        super().__init__(f"{signal_name} after step {step}")
+        self.step = step
+        self.signal_name = signal_name
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be resumed by this run."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The optimisation settings; every field shapes the loss trajectory, so every
+    field goes into the run's config hash."""
+
+    steps: int = 60  # optimizer steps
+    batch_size: int = 4  # rows per step (B)
+    seq_len: int = 256  # tokens per row (T)
+    lr: float = 2e-3  # peak learning rate
+    warmup: int = 0  # steps of linear warm-up from lr / warmup to lr
+    min_lr_ratio: float = 0.1  # cosine decay from lr to lr * min_lr_ratio at the last step
+    weight_decay: float = 0.0
+    max_grad_norm: float | None = 1.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "seq_len"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"lr must be a positive number, got {self.lr}")
+        if self.warmup < 0 or not 0 <= self.min_lr_ratio <= 1 or self.weight_decay < 0:
+            raise ValueError("warmup must be >= 0, min_lr_ratio in [0, 1] and weight decay >= 0")
+
+    def lr_at(self, step: int) -> float:
+        """Linear warm-up over `warmup` steps, then cosine from lr to lr * min_lr_ratio."""
+        if step < self.warmup:
+            return self.lr * (step + 1) / self.warmup
+        span = max(1, self.steps - 1 - self.warmup)
+        progress = min(1.0, (step - self.warmup) / span)
+        return self.lr * (self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def config_hash(run_config: dict) -> str:
+    return hashlib.sha256(json.dumps(run_config, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------- checkpoints
+def frozen_arrays(model: Model) -> dict[str, np.ndarray]:
+    """Arrays that do not train but were chosen at start (LARS bases from calibration),
+    so a resumed run does not depend on recalibrating to the same bits."""
+    out = {}
+    for i, block in enumerate(model.sites):
+        for stream, site in block.items():
+            basis = getattr(site, "basis", None)
+            if basis is not None:
+                out[f"blocks.{i}.{stream}.basis"] = model.be.to_numpy(basis)
+    for name, basis in model.bases.items():
+        out[f"storage.{name}"] = model.be.to_numpy(basis)
+    return out
+
+
+def _set_frozen(model: Model, name: str, value: np.ndarray) -> None:
+    be = model.be
+    if name.startswith("storage."):
+        model.bases[name[len("storage."):]] = be.asarray(np.ascontiguousarray(value))
+        return
+    _, i, stream, _ = name.split(".")  # "blocks.{i}.{stream}.basis"
+    site = model.sites[int(i)][stream]
+    site.basis = be.cast(be.asarray(np.ascontiguousarray(value)), site.basis.dtype)
+
+
+def save_checkpoint(path: Path, model: Model, opt: AdamW, meta: dict) -> None:
+    """Trainable arrays, AdamW state and frozen arrays in one safetensors file, written
+    atomically: temporary file, fsync, os.replace, fsync of the directory."""
+    from safetensors.numpy import save_file
+
+    tensors = {f"param/{k}": np.ascontiguousarray(model.be.to_numpy(v)) for k, v in model.trainable().items()}
+    state = opt.state_dict()
+    for name in opt.params:
+        tensors[f"adam_m/{name}"] = np.ascontiguousarray(state[f"m.{name}"])
+        tensors[f"adam_v/{name}"] = np.ascontiguousarray(state[f"v.{name}"])
+    tensors.update({f"frozen/{k}": np.ascontiguousarray(v) for k, v in frozen_arrays(model).items()})
+    meta = {**meta, "format": CHECKPOINT_FORMAT, "adam_step": opt.step_count}
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        save_file(tensors, str(tmp), metadata={"minilars": json.dumps(meta)})
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def read_checkpoint_meta(path: Path) -> dict:
+    """The metadata of a checkpoint, without reading its tensors."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            meta = json.loads((f.metadata() or {})["minilars"])
+    except Exception as exc:  # safetensors raises several types for a damaged file
+        raise CheckpointError(f"{path}: unreadable checkpoint ({exc})") from None
+    if meta.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path}: checkpoint format {meta.get('format')!r}, "
+                              f"this version reads {CHECKPOINT_FORMAT}")
+    return meta
+
+
+def check_resumable(meta: dict, run_config: dict, path: Path) -> None:
+    """CheckpointError naming what differs when the checkpoint came from another configuration."""
+    if meta.get("config_hash") == config_hash(run_config):
+        return
+    theirs = meta.get("run_config", {})
+    keys = sorted(set(theirs) | set(run_config))
+    diffs = [f"{k} ({theirs.get(k)!r} there, {run_config.get(k)!r} now)"
+             for k in keys if theirs.get(k) != run_config.get(k)]
+    raise CheckpointError(f"{path} was written by a run with a different configuration; differs in: "
+                          f"{'; '.join(diffs) or 'the config hash'}. Resume with the same options, "
+                          "or start over with --overwrite")
+
+
+def restore_checkpoint(path: Path, model: Model, opt: AdamW) -> dict:
+    """Load every array of the checkpoint into model and optimizer; returns its metadata."""
+    from safetensors.numpy import load_file
+
+    meta = read_checkpoint_meta(path)
+    tensors = load_file(str(path))
+    be = model.be
+    trainable = model.trainable()
+    missing = [k for k in trainable if f"param/{k}" not in tensors]
+    if missing:
+        raise CheckpointError(f"{path}: no array for {missing[0]} (and {len(missing) - 1} more)")
+    for name, array in trainable.items():
+        value = tensors[f"param/{name}"]
+        if tuple(value.shape) != tuple(array.shape):
+            raise CheckpointError(f"{path}: {name} has shape {value.shape}, the model needs {tuple(array.shape)}")
+        array[...] = be.asarray(value)
+    for key, value in tensors.items():
+        if key.startswith("frozen/"):
+            _set_frozen(model, key[len("frozen/"):], value)
+    state = {"step": meta["adam_step"]}
+    for name in opt.params:
+        state[f"m.{name}"] = tensors[f"adam_m/{name}"]
+        state[f"v.{name}"] = tensors[f"adam_v/{name}"]
+    opt.load_state_dict(state)
+    return meta
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------- evaluation
+@dataclass
+class Answer:
+    question: str
+    output: str
+    reference: str
+    exact: bool
+    contains: bool
+
+
+@dataclass
+class EvalResult:
+    """Held-out loss and generation accuracy at one step."""
+
+    step: int
+    loss: float | None = None  # mean over labelled eval tokens
+    exact: float | None = None  # exact-match rate (normalised case and whitespace)
+    contains: float | None = None  # rate of outputs containing the answer (or the whole reference)
+    n: int = 0  # examples scored by generation
+    answers: list[Answer] = field(default_factory=list)
+
+    def summary(self) -> str:
+        parts = []
+        if self.loss is not None:
+            parts.append(f"eval loss {self.loss:.4f}")
+        if self.exact is not None:
+            parts.append(f"exact match {self.exact:.0%} ({round(self.exact * self.n)}/{self.n})")
+            parts.append(f"contains answer {self.contains:.0%} ({round(self.contains * self.n)}/{self.n})")
+        return ", ".join(parts) or "nothing to evaluate"
+
+
+def eval_loss(model: Model, examples: list[Example], seq_len: int, batch_size: int, pad_id: int) -> float | None:
+    """Mean loss over the labelled tokens of `examples`, forward only."""
+    if not examples:
+        return None
+    rows = make_rows(examples, seq_len, pad_id, packing="pack", seed=0)
+    total, count = 0.0, 0
+    for start in range(0, len(rows), batch_size):
+        tokens, targets = rows.tokens[start:start + batch_size], rows.targets[start:start + batch_size]
+        tape = model.forward(tokens, targets, need_grad=False)
+        total += tape.loss * tape.n_labelled
+        count += tape.n_labelled
+    return total / count if count else None
+
+
+def generate_answers(model: Model, tokenizer, prompts: list, max_new_tokens: int, stop_ids: set[int]) -> list[str]:
+    """Greedy answers to token-id prompts. Prompts of the same length run as one batch
+    (prefill, then one token per step for every row against a shared KV cache): a
+    decode step reads every weight once whatever the batch, so a batch of B answers
+    costs little more than one. No padding is involved, so each row is what it would
+    be alone (up to float summation order)."""
+    be = model.be
+    answers: list[str | None] = [None] * len(prompts)
+    groups: dict[int, list[int]] = {}
+    for i, p in enumerate(prompts):
+        groups.setdefault(len(p), []).append(i)
+    for length, members in groups.items():
+        if length >= model.cfg.max_seq_len:
+            raise ValueError(f"a prompt of {length} tokens does not fit the model's context ({model.cfg.max_seq_len})")
+        tokens = np.asarray([list(prompts[i]) for i in members], dtype=np.int64)  # (B, L)
+        kv = model.new_kv_cache(len(members), min(length + max_new_tokens, model.cfg.max_seq_len))
+        logits = model.logits(tokens, kv, last_only=True)  # (B, V)
+        outputs: list[list[int]] = [[] for _ in members]
+        done = np.zeros(len(members), dtype=bool)
+        for _ in range(max_new_tokens):
+            next_ids = np.argmax(be.to_numpy(logits), axis=-1)  # (B,)
+            for row, token in enumerate(next_ids.tolist()):
+                if not done[row]:
+                    if token in stop_ids:
+                        done[row] = True
+                    else:
+                        outputs[row].append(token)
+            if done.all() or kv.length >= model.cfg.max_seq_len:
+                break
+            logits = model.logits(next_ids[:, None].astype(np.int64), kv, last_only=True)
+        for row, i in enumerate(members):
+            answers[i] = tokenizer.decode(outputs[row], skip_special_tokens=True)
+    return answers
+
+
+def evaluate(model: Model, tokenizer, examples: list[Example], step: int, seq_len: int, batch_size: int,
+             pad_id: int, stop_ids: set[int], max_new_tokens: int = 32) -> EvalResult:
+    """Eval loss on `examples`, then greedy answers to those that have a prompt."""
+    result = EvalResult(step, loss=eval_loss(model, examples, seq_len, batch_size, pad_id))
+    scored = [ex for ex in examples if ex.prompt_ids]
+    outputs = generate_answers(model, tokenizer, [ex.prompt_ids for ex in scored], max_new_tokens, stop_ids)
+    for ex, output in zip(scored, outputs):
+        result.answers.append(Answer(ex.question or "", output, ex.reference, exact_match(output, ex.reference),
+                                     contains_answer(output, ex.answer or ex.reference)))
+    if scored:
+        result.n = len(scored)
+        result.exact = sum(a.exact for a in result.answers) / len(scored)
+        result.contains = sum(a.contains for a in result.answers) / len(scored)
+    return result
+
+
+# ---------------------------------------------------------------- signals
+@contextmanager
+def stop_requests():
+    """Inside, the first SIGINT or SIGTERM sets flag["signal"] (the step in flight
+    finishes and a checkpoint is written); a second one acts as usual."""
+    flag: dict[str, str | None] = {"signal": None}
+    previous = {}
+
+    def handler(signum, frame):
+        flag["signal"] = signal.Signals(signum).name
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+        print(f"\n{flag['signal']}: stopping after this step and writing a checkpoint "
+              "(send it again to stop at once)", file=sys.stderr, flush=True)
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            previous[sig] = signal.signal(sig, handler)
+        except ValueError:  # not the main thread: no handlers, Ctrl-C acts as usual
+            pass
+    try:
+        yield flag
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+# ---------------------------------------------------------------- the loop
+class Trainer:
+    """Runs steps [start, config.steps) of one run and keeps its output directory:
+    checkpoint.safetensors (every save_every steps, at the end, on SIGINT/SIGTERM) and
+    log.jsonl (one line per step and per evaluation)."""
+
+    def __init__(self, model: Model, opt: AdamW, rows: Rows, config: TrainConfig, out_dir: Path,
+                 run_config: dict, save_every: int = 0, eval_every: int = 0,
+                 evaluate_fn: Callable[[int], EvalResult] | None = None, progress: bool = True):
+        self.model, self.opt, self.rows, self.config = model, opt, rows, config
+        self.out_dir = Path(out_dir)
+        self.run_config = run_config
+        self.hash = config_hash(run_config)
+        self.save_every, self.eval_every = save_every, eval_every
+        self.evaluate_fn = evaluate_fn
+        self.progress = progress
+        self.step = 0  # steps done
+        self.history: list[dict] = []  # one entry per step and per evaluation
+        self.peak_bytes = 0
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.out_dir / CHECKPOINT
+
+    @property
+    def losses(self) -> list[float]:
+        return [h["loss"] for h in self.history if "loss" in h]
+
+    def resume(self) -> dict:
+        for stale in self.out_dir.glob(f".{CHECKPOINT}.*.tmp"):  # left by a run killed mid-write
+            stale.unlink()
+        meta = read_checkpoint_meta(self.checkpoint_path)
+        check_resumable(meta, self.run_config, self.checkpoint_path)
+        meta = restore_checkpoint(self.checkpoint_path, self.model, self.opt)
+        self.step = int(meta["step"])
+        self.history = list(meta["history"])
+        self._rewrite_log()
+        return meta
+
+    def batch(self, step: int) -> tuple[np.ndarray, np.ndarray]:
+        idx = batch_indices(len(self.rows), self.config.batch_size, self.config.seed, step)
+        return self.rows.tokens[idx], self.rows.targets[idx]
+
+    def save(self) -> None:
+        self._check_params_finite()
+        save_checkpoint(self.checkpoint_path, self.model, self.opt,
+                        {"step": self.step, "config_hash": self.hash, "run_config": self.run_config,
+                         "history": self.history})
+
+    def record_eval(self, result: EvalResult) -> None:
+        entry = {"step": result.step, "eval": {k: v for k, v in asdict(result).items() if k != "step"}}
+        self.history.append(entry)
+        self._append_log(entry)
+
+    def train_step(self) -> dict:
+        """One optimizer step on batch(step); the log entry. TrainingDiverged on a
+        non-finite loss or gradient, before anything is updated."""
+        s, cfg = self.step, self.config
+        started = time.perf_counter()
+        tokens, targets = self.batch(s)
+        tape = self.model.forward(tokens, targets)
+        loss = float(tape.loss)
+        if not math.isfinite(loss):
+            tape.store.clear()
+            self._diverged(f"loss is {loss} at step {s + 1}")
+        grads = self.model.backward(tape)
+        lr = cfg.lr_at(s)
+        try:
+            norm = self.opt.step(grads, lr=lr)
+        except NonFiniteGradient as exc:
+            self._diverged(f"{exc} at step {s + 1}")
+        self.step = s + 1
+        self.peak_bytes = max(self.peak_bytes, tape.store.bytes_peak)
+        return {"step": self.step, "loss": loss, "lr": lr, "grad_norm": float(norm),
+                "tokens_per_s": cfg.batch_size * cfg.seq_len / (time.perf_counter() - started),
+                "activation_bytes": tape.store.bytes_peak}
+
+    def run(self) -> list[float]:
+        """Train to config.steps; returns every step's loss (resumed steps included)."""
+        cfg = self.config
+        bar = None
+        if self.progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=cfg.steps, initial=self.step, unit="step", desc="finetune", file=sys.stderr,
+                       dynamic_ncols=True, smoothing=0.3)
+        say = bar.write if bar is not None else print
+        last_saved = self.step
+        try:
+            # overflow is caught as a non-finite loss or gradient; numpy's warnings would only repeat it
+            with stop_requests() as stop, np.errstate(over="ignore", invalid="ignore"):
+                while self.step < cfg.steps:
+                    entry = self.train_step()
+                    self.history.append(entry)
+                    self._append_log(entry)
+                    if bar is not None:
+                        bar.set_postfix_str(f"loss {entry['loss']:.4f}, {entry['tokens_per_s']:,.0f} tok/s, "
+                                            f"activations {entry['activation_bytes'] / 2**20:.1f} MiB", refresh=False)
+                        bar.update(1)
+                    if (self.eval_every and self.evaluate_fn and self.step % self.eval_every == 0
+                            and self.step < cfg.steps):  # the command evaluates the last step itself
+                        result = self.evaluate_fn(self.step)
+                        self.record_eval(result)
+                        say(f"step {self.step}: {result.summary()}")
+                    if stop["signal"]:
+                        self.save()
+                        raise TrainingInterrupted(self.step, stop["signal"])
+                    if self.save_every and self.step % self.save_every == 0:
+                        self.save()
+                        last_saved = self.step
+                if last_saved != self.step or not self.checkpoint_path.exists():
+                    self.save()  # the final state, so the result can be rebuilt from it
+        finally:
+            if bar is not None:
+                bar.close()
+        return self.losses
+
+    def _diverged(self, what: str) -> None:
+        kept = (f"the last good checkpoint ({CHECKPOINT}, step {read_checkpoint_meta(self.checkpoint_path)['step']}) "
+                f"is untouched" if self.checkpoint_path.exists() else "no checkpoint was written")
+        raise TrainingDiverged(f"{what} (lr {self.config.lr:g}): training stopped; {kept}. "
+                               "Lower --lr and start again with --overwrite")
+
+    def _check_params_finite(self) -> None:
+        bad = [name for name, p in self.model.trainable().items() if not self.model.be.isfinite(p)]
+        if bad:
+            self._diverged(f"parameter {bad[0]} is not finite after step {self.step}")
+
+    def _append_log(self, entry: dict) -> None:
+        with open(self.out_dir / LOG, "a") as f:
+            f.write(json.dumps(entry) + "\n")
+
+    def _rewrite_log(self) -> None:
+        tmp = self.out_dir / f".{LOG}.tmp"
+        tmp.write_text("".join(json.dumps(e) + "\n" for e in self.history))
+        os.replace(tmp, self.out_dir / LOG)
+
+
+def expected_activation_bytes(model: Model, batch_size: int, seq_len: int, probe: tuple[int, int] = (8, 16)) -> int:
+    """Peak activation-store bytes of one training step at (batch_size, seq_len), from
+    two probe steps: every kept tensor is (N, width) or fixed-size (subspace bases),
+    so the peak is affine in N = B*T and two points fix it."""
+    peaks = []
+    for n in probe:
+        tokens = np.zeros((1, n), dtype=np.int64)
+        tape = model.forward(tokens, tokens)
+        model.backward(tape)
+        peaks.append(tape.store.bytes_peak)
+    slope = (peaks[1] - peaks[0]) / (probe[1] - probe[0])
+    return int(round(peaks[0] + slope * (batch_size * seq_len - probe[0])))
