@@ -293,13 +293,12 @@ def attention_backward(do, q, k, v, o, lse, tile, dq, dk_heads, dv_heads):
         dv_j = sum_i P_ij do_i
         dS_ij = P_ij (do_i . v_j - D_i)
         dq_i = scale * sum_j dS_ij k_j
-        dk_j = scale * sum_i dS_ij q_i     (q_i already carries one scale)
+        dk_j = scale * sum_i dS_ij q_i
     Work items are (batch, query head): an item owns dq[b, :, h] and writes its own
     contributions to dk_heads/dv_heads[b, :, h] (B, T, H, hd), which reduce_kv_heads
     sums over the g query heads of each kv head (with g = 1 they are dk, dv).
-    Each item copies its head's q, do, k, v into contiguous (T, hd) arrays, loops
-    over key tiles j and, inside, over query tiles i >= j: five (tile x tile x hd)
-    products per pair, all BLAS."""
+    An item loops over key tiles j and, inside, over query tiles i >= j: five
+    (tile x tile x hd) BLAS products per pair; what it holds is O(tile^2), never O(T)."""
     n_b, t_total, n_heads, hd = q.shape
     n_kv = k.shape[2]
     group = n_heads // n_kv
@@ -307,36 +306,36 @@ def attention_backward(do, q, k, v, o, lse, tile, dq, dk_heads, dv_heads):
     for item in prange(n_b * n_heads):
         b, h = divmod(np.int64(item), n_heads)
         kvh = h // group
-        qh = np.empty((t_total, hd), dtype=q.dtype)  # q * scale
-        doh = np.empty((t_total, hd), dtype=q.dtype)
-        kh = np.empty((t_total, hd), dtype=q.dtype)
-        vh = np.empty((t_total, hd), dtype=q.dtype)
         delta = np.empty(t_total, dtype=q.dtype)  # D_i = do_i . o_i
         for i in range(t_total):
             acc = 0.0
             for d in range(hd):
-                qh[i, d] = q[b, i, h, d] * scale
-                doh[i, d] = do[b, i, h, d]
-                kh[i, d] = k[b, i, kvh, d]
-                vh[i, d] = v[b, i, kvh, d]
                 acc += do[b, i, h, d] * o[b, i, h, d]
+                dq[b, i, h, d] = 0.0
             delta[i] = acc
-        dqh = np.zeros((t_total, hd), dtype=q.dtype)
-        dkh = np.zeros((t_total, hd), dtype=q.dtype)
-        dvh = np.zeros((t_total, hd), dtype=q.dtype)
-        p_buf = np.empty(tile * tile, dtype=q.dtype)
-        ds_buf = np.empty(tile * tile, dtype=q.dtype)
-        kv_buf = np.empty(tile * hd, dtype=q.dtype)  # (tk, hd) product for dk_j, dv_j
-        q_buf = np.empty(tile * hd, dtype=q.dtype)  # (tq, hd) product for dq_i
+        k_buf, v_buf = np.empty(tile * hd, dtype=q.dtype), np.empty(tile * hd, dtype=q.dtype)
+        q_buf, do_buf = np.empty(tile * hd, dtype=q.dtype), np.empty(tile * hd, dtype=q.dtype)
+        p_buf, ds_buf = np.empty(tile * tile, dtype=q.dtype), np.empty(tile * tile, dtype=q.dtype)
+        dk_buf, dv_buf = np.empty(tile * hd, dtype=q.dtype), np.empty(tile * hd, dtype=q.dtype)
+        kv_buf, dq_buf = np.empty(tile * hd, dtype=q.dtype), np.empty(tile * hd, dtype=q.dtype)
         bits = np.empty(_EXP_BLOCK, dtype=np.int64)
         for j0 in range(0, t_total, tile):
             tk = min(tile, t_total - j0)
-            kj, vj = kh[j0:j0 + tk], vh[j0:j0 + tk]
-            dkj, dvj = dkh[j0:j0 + tk], dvh[j0:j0 + tk]
-            kv_out = _tile(kv_buf, tk, hd)
+            kj, vj = _tile(k_buf, tk, hd), _tile(v_buf, tk, hd)
+            dkj, dvj, kv_out = _tile(dk_buf, tk, hd), _tile(dv_buf, tk, hd), _tile(kv_buf, tk, hd)
+            for c in range(tk):
+                for d in range(hd):
+                    kj[c, d] = k[b, j0 + c, kvh, d]
+                    vj[c, d] = v[b, j0 + c, kvh, d]
+            dkj[:] = 0.0
+            dvj[:] = 0.0
             for i0 in range(j0, t_total, tile):  # causal: query tiles before j0 see no key of it
                 tq = min(tile, t_total - i0)
-                qi, doi = qh[i0:i0 + tq], doh[i0:i0 + tq]
+                qi, doi, dq_out = _tile(q_buf, tq, hd), _tile(do_buf, tq, hd), _tile(dq_buf, tq, hd)
+                for i in range(tq):
+                    for d in range(hd):
+                        qi[i, d] = q[b, i0 + i, h, d] * scale
+                        doi[i, d] = do[b, i0 + i, h, d]
                 p, ds = _tile(p_buf, tq, tk), _tile(ds_buf, tq, tk)
                 np.dot(qi, kj.T, p)  # S (tq, tk)
                 np.dot(doi, vj.T, ds)  # dP = dO V^T
@@ -353,14 +352,14 @@ def attention_backward(do, q, k, v, o, lse, tile, dq, dk_heads, dv_heads):
                 dvj += kv_out
                 np.dot(ds.T, qi, kv_out)  # dK_j += dS^T Q
                 dkj += kv_out
-                q_out = _tile(q_buf, tq, hd)
-                np.dot(ds, kj, q_out)  # dQ_i += dS K_j
-                dqh[i0:i0 + tq] += q_out
-        for i in range(t_total):
-            for d in range(hd):
-                dq[b, i, h, d] = dqh[i, d] * scale
-                dk_heads[b, i, h, d] = dkh[i, d]
-                dv_heads[b, i, h, d] = dvh[i, d]
+                np.dot(ds, kj, dq_out)  # dQ_i += dS K_j
+                for i in range(tq):
+                    for d in range(hd):
+                        dq[b, i0 + i, h, d] += dq_out[i, d] * scale
+            for c in range(tk):
+                for d in range(hd):
+                    dk_heads[b, j0 + c, h, d] = dkj[c, d]
+                    dv_heads[b, j0 + c, h, d] = dvj[c, d]
 
 
 @njit(parallel=True, cache=True)

@@ -313,6 +313,36 @@ def test_warmup_compiles_every_kernel_and_reports_seconds():
     assert isinstance(NB, NumbaBackend) and NB.name == "numba"
 
 
+@pytest.mark.skipif(__import__("os").environ.get("NUMBA_DISABLE_JIT") == "1", reason="no compiled signatures")
+def test_warmup_covers_what_the_model_compiles():
+    """After warmup, a float32 training step and a decoding step of the tiny model
+    compile nothing more (in a fresh process, so earlier tests' signatures do not count)."""
+    code = """
+import numba, numpy as np
+from minilars.backends import numba_kernels as K
+from minilars.backends.numba_backend import warmup
+from minilars.config import preset
+from minilars.methods import MethodConfig, apply_method
+from minilars.model import Model
+from minilars.optim import AdamW
+
+def signatures():
+    return {n: len(f.signatures) for n, f in vars(K).items() if isinstance(f, numba.core.registry.CPUDispatcher)}
+
+warmup(("float32",))
+before = signatures()
+model = apply_method(Model.random(preset("tiny"), 0, backend="numba", attention_tile=4, loss_chunk=5), MethodConfig("full"))
+tokens = np.random.default_rng(0).integers(0, model.cfg.vocab_size, (2, 9))
+AdamW(model.trainable(), model.be).step(model.backward(model.forward(tokens, tokens)))
+kv = model.new_kv_cache(batch=1, max_len=12)
+model.logits(tokens[:1, :6], kv)
+model.logits(tokens[:1, 6:7], kv, last_only=True)
+after = signatures()
+assert after == before, {n: (before[n], after[n]) for n in after if after[n] != before[n]}
+"""
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
 def test_numpy_path_does_not_import_numba():
     code = ("import sys, minilars, minilars.model, minilars.backends\n"
             "from minilars.backends import get_backend\n"
