@@ -1,0 +1,257 @@
+"""Held-out accuracy: greedy answers to prompts, scored by exact match and contains-answer.
+
+For each record of an eval file ({"prompt", "completion"} or {"messages"} per line,
+as `minilars finetune` reads them) the model answers the prompt greedily, through
+the same chat template the fine-tuning used, and the answer is scored three ways:
+
+    exact      normalise(output) == normalise(reference completion)
+    contains   normalise(answer) is a substring of normalise(output), where answer is
+               the record's "answer" field if it has one, else the completion
+    number     (records whose answer is an integer) the last number in the output
+               equals it: `contains` would also credit "120" for the answer 20
+
+normalise = lower case, whitespace collapsed, surrounding punctuation and quotes
+removed (minilars.data.normalize, the same scoring `minilars finetune` prints).
+
+The generation is a function `answer(item) -> str` handed to `evaluate_items`, so
+the scoring can be checked against a fake model; `model_answerer` builds the real one.
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable
+
+from .data import contains_answer, exact_match, normalize
+
+_NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
+_INTEGER = re.compile(r"-?\d+")
+
+
+@dataclass(frozen=True)
+class EvalItem:
+    """One held-out question: what is asked, what the reference says, and the rest of
+    its record (task fields such as "tokens" for passkey lengths)."""
+
+    where: str  # "file.jsonl:12"
+    prompt: str  # the last user turn
+    reference: str  # the completion / last assistant turn
+    answer: str  # what contains-answer looks for ("answer" field, else the reference)
+    record: dict = field(default_factory=dict)  # the JSON object as read
+
+
+@dataclass
+class Scored:
+    item: EvalItem
+    output: str
+    exact: bool
+    contains: bool
+    number: bool | None  # None when the answer is not an integer
+
+    def row(self) -> dict:
+        """The JSONL row: the record's fields, then the output and its scores."""
+        row = {k: v for k, v in self.item.record.items() if k not in ("messages",)}
+        row.update(prompt=self.item.prompt, reference=self.item.reference, answer=self.item.answer,
+                   output=self.output, exact=self.exact, contains=self.contains)
+        if self.number is not None:
+            row["number"] = self.number
+        return row
+
+
+@dataclass
+class Summary:
+    n: int
+    exact: float
+    contains: float
+    number: float | None  # over the items with an integer answer
+    n_number: int = 0
+
+    def text(self) -> str:
+        if not self.n:
+            return "no examples"
+        parts = [f"exact match {self.exact:.1%} ({round(self.exact * self.n)}/{self.n})",
+                 f"contains answer {self.contains:.1%} ({round(self.contains * self.n)}/{self.n})"]
+        if self.number is not None:
+            parts.append(f"final number {self.number:.1%} ({round(self.number * self.n_number)}/{self.n_number})")
+        return ", ".join(parts)
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+# ---------------------------------------------------------------- scoring
+def is_integer(text: str) -> bool:
+    return bool(_INTEGER.fullmatch(text.strip()))
+
+
+def final_number(output: str, answer: str) -> bool:
+    """The last number written in `output` equals the integer `answer`."""
+    numbers = _NUMBER.findall(output.replace(",", ""))
+    return bool(numbers) and numbers[-1] == answer.strip()
+
+
+def score(item: EvalItem, output: str) -> Scored:
+    return Scored(item, output, exact_match(output, item.reference), contains_answer(output, item.answer),
+                  final_number(output, item.answer) if is_integer(item.answer) else None)
+
+
+def summarize(scored: list[Scored] | list[dict]) -> Summary:
+    """Rates over Scored results or over JSONL rows written by `Scored.row`."""
+    rows = [s.row() if isinstance(s, Scored) else s for s in scored]
+    n = len(rows)
+    numeric = [r["number"] for r in rows if r.get("number") is not None]
+    return Summary(n, sum(r["exact"] for r in rows) / n if n else 0.0, sum(r["contains"] for r in rows) / n if n else 0.0,
+                   sum(numeric) / len(numeric) if numeric else None, len(numeric))
+
+
+def summarize_by(rows: list[dict], key: str) -> dict:
+    """{value of `key`: Summary} over the rows that have the key, in sorted order."""
+    groups: dict = {}
+    for r in rows:
+        if key in r:
+            groups.setdefault(r[key], []).append(r)
+    return {k: summarize(groups[k]) for k in sorted(groups)}
+
+
+def evaluate_items(items: list[EvalItem], answer: Callable[[EvalItem], str], progress: bool = True,
+                   on_result: Callable[[Scored], None] | None = None) -> list[Scored]:
+    """Answer and score every item in order (tqdm bar on stderr when progress)."""
+    bar = None
+    if progress:
+        import sys
+
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(items), unit="q", desc="eval", file=sys.stderr, dynamic_ncols=True)
+    results, right = [], 0
+    try:
+        for item in items:
+            result = score(item, answer(item))
+            results.append(result)
+            right += result.contains
+            if on_result is not None:
+                on_result(result)
+            if bar is not None:
+                bar.set_postfix_str(f"contains answer {right}/{len(results)}", refresh=False)
+                bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+    return results
+
+
+# ---------------------------------------------------------------- reading
+def read_items(path: str | Path, split: str = "auto", limit: int | None = None) -> list[EvalItem]:
+    """EvalItems from a JSONL file. split "auto": when records mark a split, only the
+    "eval" ones (a combined train/held-out file scores its held-out part); "all":
+    every record. limit keeps the first N."""
+    from .data import DataError, parse_record
+
+    if split not in ("auto", "all"):
+        raise ValueError(f"split must be 'auto' or 'all', got {split!r}")
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such eval file")
+    pairs = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{number}"
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+            record = parse_record(obj, where)
+            if record.messages is None:
+                raise DataError(f"{where}: a {{\"text\"}} record has no question to answer; eval needs "
+                                "{\"prompt\", \"completion\"} or {\"messages\"} records")
+            pairs.append((obj, record))
+    if split == "auto" and any(r.split is not None for _, r in pairs):
+        pairs = [(o, r) for o, r in pairs if r.split == "eval"]
+    items = []
+    for obj, record in pairs[:limit]:
+        last = max(i for i, (role, _) in enumerate(record.messages) if role == "assistant")
+        prompt = next((c for role, c in reversed(record.messages[:last]) if role == "user"), "")
+        reference = record.messages[last][1]
+        items.append(EvalItem(record.where, prompt, reference, record.answer or reference, obj))
+    if not items:
+        raise ValueError(f"{path}: no records to evaluate")
+    return items
+
+
+# ---------------------------------------------------------------- the model
+def model_answerer(model, tokenizer, max_new_tokens: int = 32) -> Callable[[EvalItem], str]:
+    """answer(item): greedy generation from the item's prompt, rendered and tokenized as
+    fine-tuning renders it (minilars.data.tokenize: chat template for instruct models,
+    prompt + completion for base models), stopped at eos / end of turn."""
+    from .data import parse_record, stop_ids_of, tokenize
+    from .generate import generate_ids
+
+    stop = stop_ids_of(tokenizer)
+
+    def answer(item: EvalItem) -> str:
+        example = tokenize(parse_record(item.record, item.where), tokenizer)
+        out = list(generate_ids(model, list(example.prompt_ids), max_new_tokens, temperature=0.0, stop_ids=stop))
+        return tokenizer.decode(out, skip_special_tokens=True)
+
+    return answer
+
+
+def load_model(spec: str, backend=None, weight_dtype: str = "float32"):
+    """(Model, Tokenizer) for a model name, file or directory; 'tiny' is the random tiny
+    preset with the character tokenizer, the same model `minilars finetune --model
+    tiny` trains (weights from seed 0), so its adapters load onto it."""
+    if spec != "tiny":
+        from .pretrained import load_pretrained
+
+        return load_pretrained(spec, backend=backend, weight_dtype=weight_dtype)
+    import numpy as np
+
+    from .config import preset
+    from .data import char_tokenizer
+    from .model import Model
+    from .weights import random_params
+
+    cfg = preset("tiny")
+    params = random_params(cfg, 0, np.float32)
+    for name in params:
+        if not name.endswith("norm.weight"):
+            params[name] = params[name].astype(weight_dtype)
+    model = Model(cfg, params, backend=backend)
+    model.source = "tiny"
+    return model, char_tokenizer(cfg.vocab_size)
+
+
+def load_tokenizer(spec: str):
+    """The tokenizer of a model spec without loading its weights (for counting tokens)."""
+    if spec == "tiny":
+        from .config import preset
+        from .data import char_tokenizer
+
+        return char_tokenizer(preset("tiny").vocab_size)
+    from .models import Tokenizer, resolve_model
+
+    path = resolve_model(spec)
+    if path.is_dir():
+        conf = path / "tokenizer_config.json"
+        return Tokenizer.from_file(path / "tokenizer.json", conf if conf.is_file() else None)
+    return Tokenizer.from_gguf(path)
+
+
+def write_rows(path: str | Path, rows: Iterable[dict]) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def read_rows(path: str | Path) -> list[dict]:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+__all__ = ["EvalItem", "Scored", "Summary", "evaluate_items", "final_number", "load_model", "load_tokenizer",
+           "model_answerer", "normalize", "read_items", "read_rows", "score", "summarize", "summarize_by",
+           "write_rows"]

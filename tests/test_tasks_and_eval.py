@@ -1,0 +1,259 @@
+"""Task generators (minilars/tasks.py), held-out scoring (minilars/evaluate.py,
+`minilars eval`) and the accuracy study (`minilars study`).
+
+The generators must be pure functions of their seed, ask held-out questions in
+wordings training never uses, hide the pass key where they say, and get their sums
+right. Scoring is checked against a fake answerer with known outputs, so the rates
+are known by hand. The study runs end to end in --quick mode on the tiny preset."""
+from __future__ import annotations
+
+import csv
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from minilars import evaluate, tasks
+from minilars.cli import main
+
+QUICK = tasks.TaskSizes.quick()
+
+
+# ---------------------------------------------------------------- generators
+@pytest.mark.parametrize("task", tasks.TASKS)
+def test_generators_are_deterministic_per_seed(task):
+    first = tasks.generate(task, seed=7, sizes=QUICK)
+    assert tasks.generate(task, seed=7, sizes=QUICK) == first
+    assert tasks.generate(task, seed=8, sizes=QUICK) != first
+
+
+def test_make_tasks_writes_the_same_bytes_for_the_same_seed(tmp_path):
+    for out in (tmp_path / "a", tmp_path / "b"):
+        assert main(["study", "make-tasks", "--out", str(out), "--quick", "--seed", "3"]) == 0
+    files = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*.jsonl"))
+    assert len(files) == 2 * len(tasks.TASKS)
+    for f in files:
+        assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes()
+    for record in tasks.read_jsonl(tmp_path / "a" / "arithmetic" / "train.jsonl"):
+        assert {"prompt", "completion", "answer", "split", "template"} <= set(record)
+
+
+def _skeleton(prompt: str) -> str:
+    """The wording of a question with its numbers and names taken out."""
+    prompt = re.sub(r"\d+", "#", prompt)
+    return re.sub(r"\b(" + "|".join(tasks.NAMES) + r")\b", "NAME", prompt)
+
+
+def test_heldout_questions_are_worded_differently_from_training():
+    train, held = tasks.personal()
+    assert not {r["prompt"] for r in train} & {r["prompt"] for r in held}
+    assert not {r["template"] for r in train} & {r["template"] for r in held}
+
+    train, held = tasks.passkey(n_train=8, n_heldout=4, heldout_T=(512,))
+    intro = lambda r: r["prompt"].split("\n\n")[0]
+    question = lambda r: r["prompt"].split("\n\n")[-1]
+    assert not {intro(r) for r in train} & {intro(r) for r in held}
+    assert not {question(r) for r in train} & {question(r) for r in held}
+
+    train, held = tasks.arithmetic(n_train=200, n_heldout=40)
+    assert not {_skeleton(r["prompt"]) for r in train} & {_skeleton(r["prompt"]) for r in held}
+    assert len({_skeleton(r["prompt"]) for r in held}) == 2 * len(tasks.PROBLEMS)  # every held-out wording used
+
+
+def test_personal_task_has_40_unguessable_facts_4_train_and_2_heldout_phrasings_each():
+    train, held = tasks.personal()
+    facts = {r["fact"] for r in train}
+    assert len(facts) == 40 and not facts & set(tasks.GUESSABLE)
+    for fact in facts:
+        assert sum(r["fact"] == fact for r in train) == 4
+        assert sum(r["fact"] == fact for r in held) == 2
+    for r in train + held:
+        assert r["answer"] in r["completion"]
+
+
+def _sentences_before(prompt: str, offset: int) -> int:
+    return sum(prompt[:offset].count(s) for s in tasks.FILLER)
+
+
+@pytest.mark.parametrize("count", [None, lambda text: len(text.split())], ids=["chars", "words"])
+def test_passkey_is_in_the_text_at_the_recorded_depth(count):
+    train, held = tasks.passkey(seed=5, n_train=6, n_heldout=6, train_T=512, heldout_T=(512, 1024),
+                                count_tokens=count)
+    measure = count or (lambda text: int(np.ceil(len(text) / tasks.CHARS_PER_TOKEN)))
+    depths = []
+    for r in train + held:
+        key, prompt = r["answer"], r["prompt"]
+        assert re.fullmatch(r"\d{5}", key)
+        assert prompt[r["key_offset"]:].startswith(tasks.KEY_SENTENCE.format(key=key))
+        assert re.findall(r"\d+", prompt) == [key, key]  # the filler holds no other number
+        n = r["filler_sentences"]
+        assert n > 0
+        assert _sentences_before(prompt, r["key_offset"]) == round(r["depth"] * n)
+        assert r["completion"] == f"The pass key is {key}."
+        # as long as the budget allows, and no longer
+        budget = r["tokens"] - tasks.RESERVE
+        assert r["prompt_tokens"] == measure(prompt) <= budget
+        longest = max(measure(s) for s in tasks.FILLER) + 1
+        assert measure(prompt) > budget - longest
+        depths.append(r["depth"])
+    assert min(depths) < 0.35 and max(depths) > 0.65  # the key moves through the text
+    assert sorted({r["tokens"] for r in held}) == [512, 1024]
+
+
+def test_passkey_refuses_a_length_that_cannot_hold_the_key():
+    with pytest.raises(ValueError, match="T = 64"):
+        tasks.passkey(n_train=1, n_heldout=0, train_T=64)
+
+
+def _solve(kind: str, v: dict) -> int:
+    """The problem kinds, solved independently of tasks.py."""
+    if kind == "bus":
+        return v["a"] - v["b"] + v["c"] - v["d"]
+    if kind == "trays":
+        return v["n"] * v["m"] - v["s"] + v["k"]
+    if kind == "savings":
+        return v["a"] + v["w"] * v["k"] - v["s"]
+    assert (v["x"] * v["y"]) % v["z"] == 0, "the sweets must share out evenly"
+    return v["x"] * v["y"] // v["z"] - v["e"]
+
+
+def test_arithmetic_answers_are_right():
+    train, held = tasks.arithmetic(seed=11, n_train=120, n_heldout=40)
+    ops = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "x": lambda a, b: a * b, "/": lambda a, b: a / b}
+    for r in train + held:
+        answer = _solve(r["kind"], r["values"])
+        assert answer > 0 and r["answer"] == str(answer)
+        assert re.findall(r"\d+", r["prompt"]) and all(str(x) in r["prompt"] for x in r["values"].values())
+        steps = r["completion"].removesuffix(f" The answer is {answer}.").rstrip(".").split(". ")
+        assert len(steps) == 3
+        previous = None
+        for step in steps:  # every worked step is true and uses the result before it
+            a, op, b, eq, c = step.split()
+            assert eq == "=" and ops[op](int(a), int(b)) == int(c)
+            assert previous is None or previous in (a, b)
+            previous = c
+        assert previous == r["answer"]
+    assert {r["kind"] for r in held} == {p.kind for p in tasks.PROBLEMS}
+
+
+# ---------------------------------------------------------------- scoring
+def _write(path: Path, records: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+EVAL_RECORDS = [
+    {"prompt": "Cat?", "completion": "Her cat is called Pumpernickel.", "answer": "Pumpernickel", "fact": "cat"},
+    {"prompt": "Tea?", "completion": "Her favourite tea is Keemun.", "answer": "Keemun", "fact": "tea"},
+    {"prompt": "Street?", "completion": "She lives on Vellacourt Lane.", "answer": "Vellacourt Lane", "fact": "street"},
+    {"prompt": "Sum?", "completion": "3 + 17 = 20. The answer is 20.", "answer": "20", "fact": "sum"},
+    {"prompt": "Sum again?", "completion": "3 + 17 = 20. The answer is 20.", "answer": "20", "fact": "sum"},
+    {"messages": [{"role": "user", "content": "Van?"}, {"role": "assistant", "content": "Biscuit."}], "fact": "van"},
+]
+FAKE_OUTPUTS = {
+    "Cat?": "  her CAT is called   pumpernickel!",  # exact after normalising case, spaces, trailing punctuation
+    "Tea?": "She likes Keemun best, I think.",  # contains the answer, not exact
+    "Street?": "She lives on Vellacourt Road.",  # neither
+    "Sum?": "3 + 17 = 120",  # contains "20" as a substring, but the final number is wrong
+    "Sum again?": "3 + 17 = 20. The answer is 20.",  # exact, contains, final number
+    "Van?": "It is called Biscuit",  # no "answer" field: contains looks for the whole completion "biscuit"
+}
+
+
+def test_eval_metrics_on_a_fake_answerer(tmp_path):
+    items = evaluate.read_items(_write(tmp_path / "eval.jsonl", EVAL_RECORDS))
+    assert [i.prompt for i in items] == list(FAKE_OUTPUTS)
+    results = evaluate.evaluate_items(items, lambda item: FAKE_OUTPUTS[item.prompt], progress=False)
+    assert [r.exact for r in results] == [True, False, False, False, True, False]
+    assert [r.contains for r in results] == [True, True, False, True, True, True]
+    assert [r.number for r in results] == [None, None, None, False, True, None]
+    summary = evaluate.summarize(results)
+    assert (summary.n, summary.exact, summary.contains) == (6, 2 / 6, 5 / 6)
+    assert (summary.number, summary.n_number) == (0.5, 2)
+    by_fact = evaluate.summarize_by([r.row() for r in results], "fact")
+    assert by_fact["sum"].contains == 1.0 and by_fact["sum"].number == 0.5 and by_fact["street"].contains == 0.0
+    assert "exact match 33.3% (2/6)" in summary.text()
+
+
+def test_read_items_scores_only_the_heldout_split_of_a_combined_file(tmp_path):
+    records = [{**r, "split": "train" if i < 4 else "eval"} for i, r in enumerate(EVAL_RECORDS)]
+    path = _write(tmp_path / "combined.jsonl", records)
+    assert [i.prompt for i in evaluate.read_items(path)] == ["Sum again?", "Van?"]
+    assert len(evaluate.read_items(path, split="all")) == 6
+    assert [i.prompt for i in evaluate.read_items(path, split="all", limit=2)] == ["Cat?", "Tea?"]
+    with pytest.raises(ValueError, match="text"):
+        evaluate.read_items(_write(tmp_path / "text.jsonl", [{"text": "no question here"}]))
+
+
+def test_eval_command_writes_one_scored_row_per_example(tmp_path, capsys):
+    data = _write(tmp_path / "eval.jsonl", EVAL_RECORDS)
+    out = tmp_path / "results.jsonl"
+    assert main(["eval", "--model", "tiny", "--backend", "numpy", "--data", str(data), "--out", str(out),
+                 "--limit", "3", "--max-new-tokens", "3", "--group-by", "fact", "--no-progress"]) == 0
+    rows = evaluate.read_rows(out)
+    assert len(rows) == 3
+    for row, record in zip(rows, EVAL_RECORDS):
+        assert row["fact"] == record["fact"] and row["reference"] == record["completion"]
+        assert isinstance(row["output"], str) and isinstance(row["exact"], bool) and isinstance(row["contains"], bool)
+    printed = capsys.readouterr().out
+    assert "exact match" in printed and "fact = cat" in printed
+
+
+# ---------------------------------------------------------------- the study
+def test_lr_sweep_picks_the_lowest_heldout_loss(monkeypatch, tmp_path):
+    """The sweep's best lr (by held-out loss) is trained for the full budget; when the
+    sweep already ran the full budget its best run is the final run."""
+    from minilars.commands import study
+
+    loss_at = {1e-4: 2.0, 1e-3: 1.0, 1e-2: float("nan")}
+    trained = []
+
+    def fake_train(s, p, method, lr, steps, role, out, counter):
+        trained.append((lr, steps, role))
+        ok = lr != 1e-2  # the largest lr diverges
+        return study.Run(p.task, method, lr, steps, role, str(tmp_path / f"{lr}-{role}"), [],
+                         returncode=0 if ok else 2, final_train_loss=loss_at[lr], eval_loss=loss_at[lr],
+                         error=None if ok else "diverged")
+
+    summary = evaluate.Summary(4, 0.25, 0.5, None)
+    monkeypatch.setattr(study, "train_run", fake_train)
+    monkeypatch.setattr(study, "evaluate_run", lambda *a, **k: {"summary": summary, "by": {}})
+    prepared = study.Prepared("personal", tmp_path, tmp_path, 64, 8, None)
+    base = {"summary": evaluate.Summary(4, 0.0, 0.0, None), "by": {}}
+    for sweep_steps, expected in ((5, [(1e-4, 5, "sweep"), (1e-3, 5, "sweep"), (1e-2, 5, "sweep"), (1e-3, 20, "final")]),
+                                  (20, [(1e-4, 20, "sweep"), (1e-3, 20, "sweep"), (1e-2, 20, "sweep")])):
+        trained.clear()
+        s = study.Settings("tiny", "numpy", 1, ["personal"], ["lora"], 20, 2, {"lora": (1e-4, 1e-3, 1e-2)},
+                           sweep_steps, None, 4, 0, None, 0, False)
+        row, runs = study.study_method(s, prepared, "lora", base, tmp_path, [0, 4], keep_weights=True)
+        assert trained == expected
+        assert row["lr"] == 1e-3 and row["contains_before"] == 0.0 and row["contains_after"] == 0.5
+        assert [r.role for r in runs].count("final") == 1 and runs[-1 if sweep_steps == 5 else 1].role == "final"
+
+
+@pytest.mark.slow
+def test_study_quick_runs_end_to_end(tmp_path):
+    """--quick on the tiny preset: every output written, per-length accuracy for passkey,
+    a peak RSS and a finite final loss for every run (about a minute on a busy 2-core machine)."""
+    out = tmp_path / "study"
+    assert main(["study", "accuracy", "--quick", "--out", str(out), "--tasks", "personal,passkey",
+                 "--methods", "full,lars"]) == 0
+    for name in ("results.md", "results.csv", "accuracy_vs_step.png", "study.json"):
+        assert (out / name).is_file(), name
+    with open(out / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["task"], r["method"]) for r in rows] == [("personal", "full"), ("personal", "lars"),
+                                                        ("passkey", "full"), ("passkey", "lars")]
+    for r in rows:
+        assert not r["error"]
+        assert np.isfinite(float(r["final_train_loss"])) and float(r["peak_rss_mib"]) > 10
+        assert 0 <= float(r["contains_after"]) <= 1 and r["steps"] == "2" and r["batch"] == "2"
+        assert int(r["n_questions"]) == (8 if r["task"] == "passkey" else 4)  # 4 per passkey length
+    passkey = [r for r in rows if r["task"] == "passkey"]
+    assert all(r["contains_after@240"] != "" and r["contains_after@256"] != "" for r in passkey)
+    assert "after @T=256" in (out / "results.md").read_text()
+    study = json.loads((out / "study.json").read_text())
+    assert all(len(run["curve"]) == 2 for run in study["runs"])  # before and after
+    assert not (out / "runs" / "personal" / "full" / "lr-3e-05" / "merged").exists()  # weights deleted once scored
