@@ -184,6 +184,21 @@ def _row_sum(x, n):
     return (s0 + s1) + (s2 + s3)
 
 
+@njit(cache=True)
+def _row_dot(x, y, n):
+    """sum(x[c] * y[c] for c < n) in float64 as four interleaved partial sums."""
+    s0 = s1 = s2 = s3 = 0.0
+    n4 = n - n % 4
+    for c in range(0, n4, 4):
+        s0 += x[c] * y[c]
+        s1 += x[c + 1] * y[c + 1]
+        s2 += x[c + 2] * y[c + 2]
+        s3 += x[c + 3] * y[c + 3]
+    for c in range(n4, n):
+        s0 += x[c] * y[c]
+    return (s0 + s1) + (s2 + s3)
+
+
 # ---------------------------------------------------------------- attention
 # Tile products go to BLAS through np.dot (numba calls the BLAS behind
 # scipy.linalg.cython_blas, limited to one thread above, since every prange thread
@@ -386,10 +401,7 @@ def rmsnorm_forward(x, w, eps, y, rstd):
     (Zhang & Sennrich 2019). x (N, d), w (d,) -> y (N, d), rstd (N, 1)."""
     n, d = x.shape
     for r in prange(n):
-        ss = 0.0
-        for c in range(d):
-            ss += x[r, c] * x[r, c]
-        rs = 1.0 / math.sqrt(ss / d + eps)
+        rs = 1.0 / math.sqrt(_row_dot(x[r], x[r], d) / d + eps)
         rstd[r, 0] = rs
         rs = rstd[r, 0]  # in x's dtype, as kept for backward
         for c in range(d):
@@ -406,17 +418,19 @@ def rmsnorm_backward(dy, x, w, rstd, dx, dw_parts, rows_per_part):
     n, d = x.shape
     n_parts = dw_parts.shape[0]
     for part in prange(n_parts):
-        dw_parts[part, :] = 0.0
+        dw = dw_parts[part]
+        dw[:] = 0.0
+        g = np.empty(d, dtype=dx.dtype)
+        x_hat = np.empty(d, dtype=dx.dtype)
         for r in range(part * rows_per_part, min(n, (part + 1) * rows_per_part)):
             rs = rstd[r, 0]
-            dot = 0.0
             for c in range(d):
-                x_hat = x[r, c] * rs
-                dw_parts[part, c] += dy[r, c] * x_hat
-                dot += dy[r, c] * w[c] * x_hat
-            mean = dot / d
+                x_hat[c] = x[r, c] * rs
+                g[c] = dy[r, c] * w[c]
+                dw[c] += dy[r, c] * x_hat[c]
+            mean = _row_dot(g, x_hat, d) / d
             for c in range(d):
-                dx[r, c] = rs * (dy[r, c] * w[c] - x[r, c] * rs * mean)
+                dx[r, c] = rs * (g[c] - x_hat[c] * mean)
 
 
 # ---------------------------------------------------------------- RoPE
