@@ -1,0 +1,267 @@
+"""The memory planner (minilars/planner.py) against what the engine really holds.
+
+1. The activation store's peak is predicted exactly, byte for byte and per site kind,
+   for every method and storage policy (tiny preset, a few batch shapes).
+2. The whole step's live bytes (weights, adapters, AdamW state, gradients, store and
+   work arrays) match tracemalloc's peak per phase (forward, backward, AdamW) on a
+   small model with SmolLM2's widths.
+3. check_budget refuses what does not fit and its advice fits.
+4. `minilars plan` and `minilars bench memory --quick` run end to end.
+"""
+from __future__ import annotations
+
+import csv
+import re
+import tracemalloc
+
+import numpy as np
+import pytest
+
+from minilars.backends import available
+from minilars.cli import main
+from minilars.config import preset
+from minilars.methods import LARS_DEFAULT_STORAGE, MethodConfig, apply_method
+from minilars.model import Model
+from minilars.optim import AdamW
+from minilars.planner import (MemoryPlan, check_budget, format_size, largest_fitting_seq_len, parse_size,
+                              plan_memory)
+
+STORAGES = {
+    "exact": (),
+    "default": LARS_DEFAULT_STORAGE,  # block=recompute, input.x=half
+    "recompute": (("block", "recompute"),),
+    "half": (("*", "half"),),
+    "subspace": (("*", "subspace(4)"),),
+    "subspace-full-rank": (("*", "subspace(100)"),),  # rank >= every width: a rotation
+    "calibrated-attn-half-mlp": (("attn.*", "subspace(4, calibration)"), ("mlp.*", "half")),
+    "recompute-half-everything": (("block", "recompute"), ("*", "half")),
+    "recompute-subspace-input": (("block", "recompute"), ("input.x", "subspace(8)"), ("attn.o", "half")),
+    "o-half": (("attn.o", "half"),),  # splits the buffer attn.o shares with attn_out's input
+}
+
+METHODS = {
+    "frozen": MethodConfig("frozen"),
+    "full": MethodConfig("full"),
+    "lora": MethodConfig("lora", rank=4),
+    "lora-q-o-down": MethodConfig("lora", rank=3, targets=("q", "o", "down")),
+    "ia3": MethodConfig("ia3"),
+    "ia3-q-o-gate-down": MethodConfig("ia3", targets=("q", "o", "gate", "down")),
+    **{f"lars-{name}": MethodConfig("lars", rank=4, storage=storage) for name, storage in STORAGES.items()},
+    "lars-rank-above-width": MethodConfig("lars", rank=64, storage=LARS_DEFAULT_STORAGE),
+}
+
+
+def _batch(cfg, b, t, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, cfg.vocab_size, (b, t)), rng.integers(0, cfg.vocab_size, (b, t))
+
+
+# ---------------------------------------------------------------- 1. the store, exactly
+@pytest.mark.parametrize("shape", [(1, 24), (2, 17), (1, 5)], ids=lambda s: f"B{s[0]}T{s[1]}")
+@pytest.mark.parametrize("name", list(METHODS))
+def test_store_peak_is_predicted_exactly(name, shape):
+    cfg, method = preset("tiny"), METHODS[name]
+    b, t = shape
+    model = Model.random(cfg, seed=0, attention_tile=8)
+    tokens, targets = _batch(cfg, b, t)
+    apply_method(model, method, tokens if method.name == "lars" else None)
+    tape = model.forward(tokens, targets)
+    model.backward(tape)
+    plan = plan_memory(cfg, method, t, b, "float32", "numpy", inference=False)
+    assert plan.store_peak == tape.store.bytes_peak
+    assert plan.store_peak_by_kind == tape.store.peak_by_kind()
+
+
+def test_frozen_means_the_no_grad_forward():
+    plan = plan_memory(preset("tiny"), MethodConfig("frozen"), 64, 1, "float32", "numpy")
+    assert plan.store_peak == 0 and plan.gradients == 0 and plan.optimizer == 0
+
+
+# ---------------------------------------------------------------- 2. live bytes vs tracemalloc
+def _phase_peaks(plan: MemoryPlan) -> dict[str, int]:
+    """The planner's largest total per phase, without the runtime baseline."""
+    out = {"forward": 0, "backward": 0, "optimizer": 0}
+    for name, total in plan.phases:
+        phase = ("optimizer" if name.startswith("optimizer") else
+                 "backward" if ("backward" in name or "recompute" in name) else "forward")
+        out[phase] = max(out[phase], total - plan.baseline)
+    return out
+
+
+LIVE_BYTE_METHODS = {"frozen": MethodConfig("frozen"), "lars": MethodConfig.lars_default(),
+                     "lars-exact": MethodConfig("lars", rank=16), "lora": MethodConfig("lora", rank=8),
+                     "ia3": MethodConfig("ia3"), "full": MethodConfig("full")}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", [b for b in ("numpy", "numba") if b in available()])
+@pytest.mark.parametrize("name", list(LIVE_BYTE_METHODS))
+def test_live_bytes_match_tracemalloc(name, backend):
+    """numpy (and numba's np.empty outputs and kernel buffers) report their buffers
+    to tracemalloc, so its peak is the bytes the step really holds, without the C
+    allocator's slack; the planner must land within 2 % in every phase."""
+    if backend == "numba":
+        from minilars.backends.numba_backend import warmup
+
+        warmup(("float32",))  # compiling allocates Python objects tracemalloc would count
+    method = LIVE_BYTE_METHODS[name]
+    cfg = preset("smollm2-135m").with_(n_layers=2, vocab_size=4096, max_seq_len=1024)
+    t = 512
+    tokens, targets = _batch(cfg, 1, t)
+    tracemalloc.start()
+    try:
+        model = Model.random(cfg, seed=0, backend=backend)
+        apply_method(model, method, tokens[:, :256] if method.name == "lars" else None)
+        measured = {}
+        if method.name == "frozen":
+            tracemalloc.reset_peak()
+            model.forward(tokens, targets, need_grad=False)
+            measured["forward"] = tracemalloc.get_traced_memory()[1]
+        else:
+            optimizer = AdamW(model.trainable(), model.be)
+            for _ in range(2):  # the second step has m and v written, as every later one
+                tracemalloc.reset_peak()
+                tape = model.forward(tokens, targets)
+                measured["forward"] = tracemalloc.get_traced_memory()[1]
+                tracemalloc.reset_peak()
+                grads = model.backward(tape)
+                measured["backward"] = tracemalloc.get_traced_memory()[1]
+                tracemalloc.reset_peak()
+                optimizer.step(grads)
+                measured["optimizer"] = tracemalloc.get_traced_memory()[1]
+                del tape, grads
+    finally:
+        tracemalloc.stop()
+    planned = _phase_peaks(plan_memory(cfg, method, t, 1, "float32", backend, inference=method.name == "frozen"))
+    for phase, value in measured.items():
+        assert planned[phase] == pytest.approx(value, rel=0.02), phase
+
+
+def test_plan_grows_with_seq_len_and_adds_up():
+    cfg = preset("smollm2-135m")
+    for method in (MethodConfig.lars_default(), MethodConfig("lora", rank=8), MethodConfig("full")):
+        totals = [plan_memory(cfg, method, t, 1, "float32", "numpy").total for t in (256, 512, 1024, 2048)]
+        assert totals == sorted(totals)
+        plan = plan_memory(cfg, method, 1024, 1, "float32", "numpy")
+        assert plan.total == (plan.baseline + plan.weights + plan.trainable + plan.optimizer + plan.gradients
+                              + plan.activation_store + plan.transient)
+        assert max(total for _, total in plan.phases) == plan.total
+
+
+def test_lars_default_recipe_keeps_less_than_lora():
+    cfg = preset("smollm2-135m")
+    lars = plan_memory(cfg, MethodConfig.lars_default(), 2048, 1, "float32", "numpy")
+    lora = plan_memory(cfg, MethodConfig("lora", rank=8), 2048, 1, "float32", "numpy")
+    assert lars.store_peak < lora.store_peak / 10
+    # 29 block inputs in float16 plus one block's caches in float32, per token
+    per_block = (2 * 577 + 2 * 576 + 2 * 192 + 9 + 2 * 1536 + 4 * 16) * 4
+    assert lars.store_peak == 2048 * (29 * 576 * 2 + per_block)
+
+
+def test_float16_weights_halve_the_weights():
+    cfg = preset("smollm2-135m")
+    f32 = plan_memory(cfg, MethodConfig.lars_default(), 1024, 1, "float32", "numpy")
+    f16 = plan_memory(cfg, MethodConfig.lars_default(), 1024, 1, "float16", "numpy")
+    assert f16.weights < 0.55 * f32.weights
+
+
+# ---------------------------------------------------------------- 3. budgets
+def test_check_budget_returns_the_plan_when_it_fits():
+    cfg = preset("smollm2-135m")
+    plan = check_budget(cfg, MethodConfig.lars_default(), 1024, 1, "float32", "4GiB", "numpy")
+    assert plan.total <= 4 * 2**30
+
+
+def _advice(message: str, flag: str) -> str | None:
+    match = re.search(rf"{flag} (\S+?)[ ;.]", message)
+    return match.group(1) if match else None
+
+
+def test_check_budget_advice_fits():
+    cfg = preset("smollm2-135m")
+    method = MethodConfig("lora", rank=64)
+    budget = plan_memory(cfg, method, 700, 1, "float32", "numpy").total  # 700 tokens fit, 2048 do not
+    with pytest.raises(ValueError) as info:
+        check_budget(cfg, method, 2048, 1, "float32", budget, "numpy")
+    message = str(info.value)
+    assert format_size(budget) in message
+    longest = int(_advice(message, "--seq-len"))
+    assert 700 <= longest < 2048
+    assert plan_memory(cfg, method, longest, 1, "float32", "numpy").total <= budget
+    assert plan_memory(cfg, method, longest + 1, 1, "float32", "numpy").total > budget
+    assert "--method lars" in message  # the default LARS recipe fits 2048 tokens here
+    assert plan_memory(cfg, MethodConfig.lars_default(), 2048, 1, "float32", "numpy").total <= budget
+
+
+def test_check_budget_suggests_a_policy_and_a_rank_that_fit():
+    cfg = preset("smollm2-135m")
+    exact = MethodConfig("lars", rank=16)
+    budget = plan_memory(cfg, MethodConfig.lars_default(), 2048, 1, "float32", "numpy").total
+    with pytest.raises(ValueError) as info:
+        check_budget(cfg, exact, 2048, 1, "float32", budget, "numpy")
+    assert "--storage block=recompute,input.x=half" in str(info.value)
+
+    big = MethodConfig("lars", rank=512, storage=LARS_DEFAULT_STORAGE)
+    budget = plan_memory(cfg, MethodConfig("lars", rank=64, storage=LARS_DEFAULT_STORAGE), 1024, 1, "float32",
+                         "numpy").total
+    with pytest.raises(ValueError) as info:
+        check_budget(cfg, big, 1024, 1, "float32", budget, "numpy")
+    rank = int(_advice(str(info.value), "--rank"))
+    assert rank < 512
+    fitting = MethodConfig("lars", rank=rank, storage=LARS_DEFAULT_STORAGE)
+    assert plan_memory(cfg, fitting, 1024, 1, "float32", "numpy").total <= budget
+
+
+def test_no_sequence_fits_below_the_weights():
+    cfg = preset("smollm2-135m")
+    assert largest_fitting_seq_len(cfg, MethodConfig.lars_default(), 1, "float32", 100 * 2**20, "numpy") == 0
+    with pytest.raises(ValueError, match="no sequence length fits"):
+        check_budget(cfg, MethodConfig.lars_default(), 256, 1, "float32", "100MiB", "numpy")
+
+
+@pytest.mark.parametrize("text, value", [("1GiB", 2**30), ("512MiB", 512 * 2**20), ("2G", 2 * 2**30),
+                                         ("1.5GB", int(1.5 * 2**30)), ("300k", 300 * 1024), ("1000", 1000),
+                                         ("1e9", 10**9), (4096, 4096)])
+def test_parse_size(text, value):
+    assert parse_size(text) == value
+
+
+@pytest.mark.parametrize("text", ["", "GiB", "1 XB", "-1GiB", "one gig"])
+def test_parse_size_rejects(text):
+    with pytest.raises(ValueError):
+        parse_size(text)
+
+
+# ---------------------------------------------------------------- 4. the commands
+def test_plan_command(capsys):
+    assert main(["plan", "--model", "tiny", "--method", "lars", "--seq-len", "64", "--backend", "numpy",
+                 "--phases"]) == 0
+    out = capsys.readouterr().out
+    assert "activation store peak" in out and "total" in out and "block 1 backward: SwiGLU" in out
+    assert main(["plan", "--model", "smollm2-135m", "--method", "lora", "--seq-len", "2048", "--backend", "numpy",
+                 "--max-memory", "1GiB"]) == 1
+    assert "What would fit" in capsys.readouterr().out
+    assert main(["plan", "--model", "tiny", "--seq-len", "64", "--backend", "numpy", "--max-memory", "1GiB"]) == 0
+    assert "fits in" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_bench_memory_quick(tmp_path, capsys):
+    """Fresh worker processes on the tiny preset; a run that fails (T beyond the
+    context) is a row with its error, and the others still report."""
+    out = tmp_path / "bench"
+    status = main(["bench", "memory", "--quick", "--backend", "numpy", "--methods", "inference,lars,lora",
+                   "--seq-lens", "16,512", "--out", str(out)])
+    assert status == 1  # one row per method failed
+    with open(out / "memory.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == 6
+    for row in rows:
+        if row["T"] == "512":
+            assert row["status"] == "error" and "context" in row["error"]
+        else:
+            assert row["status"] == "ok", row["error"]
+            assert float(row["peak_rss_mib"]) > 0 and float(row["step_s"]) >= 0
+            assert row["store_peak_mib"] == row["planned_store_mib"]  # the planner's store is exact
+    assert (out / "memory.png").stat().st_size > 0
+    assert "| label" in capsys.readouterr().out
