@@ -460,10 +460,13 @@ class Trainer:
         return self.losses
 
     def _diverged(self, what: str) -> None:
-        kept = (f"the last good checkpoint ({CHECKPOINT}, step {read_checkpoint_meta(self.checkpoint_path)['step']}) "
-                f"is untouched" if self.checkpoint_path.exists() else "no checkpoint was written")
+        if self.checkpoint_path.exists():
+            step = read_checkpoint_meta(self.checkpoint_path)["step"]
+            kept, again = f"the last good checkpoint ({CHECKPOINT}, step {step}) is untouched", " with --overwrite"
+        else:
+            kept, again = "no checkpoint was written", ""
         raise TrainingDiverged(f"{what} (lr {self.config.lr:g}): training stopped; {kept}. "
-                               "Lower --lr and start again with --overwrite")
+                               f"Lower --lr and start again{again}")
 
     def _check_params_finite(self) -> None:
         bad = [name for name, p in self.model.trainable().items() if not self.model.be.isfinite(p)]

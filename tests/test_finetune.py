@@ -286,6 +286,34 @@ def test_non_finite_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint
     assert not (out / "result.json").exists() and not (out / "adapter_config.json").exists()
 
 
+def test_non_finite_gradient_stops_before_the_update(tmp_path):
+    from minilars import data, train
+    from minilars.config import preset
+    from minilars.methods import MethodConfig, apply_method
+    from minilars.model import Model
+    from minilars.optim import AdamW
+
+    tok = data.char_tokenizer()
+    examples = [data.tokenize(data.parse_record({"prompt": f"q{i}", "completion": "answer"}, f"f:{i}"), tok)
+                for i in range(4)]
+    rows = data.make_rows(examples, 32, 0)
+    model = apply_method(Model.random(preset("tiny"), seed=0), MethodConfig("lora", rank=2))
+    trainer = train.Trainer(model, AdamW(model.trainable(), model.be), rows, train.TrainConfig(steps=3, batch_size=2,
+                            seq_len=32), tmp_path, {"test": 1}, progress=False)
+    backward = model.backward
+
+    def poisoned(tape):
+        grads = backward(tape)
+        next(iter(grads.values()))[0] = np.nan  # as a poisoned batch would
+        return grads
+
+    model.backward = poisoned
+    before = {k: v.copy() for k, v in model.trainable().items()}
+    with pytest.raises(train.TrainingDiverged, match="non-finite gradient in .* at step 1 .*no checkpoint was written"):
+        trainer.run()
+    assert all((before[k] == v).all() for k, v in model.trainable().items())  # nothing was updated
+
+
 # ---------------------------------------------------------------- bad input
 @pytest.mark.parametrize("content, message", [
     ('{"prompt": "a", "completion": "b"}\n{"prompt": "a", "completion"\n', r"bad\.jsonl:2: not valid JSON"),

@@ -368,9 +368,9 @@ def _backend(opts):
     for name in names:
         try:
             backend = get_backend(name, **({"device": opts.device} if name == "torch" else {}))
-        except ImportError:
+        except ImportError as exc:
             if opts.backend != "auto":
-                raise
+                raise CommandError(f"the {name} backend is not available here ({exc})") from None
             continue
         if name == "torch":
             import torch
