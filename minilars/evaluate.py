@@ -102,8 +102,8 @@ def summarize(scored: list[Scored] | list[dict]) -> Summary:
     rows = [s.row() if isinstance(s, Scored) else s for s in scored]
     n = len(rows)
     numeric = [r["number"] for r in rows if r.get("number") is not None]
-    return Summary(n, sum(r["exact"] for r in rows) / n if n else 0.0, sum(r["contains"] for r in rows) / n if n else 0.0,
-                   sum(numeric) / len(numeric) if numeric else None, len(numeric))
+    rate = lambda key: sum(r[key] for r in rows) / n if n else 0.0
+    return Summary(n, rate("exact"), rate("contains"), sum(numeric) / len(numeric) if numeric else None, len(numeric))
 
 
 def summarize_by(rows: list[dict], key: str) -> dict:

@@ -24,7 +24,9 @@ Lengths: a passkey example at T tokens has a prompt of T - RESERVE tokens, so th
 whole rendered example (chat template, answer) fits a row of T tokens. Tokens are
 counted with a tokenizer when one is given (`count_tokens`); without one they are
 estimated as characters / CHARS_PER_TOKEN, the ratio the SmolLM2 tokenizer gives
-on passkey prompts (measured: 4.48 characters per token over 320 prompts).
+on passkey prompts (4.44 characters per token, measured over 160 prompts;
+the estimate of one prompt was off by -3 % to +6 %, so count with the tokenizer
+when rows must fit exactly, as `minilars study` does).
 """
 from __future__ import annotations
 
@@ -69,7 +71,7 @@ def personal(seed: int = SEED, n_facts: int = N_FACTS) -> tuple[list[dict], list
 
 
 # ---------------------------------------------------------------- passkey retrieval
-CHARS_PER_TOKEN = 4.48  # SmolLM2 tokenizer on passkey prompts (see the module docstring)
+CHARS_PER_TOKEN = 4.44  # SmolLM2 tokenizer on passkey prompts (see the module docstring)
 RESERVE = 48  # tokens left for the chat template and the answer
 TRAIN_T = 512
 HELDOUT_T = (512, 1024, 2048)
@@ -186,6 +188,19 @@ class Problem:
     heldout: tuple[str, ...]  # 2 other wordings
 
 
+_OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "x": lambda a, b: a * b, "/": lambda a, b: a // b}
+
+
+def _chain(first: int, *ops: tuple[str, int]) -> list[tuple[str, int]]:
+    """The worked steps of first op1 b1 op2 b2 ... left to right: [("7 x 3 = 21", 21), ...]."""
+    steps, value = [], first
+    for op, operand in ops:
+        result = _OPS[op](value, operand)
+        steps.append((f"{value} {op} {operand} = {result}", result))
+        value = result
+    return steps
+
+
 def _draw_bus(r):
     a = int(r.integers(20, 61))
     b = int(r.integers(2, a // 2))
@@ -194,21 +209,9 @@ def _draw_bus(r):
     return {"a": a, "b": b, "c": c, "d": d}
 
 
-def _solve_bus(v):
-    x = v["a"] - v["b"]
-    y = x + v["c"]
-    return [(f"{v['a']} - {v['b']} = {x}", x), (f"{x} + {v['c']} = {y}", y), (f"{y} - {v['d']} = {y - v['d']}", y - v['d'])]
-
-
 def _draw_trays(r):
     n, m = int(r.integers(2, 10)), int(r.integers(3, 13))
     return {"n": n, "m": m, "s": int(r.integers(1, n * m)), "k": int(r.integers(2, 20))}
-
-
-def _solve_trays(v):
-    x = v["n"] * v["m"]
-    y = x - v["s"]
-    return [(f"{v['n']} x {v['m']} = {x}", x), (f"{x} - {v['s']} = {y}", y), (f"{y} + {v['k']} = {y + v['k']}", y + v['k'])]
 
 
 def _draw_savings(r):
@@ -216,61 +219,82 @@ def _draw_savings(r):
     return {"a": a, "w": w, "k": k, "s": int(r.integers(1, a + w * k))}
 
 
-def _solve_savings(v):
-    x = v["w"] * v["k"]
-    y = v["a"] + x
-    return [(f"{v['w']} x {v['k']} = {x}", x), (f"{v['a']} + {x} = {y}", y), (f"{y} - {v['s']} = {y - v['s']}", y - v['s'])]
-
-
 def _draw_sweets(r):
     z, t, y = int(r.integers(2, 7)), int(r.integers(1, 4)), int(r.integers(3, 13))
-    return {"x": z * t, "y": y, "z": z, "e": int(r.integers(1, t * y))}
-
-
-def _solve_sweets(v):
-    total = v["x"] * v["y"]
-    each = total // v["z"]
-    return [(f"{v['x']} x {v['y']} = {total}", total), (f"{total} / {v['z']} = {each}", each),
-            (f"{each} - {v['e']} = {each - v['e']}", each - v['e'])]
+    return {"x": z * t, "y": y, "z": z, "e": int(r.integers(1, t * y))}  # x * y shares out evenly among z
 
 
 PROBLEMS = (
-    Problem("bus", _draw_bus, _solve_bus, train=(
-        "A bus leaves with {a} passengers. At the first stop {b} get off and {c} get on. At the second stop {d} get off. How many passengers are on the bus now?",
-        "{a} people are on a bus. {b} people get off, then {c} people get on, then {d} people get off. How many people are on the bus?",
-        "There are {a} riders on a bus. First {b} leave and {c} board. Later {d} more leave. How many riders remain?",
-        "{name}'s bus starts with {a} passengers. {b} step off, {c} step on, and then {d} step off. How many passengers are left?",
-    ), heldout=(
-        "{name} counts {a} travellers on the morning coach. After one halt the coach has lost {b} and gained {c}; after the next it has lost another {d}. What is the count now?",
-        "Starting from {a} seated passengers, subtract the {b} who alight, add the {c} who climb aboard, and subtract the {d} who alight later. What number do you get?",
-    )),
-    Problem("trays", _draw_trays, _solve_trays, train=(
-        "A baker fills {n} trays with {m} rolls each. She sells {s} rolls and then bakes {k} more. How many rolls does she have?",
-        "{name} bakes {n} trays of {m} rolls. {s} rolls are sold. Then {k} more rolls are baked. How many rolls are there now?",
-        "There are {n} trays holding {m} rolls each. After {s} rolls are sold, {k} new rolls are added. How many rolls are there?",
-        "A bakery makes {n} trays of {m} rolls, sells {s} of them, and bakes {k} extra. How many rolls does the bakery have?",
-    ), heldout=(
-        "{name} lays out rolls in {n} rows of {m}. Customers take away {s}, and a fresh batch of {k} comes out of the oven. How many rolls are on the counter?",
-        "Each of {n} baking sheets carries {m} buns. Once {s} buns have gone to customers and {k} have been added, what is the total number of buns?",
-    )),
-    Problem("savings", _draw_savings, _solve_savings, train=(
-        "{name} has {a} coins. She saves {w} coins a week for {k} weeks, then spends {s} coins. How many coins does she have?",
-        "A jar holds {a} coins. {w} coins are added every week for {k} weeks. Then {s} coins are taken out. How many coins are in the jar?",
-        "{name} starts with {a} coins and puts away {w} coins each week for {k} weeks. Then {name} spends {s} coins. How many coins are left?",
-        "There are {a} coins in a box. For {k} weeks, {w} coins are added each week. Afterwards {s} coins are spent. How many coins remain?",
-    ), heldout=(
-        "Over {k} weeks {name} drops {w} coins a week into a money box that already held {a}. After buying a present for {s} coins, what is left in the box?",
-        "A savings tin begins at {a} coins, grows by {w} coins weekly for {k} weeks, and loses {s} coins at the end. What does the tin contain?",
-    )),
-    Problem("sweets", _draw_sweets, _solve_sweets, train=(
-        "{name} has {x} bags with {y} sweets in each. The sweets are shared equally among {z} children. Each child eats {e} sweets. How many sweets does each child have left?",
-        "There are {x} bags of {y} sweets. They are split evenly between {z} children, and each child eats {e}. How many sweets does one child have now?",
-        "{x} bags each hold {y} sweets. {z} children share them equally. Then every child eats {e} sweets. How many sweets are left for each child?",
-        "A teacher has {x} bags of sweets with {y} in each bag. She gives them out equally to {z} children, who each eat {e}. How many sweets does each child still have?",
-    ), heldout=(
-        "{name} empties {x} packets, each with {y} toffees, and deals the toffees out fairly to {z} friends. If every friend then eats {e}, how many toffees does a friend keep?",
-        "Share the contents of {x} packs of {y} sweets evenly among {z} people, then take {e} away from each share. How big is one share?",
-    )),
+    Problem("bus", _draw_bus, lambda v: _chain(v["a"], ("-", v["b"]), ("+", v["c"]), ("-", v["d"])),
+            train=(
+                "A bus leaves with {a} passengers. At the first stop {b} get off and {c} get on. "
+                "At the second stop {d} get off. How many passengers are on the bus now?",
+                "{a} people are on a bus. {b} people get off, then {c} people get on, "
+                "then {d} people get off. How many people are on the bus?",
+                "There are {a} riders on a bus. First {b} leave and {c} board. "
+                "Later {d} more leave. How many riders remain?",
+                "{name}'s bus starts with {a} passengers. {b} step off, "
+                "{c} step on, and then {d} step off. How many passengers are left?",
+            ),
+            heldout=(
+                "{name} counts {a} travellers on the morning coach. "
+                "After one halt the coach has lost {b} and gained {c}; "
+                "after the next it has lost another {d}. What is the count now?",
+                "Starting from {a} seated passengers, subtract the {b} who alight, "
+                "add the {c} who climb aboard, and subtract the {d} who alight later. What number do you get?",
+            )),
+    Problem("trays", _draw_trays, lambda v: _chain(v["n"], ("x", v["m"]), ("-", v["s"]), ("+", v["k"])),
+            train=(
+                "A baker fills {n} trays with {m} rolls each. "
+                "She sells {s} rolls and then bakes {k} more. How many rolls does she have?",
+                "{name} bakes {n} trays of {m} rolls. {s} rolls are sold. "
+                "Then {k} more rolls are baked. How many rolls are there now?",
+                "There are {n} trays holding {m} rolls each. After {s} rolls are sold, "
+                "{k} new rolls are added. How many rolls are there?",
+                "A bakery makes {n} trays of {m} rolls, sells {s} of them, "
+                "and bakes {k} extra. How many rolls does the bakery have?",
+            ),
+            heldout=(
+                "{name} lays out rolls in {n} rows of {m}. Customers take away {s}, "
+                "and a fresh batch of {k} comes out of the oven. How many rolls are on the counter?",
+                "Each of {n} baking sheets carries {m} buns. "
+                "Once {s} buns have gone to customers and {k} have been added, what is the total number of buns?",
+            )),
+    Problem("savings", _draw_savings, lambda v: _chain(v["w"], ("x", v["k"]), ("+", v["a"]), ("-", v["s"])),
+            train=(
+                "{name} has {a} coins. She saves {w} coins a week for {k} weeks, "
+                "then spends {s} coins. How many coins does she have?",
+                "A jar holds {a} coins. {w} coins are added every week for {k} weeks. "
+                "Then {s} coins are taken out. How many coins are in the jar?",
+                "{name} starts with {a} coins and puts away {w} coins each week for {k} weeks. "
+                "Then {name} spends {s} coins. How many coins are left?",
+                "There are {a} coins in a box. For {k} weeks, {w} coins are added each week. "
+                "Afterwards {s} coins are spent. How many coins remain?",
+            ),
+            heldout=(
+                "Over {k} weeks {name} drops {w} coins a week into a money box that already held {a}. "
+                "After buying a present for {s} coins, what is left in the box?",
+                "A savings tin begins at {a} coins, grows by {w} coins weekly for {k} weeks, "
+                "and loses {s} coins at the end. What does the tin contain?",
+            )),
+    Problem("sweets", _draw_sweets, lambda v: _chain(v["x"], ("x", v["y"]), ("/", v["z"]), ("-", v["e"])),
+            train=(
+                "{name} has {x} bags with {y} sweets in each. The sweets are shared equally among {z} children. "
+                "Each child eats {e} sweets. How many sweets does each child have left?",
+                "There are {x} bags of {y} sweets. They are split evenly between {z} children, "
+                "and each child eats {e}. How many sweets does one child have now?",
+                "{x} bags each hold {y} sweets. {z} children share them equally. "
+                "Then every child eats {e} sweets. How many sweets are left for each child?",
+                "A teacher has {x} bags of sweets with {y} in each bag. She gives them out equally to {z} children, "
+                "who each eat {e}. How many sweets does each child still have?",
+            ),
+            heldout=(
+                "{name} empties {x} packets, each with {y} toffees, "
+                "and deals the toffees out fairly to {z} friends. "
+                "If every friend then eats {e}, how many toffees does a friend keep?",
+                "Share the contents of {x} packs of {y} sweets evenly among {z} people, "
+                "then take {e} away from each share. How big is one share?",
+            )),
 )
 
 

@@ -222,10 +222,11 @@ def test_lr_sweep_picks_the_lowest_heldout_loss(monkeypatch, tmp_path):
     monkeypatch.setattr(study, "evaluate_run", lambda *a, **k: {"summary": summary, "by": {}})
     prepared = study.Prepared("personal", tmp_path, tmp_path, 64, 8, None)
     base = {"summary": evaluate.Summary(4, 0.0, 0.0, None), "by": {}}
-    for sweep_steps, expected in ((5, [(1e-4, 5, "sweep"), (1e-3, 5, "sweep"), (1e-2, 5, "sweep"), (1e-3, 20, "final")]),
-                                  (20, [(1e-4, 20, "sweep"), (1e-3, 20, "sweep"), (1e-2, 20, "sweep")])):
+    short = [(1e-4, 5, "sweep"), (1e-3, 5, "sweep"), (1e-2, 5, "sweep"), (1e-3, 20, "final")]
+    full_budget = [(1e-4, 20, "sweep"), (1e-3, 20, "sweep"), (1e-2, 20, "sweep")]
+    for sweep_steps, expected in ((5, short), (20, full_budget)):
         trained.clear()
-        s = study.Settings("tiny", "numpy", 1, ["personal"], ["lora"], 20, 2, {"lora": (1e-4, 1e-3, 1e-2)},
+        s = study.Settings("tiny", "numpy", "cpu", 1, ["personal"], ["lora"], 20, 2, {"lora": (1e-4, 1e-3, 1e-2)},
                            sweep_steps, None, 4, 0, None, 0, False)
         row, runs = study.study_method(s, prepared, "lora", base, tmp_path, [0, 4], keep_weights=True)
         assert trained == expected

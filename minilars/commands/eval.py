@@ -26,7 +26,8 @@ def add_parser(sub) -> None:
                         help="auto: when records mark a split, score only the 'eval' ones; all: every record "
                              "(default: %(default)s)")
     parser.add_argument("--limit", type=int, default=None, help="score only the first N records")
-    parser.add_argument("--max-new-tokens", type=int, default=32, help="longest answer generated (default: %(default)s)")
+    parser.add_argument("--max-new-tokens", type=int, default=32,
+                        help="longest answer generated (default: %(default)s)")
     parser.add_argument("--out", default=None, help="write one JSON row per example here (prompt, reference, "
                         "answer, output, exact, contains; the record's other fields kept)")
     parser.add_argument("--group-by", default=None, metavar="FIELD",

@@ -7,8 +7,8 @@
 `accuracy` trains each method on each task with the same step budget and batch,
 every training run a fresh `minilars finetune` process (so its peak RSS, the
 process's VmHWM, is its own), after a learning-rate sweep on a shorter budget
-that picks the lr with the lowest held-out loss. Then `python -m minilars eval`
-scores the held-out questions with the trained adapter (or merged weights for
+that picks the lr with the lowest held-out loss. Then `minilars eval`, a fresh
+process too, scores the held-out questions with the trained adapter (or merged weights for
 full fine-tuning). The held-out accuracy before training is that of the base
 model, which every method starts from exactly (LoRA B = 0, IA3 scales 1, LARS M = 0).
 
@@ -51,12 +51,13 @@ def add_parser(sub) -> None:
     actions = parser.add_subparsers(dest="study", metavar="STUDY")
 
     make = actions.add_parser("make-tasks", help="write the seeded train / held-out JSONL of every task")
-    make.add_argument("--out", required=True, help="directory; gets <task>/train.jsonl, <task>/heldout.jsonl, tasks.json")
+    make.add_argument("--out", required=True,
+                      help="directory; gets <task>/train.jsonl, <task>/heldout.jsonl and tasks.json")
     make.add_argument("--tasks", default="personal,passkey,arithmetic", help="comma-separated (default: %(default)s)")
     make.add_argument("--seed", type=int, default=0, help="generator seed (default: %(default)s)")
     make.add_argument("--tokenizer", default=None, metavar="MODEL",
                       help="count passkey lengths with this model's tokenizer (e.g. smollm2-135m); default: "
-                           "characters / 4.48, the SmolLM2 ratio")
+                           "characters / 4.44, the SmolLM2 ratio")
     make.add_argument("--quick", action="store_true", help="small sets with passkey T = 128, 192 (smoke tests)")
     make.set_defaults(func=run_make_tasks)
 
@@ -64,9 +65,10 @@ def add_parser(sub) -> None:
                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     acc.add_argument("--out", required=True, help="output directory")
     acc.add_argument("--model", default=None, help="model to fine-tune (default: smollm2-135m; --quick: tiny)")
-    acc.add_argument("--backend", default=None, choices=("numpy", "numba", "torch"),
-                     help="kernel backend of every process (default: finetune's auto choice for training, numpy "
-                          "for scoring, the faster greedy decoder measured on a 2-core CPU; --quick: numpy)")
+    acc.add_argument("--backend", default="numpy", choices=("numpy", "numba", "torch"),
+                     help="kernel backend of every process (default: %(default)s: on one free core of a 2-core CPU "
+                          "it decoded 2x faster than torch and trained as fast; use torch --device cuda on a GPU)")
+    acc.add_argument("--device", default="cpu", help="torch backend only: cpu or cuda (default: %(default)s)")
     acc.add_argument("--threads", type=int, default=0,
                      help="BLAS / torch threads per process (0: the cores idle at start; more threads than free "
                           "cores made greedy decoding 8x slower on a loaded 2-core machine)")
@@ -80,21 +82,24 @@ def add_parser(sub) -> None:
     acc.add_argument("--batch-size", type=int, default=None, help="examples per step, one per row (default: 8; "
                      "--quick: 2)")
     acc.add_argument("--lrs", default=None, help="comma-separated learning rates swept for every method "
-                     "(default: a grid of 3 per method, see METHODS; --quick: its middle one)")
+                     "(default per method: full 1e-5,3e-5,1e-4; lora, lars, lars-exact 3e-4,1e-3,3e-3; "
+                     "ia3 1e-3,3e-3,1e-2; --quick: the middle one)")
     acc.add_argument("--sweep-steps", type=int, default=None, help="steps of each sweep run (default: steps / 4; "
                      "equal to --steps: the best sweep run is the final run)")
     acc.add_argument("--eval-questions", type=int, default=None, help="held-out questions scored after training, "
                      "per passkey length (default: all; --quick: 4)")
     acc.add_argument("--curve-questions", type=int, default=None, help="held-out questions scored during "
-                     "training for the accuracy-vs-step curve (default: 16; --quick: 4)")
+                     "training for the accuracy-vs-step curve and the lr choice (default: 16; --quick: 4; 0: none, "
+                     "the sweep then picks by training loss)")
     acc.add_argument("--eval-every", type=int, default=None, help="curve points every N steps, besides before and "
                      "after (default: steps / 5; --quick: 0, before and after only)")
     acc.add_argument("--max-new-tokens", type=int, default=None,
                      help="longest generated answer (default per task: personal 24, passkey 16, arithmetic 64)")
-    acc.add_argument("--seed", type=int, default=0, help="seed of tasks, data order and adapters (default: %(default)s)")
+    acc.add_argument("--seed", type=int, default=0,
+                     help="seed of tasks, data order and adapters (default: %(default)s)")
     acc.add_argument("--keep-weights", action="store_true", help="keep the merged weights full fine-tuning exports "
                      "(deleted after scoring otherwise: 540 MB each for SmolLM2-135M)")
-    acc.add_argument("--quick", action="store_true", help="smoke mode: tiny preset (unless --model), numpy, 2 steps, "
+    acc.add_argument("--quick", action="store_true", help="smoke mode: tiny preset (unless --model), 2 steps, "
                      "batch 2, 1 lr, 4 questions, small task files")
     acc.set_defaults(func=run_accuracy)
     parser.set_defaults(func=lambda args: parser.print_help() or 2)
@@ -135,7 +140,8 @@ def _token_counter(model: str):
 @dataclass
 class Settings:
     model: str
-    backend: str | None
+    backend: str
+    device: str
     threads: int
     tasks: list[str]
     methods: list[str]
@@ -170,17 +176,20 @@ def settings_from(args) -> Settings:
     sweep = args.sweep_steps if args.sweep_steps is not None else max(1, steps // 4)
     if not 1 <= sweep <= steps:
         raise CommandError(f"--sweep-steps must be in [1, --steps], got {sweep}")
-    if args.threads < 0:
-        raise CommandError("--threads must be >= 0")
+    for flag in ("threads", "eval_questions", "curve_questions", "eval_every"):
+        if (getattr(args, flag) or 0) < 0:
+            raise CommandError(f"--{flag.replace('_', '-')} must be >= 0")
+    if args.eval_questions == 0:
+        raise CommandError("--eval-questions must be >= 1 (leave it out to score every held-out question)")
     from .finetune import idle_cores
 
     return Settings(
         model=args.model or ("tiny" if quick else "smollm2-135m"),
-        backend=args.backend or ("numpy" if quick else None), threads=args.threads or idle_cores(),
+        backend=args.backend, device=args.device, threads=args.threads or idle_cores(),
         tasks=_names(args.tasks, tasks.TASKS, "task"), methods=methods, steps=steps,
         batch_size=args.batch_size or (2 if quick else 8), lrs=lrs, sweep_steps=sweep,
-        eval_questions=args.eval_questions or (4 if quick else None),
-        curve_questions=args.curve_questions or (4 if quick else 16),
+        eval_questions=args.eval_questions if args.eval_questions is not None else (4 if quick else None),
+        curve_questions=args.curve_questions if args.curve_questions is not None else (4 if quick else 16),
         eval_every=args.eval_every if args.eval_every is not None else (0 if quick else max(1, steps // 5)),
         max_new_tokens=args.max_new_tokens or (8 if quick else None),
         seed=args.seed, quick=quick)
@@ -285,14 +294,15 @@ def prepare_task(task: str, task_dir: Path, run_dir: Path, s: Settings) -> Prepa
     from minilars.tasks import read_jsonl, write_jsonl
 
     if not (task_dir / task / "train.jsonl").is_file():
-        raise CommandError(f"{task_dir / task}/train.jsonl is missing; run `minilars study make-tasks --out {task_dir}`")
+        raise CommandError(f"{task_dir / task}/train.jsonl is missing; "
+                           f"run `minilars study make-tasks --out {task_dir}`")
     train = read_jsonl(task_dir / task / "train.jsonl")
     held = read_jsonl(task_dir / task / "heldout.jsonl")
     group_by = "tokens" if task == "passkey" else None
     train_T = train[0].get("tokens") if group_by else None
     in_training_eval = [r for r in held if r.get("tokens") == train_T] if group_by else held
     subset = []
-    for value in sorted({r.get(group_by) for r in held}, key=str) if group_by else [None]:
+    for value in _sorted({r.get(group_by) for r in held}) if group_by else [None]:
         group = [r for r in held if group_by is None or r.get(group_by) == value]
         subset += group[:s.eval_questions]
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -309,6 +319,13 @@ def prepare_task(task: str, task_dir: Path, run_dir: Path, s: Settings) -> Prepa
         seq_len = min(seq_len, preset("tiny").max_seq_len)
     return Prepared(task, run_dir / "finetune.jsonl", run_dir / "heldout.jsonl", seq_len,
                     s.max_new_tokens or MAX_NEW_TOKENS[task], group_by)
+
+
+def _sorted(values) -> list:
+    try:
+        return sorted(values)
+    except TypeError:  # mixed types
+        return sorted(values, key=str)
 
 
 def study_method(s: Settings, p: Prepared, method: str, base: dict, out: Path, counter, keep_weights: bool):
@@ -345,23 +362,26 @@ def study_method(s: Settings, p: Prepared, method: str, base: dict, out: Path, c
     return _row(s, p, method, final, base, after, None), runs
 
 
-def _finetune_command(s: Settings, p: Prepared, method: str, lr: float, steps: int, out_dir: Path) -> list[str]:
-    cmd = minilars_command("finetune", "--model", s.model, "--data", str(p.train_file),
-           "--output", str(out_dir), "--overwrite", *METHODS[method][0], "--steps", str(steps),
-           "--batch-size", str(s.batch_size), "--seq-len", str(p.seq_len), "--packing", "pad", "--lr", f"{lr:g}",
-           "--warmup", str(min(4, steps // 10)), "--eval-samples", str(s.curve_questions),
-           "--eval-every", str(s.eval_every), "--max-new-tokens", str(p.max_new_tokens), "--save-every", "0",
-           "--show", "0", "--seed", str(s.seed), "--no-progress")
-    if s.backend:
-        cmd += ["--backend", s.backend]
-    return cmd + ["--threads", str(s.threads)]
+def _finetune_command(s: Settings, p: Prepared, method: str, lr: float, steps: int, out_dir: Path,
+                      curve: bool = True) -> list[str]:
+    """The finetune process of one run; a sweep run (curve False) is scored only
+    before and after, which is all the lr choice reads."""
+    cmd = minilars_command(
+        "finetune", "--model", s.model, "--data", str(p.train_file), "--output", str(out_dir), "--overwrite",
+        *METHODS[method][0], "--steps", str(steps), "--batch-size", str(s.batch_size), "--seq-len", str(p.seq_len),
+        "--packing", "pad", "--lr", f"{lr:g}", "--warmup", str(min(4, steps // 10)),
+        "--eval-samples", str(s.curve_questions), "--eval-every", str(s.eval_every if curve else 0),
+        "--max-new-tokens", str(p.max_new_tokens), "--save-every", "0", "--show", "0", "--seed", str(s.seed),
+        "--no-progress")
+    return cmd + ["--backend", s.backend, "--device", s.device, "--threads", str(s.threads)]
 
 
 def train_run(s: Settings, p: Prepared, method: str, lr: float, steps: int, role: str, out: Path, counter) -> Run:
     """One fresh finetune process, with its wall time and peak RSS."""
     out_dir = out / "runs" / p.task / method / (f"lr-{lr:g}" + ("-sweep" if role == "sweep" else ""))
     out_dir.mkdir(parents=True, exist_ok=True)
-    run = Run(p.task, method, lr, steps, role, str(out_dir), _finetune_command(s, p, method, lr, steps, out_dir))
+    run = Run(p.task, method, lr, steps, role, str(out_dir),
+              _finetune_command(s, p, method, lr, steps, out_dir, curve=role == "final" or steps == s.steps))
     counter[0] += 1
     print(f"[{counter[0]}/{counter[1]}] {p.task} {method} lr {lr:g}, {steps} steps ({role}) ...", end=" ", flush=True)
     started = time.perf_counter()
@@ -457,7 +477,7 @@ def evaluate_run(s: Settings, p: Prepared, run: Run | None, out_file: Path, weig
                            "--max-new-tokens", str(p.max_new_tokens), "--show", "0", "--no-progress")
     if run is not None and weights is None:
         cmd += ["--adapter", run.out]
-    code, _ = _spawn(cmd + ["--backend", s.backend or "numpy"], out_file.with_suffix(".log"), s.threads)
+    code, _ = _spawn(cmd + ["--backend", s.backend, "--device", s.device], out_file.with_suffix(".log"), s.threads)
     if code != 0:
         log = out_file.with_suffix(".log").read_text(errors="replace").strip().splitlines()
         raise CommandError(f"eval of {run.out if run else 'the base model'} failed: {log[-1] if log else code}")
