@@ -1,0 +1,98 @@
+"""Training-step speed: tokens/s for LARS, LoRA and full, numpy vs numba, side by side.
+
+Every (backend, method, T) runs in one process here, alternating backends so a
+drift in the machine's speed hits both alike. The achieved GFLOP/s counts the
+step's matmul and attention work (forward, backward, and the recomputed forward
+for LARS's default recipe) and is printed next to this machine's matmul GFLOP/s,
+measured in the same run. The numba backend's first-run compile time (empty on-disk
+cache) or cache-load time is printed first."""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from .common import load_model, print_table, random_batch, write_csv
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--model", default="smollm2-135m", help="model (default: %(default)s)")
+    parser.add_argument("--seq-lens", default="512,2048", help="T values, comma separated (default: %(default)s)")
+    parser.add_argument("--methods", default="lars,lora,full", help="comma separated (default: %(default)s)")
+    parser.add_argument("--backends", default="numpy,numba", help="comma separated (default: %(default)s)")
+    parser.add_argument("--steps", type=int, default=2, help="timed steps after one warm-up step (default: %(default)s)")
+    parser.add_argument("--csv", default=None, help="also write the table to this CSV file")
+
+
+def matmul_gflops(seconds: float = 1.0) -> float:
+    """This machine's float32 GEMM rate for an engine-shaped product (2048x576 @ 576x1536)."""
+    a = np.random.default_rng(0).standard_normal((2048, 576)).astype(np.float32)
+    b = np.random.default_rng(1).standard_normal((576, 1536)).astype(np.float32)
+    a @ b
+    count, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        a @ b
+        count += 1
+    return 2 * 2048 * 576 * 1536 * count / (time.perf_counter() - start) / 1e9
+
+
+def step_flops(cfg, seq_len: int, method: str, recompute: bool) -> float:
+    """Matmul + attention FLOPs of one step at batch 1 (2 per multiply-add)."""
+    n = seq_len
+    proj = cfg.dim * (cfg.q_dim + 2 * cfg.kv_dim) + cfg.q_dim * cfg.dim + 3 * cfg.dim * cfg.ffn_dim
+    attention = 2 * n * n * cfg.n_heads * cfg.head_dim  # causal half of QK^T and PV: 2 * (n^2/2) * 2
+    forward = 2 * n * proj + attention
+    backward = (2 * n * proj) * (2 if method == "full" else 1) + 2.5 * attention
+    head = 2 * n * cfg.dim * cfg.vocab_size * (3 if method == "full" else 2)
+    return cfg.n_layers * (forward * (2 if recompute else 1) + backward) + head
+
+
+def run(args) -> int:
+    from minilars.backends import get_backend
+    from minilars.methods import MethodConfig, apply_method
+    from minilars.optim import AdamW
+
+    rows = []
+    backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+    if "numba" in backends:
+        started = time.perf_counter()
+        try:
+            from minilars.backends.numba_backend import warmup
+            warmup(("float32",))
+            print(f"numba: kernels compiled or loaded from the cache in {time.perf_counter() - started:.1f} s")
+        except ImportError as exc:
+            print(f"numba backend unavailable ({exc}); skipping it")
+            backends.remove("numba")
+    gflops_machine = matmul_gflops()
+    print(f"this machine's float32 matmul: {gflops_machine:.1f} GFLOP/s")
+    models = {name: load_model(args.model, backend=get_backend(name)) for name in backends}
+    configs = {"lars": MethodConfig.lars_default(), "lora": MethodConfig("lora", rank=8), "full": MethodConfig("full")}
+    for seq_len in [int(t) for t in args.seq_lens.split(",")]:
+        tokens, targets = random_batch(models[backends[0]].cfg.vocab_size, 1, seq_len)
+        for method in [m.strip() for m in args.methods.split(",")]:
+            for name in backends:
+                model = models[name]
+                apply_method(model, configs[method], calibration_tokens=tokens[:, :512])
+                opt = AdamW(model.trainable(), model.be)
+                times = []
+                for step in range(args.steps + 1):
+                    started = time.perf_counter()
+                    tape = model.forward(tokens, targets)
+                    opt.step(model.backward(tape))
+                    if step:
+                        times.append(time.perf_counter() - started)
+                seconds = float(np.median(times))
+                flops = step_flops(model.cfg, seq_len, method, model.plan.recompute_blocks)
+                rows.append({"T": seq_len, "method": method, "backend": name, "step s": seconds,
+                             "tokens/s": seq_len / seconds, "GFLOP/s": flops / seconds / 1e9,
+                             "machine GFLOP/s": gflops_machine})
+                if method == "full":  # full fine-tuning rewrote the weights: reload for the next method
+                    models[name] = load_model(args.model, backend=get_backend(name))
+        base = {(r["T"], r["method"]): r["step s"] for r in rows if r["backend"] == "numpy"}
+        for r in rows:
+            if (r["T"], r["method"]) in base:
+                r["speed-up vs numpy"] = base[(r["T"], r["method"])] / r["step s"]
+    print_table(rows)
+    if args.csv:
+        write_csv(rows, args.csv)
+    return 0
