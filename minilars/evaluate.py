@@ -147,7 +147,7 @@ def read_items(path: str | Path, split: str = "auto", limit: int | None = None) 
     """EvalItems from a JSONL file. split "auto": when records mark a split, only the
     "eval" ones (a combined train/held-out file scores its held-out part); "all":
     every record. limit keeps the first N."""
-    from .data import DataError, parse_record
+    from .data import DataError, iter_jsonl, parse_record
 
     if split not in ("auto", "all"):
         raise ValueError(f"split must be 'auto' or 'all', got {split!r}")
@@ -155,20 +155,12 @@ def read_items(path: str | Path, split: str = "auto", limit: int | None = None) 
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such eval file")
     pairs = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{number}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from None
-            record = parse_record(obj, where)
-            if record.messages is None:
-                raise DataError(f"{where}: a {{\"text\"}} record has no question to answer; eval needs "
-                                "{\"prompt\", \"completion\"} or {\"messages\"} records")
-            pairs.append((obj, record))
+    for where, obj in iter_jsonl(path):
+        record = parse_record(obj, where)
+        if record.messages is None:
+            raise DataError(f"{where}: a {{\"text\"}} record has no question to answer; eval needs "
+                            "{\"prompt\", \"completion\"} or {\"messages\"} records")
+        pairs.append((obj, record))
     if split == "auto" and any(r.split is not None for _, r in pairs):
         pairs = [(o, r) for o, r in pairs if r.split == "eval"]
     items = []

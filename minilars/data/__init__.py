@@ -74,18 +74,21 @@ def read_records(path: str | Path) -> list[Record]:
     if path.suffix == ".txt":
         text = path.read_text(encoding="utf-8")
         return [Record(f"{path}:1", text=text)] if text.strip() else []
-    records = []
+    return [parse_record(obj, where) for where, obj in iter_jsonl(path)]
+
+
+def iter_jsonl(path: str | Path):
+    """(where, object) for each non-blank line of a JSONL file, where = "file:line";
+    a line that is not JSON is a DataError naming file and line."""
     with open(path, encoding="utf-8") as f:
         for number, line in enumerate(f, 1):
             if not line.strip():
                 continue
             where = f"{path}:{number}"
             try:
-                obj = json.loads(line)
+                yield where, json.loads(line)
             except json.JSONDecodeError as exc:
                 raise DataError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from None
-            records.append(parse_record(obj, where))
-    return records
 
 
 def parse_record(obj, where: str) -> Record:
