@@ -225,6 +225,7 @@ for name, marker in (("lars", "o"), ("lora", "s")):
     ax_store.plot(LENGTHS, np.array(m["store"]) / MiB, marker + "-", label=name)
 ax_rss.axhline(BUDGET / MiB, color="k", ls=":", label="1 GiB budget")
 ax_rss.axhline(base_rss / MiB, color="gray", ls=":", label="after loading (float32 weights)")
+ax_rss.set_ylim(0.8 * base_rss / MiB, 1.5 * BUDGET / MiB)
 ax_rss.set_xlabel("T (tokens, batch 1)")
 ax_rss.set_ylabel("peak RSS of one training step, MiB")
 ax_rss.set_title("SmolLM2-135M on the CPU, numpy backend")
@@ -271,6 +272,13 @@ print(f"loss on the rows trained on: {loss_before:.3f} before, {loss_after:.3f} 
 if not QUICK:
     print(f"Q: {question}\nbefore: {answer_before}\nafter:  {generate_text(model, tokenizer, question, max_new_tokens=24)}")
 
+# %% [markdown]
+# Thirty single-row steps change how the model answers (short, in the data's
+# style) long before they teach it 53 facts; `minilars finetune` runs the whole job
+# on this data. The point here is the memory: the training run's peak sits a
+# little above the weights, far inside the budget.
+
+# %%
 fig, ax = plt.subplots(figsize=(5, 3.5))
 ax.plot(range(1, len(losses) + 1), losses, "o-")
 ax.set_xlabel("step")
