@@ -18,11 +18,10 @@ the scoring can be checked against a fake model; `model_answerer` builds the rea
 """
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable
 
 from .data import contains_answer, exact_match, normalize
 
@@ -233,15 +232,9 @@ def load_tokenizer(spec: str):
     return Tokenizer.from_gguf(path)
 
 
-def write_rows(path: str | Path, rows: Iterable[dict]) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-
-
-def read_rows(path: str | Path) -> list[dict]:
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+# Per-example results are JSONL rows, written and read like the task files.
+from .tasks import read_jsonl as read_rows  # noqa: E402
+from .tasks import write_jsonl as write_rows  # noqa: E402
 
 
 __all__ = ["EvalItem", "Scored", "Summary", "evaluate_items", "final_number", "load_model", "load_tokenizer",
