@@ -60,13 +60,16 @@ class Model:
 
     def __init__(self, cfg: ModelConfig, params: dict[str, np.ndarray], backend: str | Backend | None = "numpy",
                  compute_dtype: str = "float32", attention_tile: int = 256, loss_chunk: int = 256,
-                 plan: StoragePlan | None = None):
+                 mlp_chunk: int = 512, plan: StoragePlan | None = None):
         check_shapes(cfg, params)
         self.cfg = cfg
         self.be = get_backend(backend)
         self.compute_dtype = self.be.dtype(compute_dtype)
         self.attention_tile = attention_tile
         self.loss_chunk = loss_chunk
+        if mlp_chunk < 1:
+            raise ValueError(f"mlp_chunk must be >= 1 token, got {mlp_chunk}")
+        self.mlp_chunk = mlp_chunk  # tokens per MLP pass when the MLP keeps nothing for the whole block
         self.plan = plan or StoragePlan()
         self.bases: dict[str, Array] = {}  # calibrated storage bases, see store.py
         self.params: dict[str, Array] = {name: self.be.asarray(array) for name, array in params.items()}
@@ -173,7 +176,16 @@ class Model:
 
     def _block_forward(self, i: int, x: Array, batch: int, seq_len: int, cos: Array, sin: Array,
                        keep, kv: KVCache | None = None) -> Array:
-        """One pre-norm block; keep(site, cache) receives every cache (None: keep nothing)."""
+        """One pre-norm block; keep(site, cache) receives every cache (None: keep nothing).
+        With nothing kept the MLP runs mlp_chunk tokens at a time (_mlp_chunked)."""
+        x = self._attention_half(i, x, batch, seq_len, cos, sin, keep, kv)
+        if keep is None:
+            return self._mlp_chunked(i, x, lambda rows, x_rows: self._mlp_half(i, x_rows, None))
+        return self._mlp_half(i, x, keep)
+
+    def _attention_half(self, i: int, x: Array, batch: int, seq_len: int, cos: Array, sin: Array,
+                        keep, kv: KVCache | None = None) -> Array:
+        """x + Attention(RoPE(RMSNorm(x) W_attn_in)) W_attn_out: (N, d) -> (N, d)."""
         be, cfg, p, sites = self.be, self.cfg, self.params, self.sites[i]
         pre = f"blocks.{i}."
         n = batch * seq_len
@@ -203,19 +215,37 @@ class Model:
         a, cache = sites["attn_out"].forward(o.reshape(n, dq), be)  # (N, d)
         if cache is not None:
             keep(pre + "attn_out", cache)
-        x = x + a
+        return x + a
 
+    def _mlp_half(self, i: int, x: Array, keep) -> Array:
+        """x + SwiGLU(RMSNorm(x) W_mlp_in) W_mlp_out: (rows, d) -> (rows, d). Every op
+        is row-wise, so any slice of tokens can go through it alone."""
+        be, cfg, p, sites = self.be, self.cfg, self.params, self.sites[i]
+        pre = f"blocks.{i}."
+        keep = keep or (lambda site, cache: None)
         h, cache = rmsnorm_forward(x, p[pre + "mlp_norm.weight"], cfg.rms_eps, be)
         keep(pre + "mlp_norm", cache)
-        gate_up, cache = sites["mlp_in"].forward(h, be)  # (N, 2f)
+        gate_up, cache = sites["mlp_in"].forward(h, be)  # (rows, 2f)
         if cache is not None:
             keep(pre + "mlp_in", cache)
-        m, cache = swiglu_forward(gate_up, be)  # (N, f)
+        m, cache = swiglu_forward(gate_up, be)  # (rows, f)
         keep(pre + "mlp", cache)
-        down, cache = sites["mlp_out"].forward(m, be)  # (N, d)
+        down, cache = sites["mlp_out"].forward(m, be)  # (rows, d)
         if cache is not None:
             keep(pre + "mlp_out", cache)
         return x + down
+
+    def _mlp_chunked(self, i: int, x: Array, run) -> Array:
+        """out[rows] = run(rows, x[rows]) for consecutive slices of mlp_chunk tokens, so
+        the MLP's (rows, 2f) work arrays stay the same size whatever T is. (N, d) -> (N, d)."""
+        n = x.shape[0]
+        if n <= self.mlp_chunk:
+            return run(slice(0, n), x)
+        out = self.be.zeros_like(x)
+        for r0 in range(0, n, self.mlp_chunk):
+            rows = slice(r0, min(r0 + self.mlp_chunk, n))
+            out[rows] = run(rows, x[rows])
+        return out
 
     # ---------------------------------------------------------------- backward
     def backward(self, tape: Tape, dloss: float = 1.0) -> dict[str, Array]:
@@ -241,40 +271,68 @@ class Model:
 
     def _block_backward(self, i: int, dx: Array, batch: int, seq_len: int, cos: Array, sin: Array,
                         store: ActivationStore, grads: dict, need_dx: bool = True) -> Array | None:
-        be, cfg, p, sites = self.be, self.cfg, self.params, self.sites[i]
+        be, cfg, p = self.be, self.cfg, self.params
         pre = f"blocks.{i}."
         n = batch * seq_len
 
-        def site_backward(stream: str, dy: Array, need: bool = True) -> Array:
-            cache = store.take(pre + stream) if pre + stream in store else None
-            d_in, site_grads = sites[stream].backward(dy, cache, be, need_dx=need)
-            for local, g in site_grads.items():
-                grads[f"{pre}{stream}.{local}"] = g
-            return d_in
-
-        if self.plan.recompute_blocks:  # rerun the forward to refill this block's caches
+        if self.plan.recompute_blocks:
+            # Rerun the forward to refill this block's caches: the attention half whole
+            # (its backward needs every token), the MLP half mlp_chunk tokens at a time,
+            # each slice's backward right after its forward, so only one slice's MLP
+            # caches and work arrays are ever alive.
             x_in = store.take(pre + "input").x
-            self._block_forward(i, x_in, batch, seq_len, cos[:seq_len], sin[:seq_len], store.keep)
+            x1 = self._attention_half(i, x_in, batch, seq_len, cos[:seq_len], sin[:seq_len], store.keep)
+            del x_in
 
-        dm = site_backward("mlp_out", dx)  # (N, f)
-        dgate_up = swiglu_backward(dm, store.take(pre + "mlp"), be)  # (N, 2f)
-        dh = site_backward("mlp_in", dgate_up)  # (N, d)
-        dxn, dw = rmsnorm_backward(dh, store.take(pre + "mlp_norm"), p[pre + "mlp_norm.weight"], be)
-        if self.train_norms:
-            grads[pre + "mlp_norm.weight"] = dw
-        dx = dx + dxn
+            def mlp_rows(rows: slice, x_rows: Array) -> Array:
+                with store.token_rows(x_rows.shape[0]):
+                    self._mlp_half(i, x_rows, store.keep)
+                return self._mlp_backward(i, dx[rows], store, grads)
 
-        do = site_backward("attn_out", dx)  # (N, H*hd)
+            dx = self._mlp_chunked(i, x1, mlp_rows)
+            del x1
+        else:
+            dx = self._mlp_backward(i, dx, store, grads)
+
+        do = self._site_backward(i, "attn_out", dx, store, grads)  # (N, H*hd)
         do = do.reshape(batch, seq_len, cfg.n_heads, cfg.head_dim)
         dq, dk, dv = attention_backward(do, store.take(pre + "attn"), self.attention_tile, be)
+        del do
         dq = rope_backward(dq, cos[:seq_len], sin[:seq_len], be)
         dk = rope_backward(dk, cos[:seq_len], sin[:seq_len], be)
         dqkv = be.concat([dq.reshape(n, cfg.q_dim), dk.reshape(n, cfg.kv_dim), dv.reshape(n, cfg.kv_dim)], axis=1)
-        dh = site_backward("attn_in", dqkv)  # (N, d)
+        del dq, dk, dv
+        dh = self._site_backward(i, "attn_in", dqkv, store, grads)  # (N, d)
+        del dqkv
         dxn, dw = rmsnorm_backward(dh, store.take(pre + "attn_norm"), p[pre + "attn_norm.weight"], be)
         if self.train_norms:
-            grads[pre + "attn_norm.weight"] = dw
+            _accumulate(grads, pre + "attn_norm.weight", dw)
         return dx + dxn if need_dx else None
+
+    def _mlp_backward(self, i: int, dx: Array, store: ActivationStore, grads: dict) -> Array:
+        """dx + d(MLP half)/dx for the rows the MLP caches hold: (rows, d) -> (rows, d).
+        Weight gradients add up across calls (one call per slice of tokens)."""
+        be, p = self.be, self.params
+        pre = f"blocks.{i}."
+        dm = self._site_backward(i, "mlp_out", dx, store, grads)  # (rows, f)
+        dgate_up = swiglu_backward(dm, store.take(pre + "mlp"), be)  # (rows, 2f)
+        del dm
+        dh = self._site_backward(i, "mlp_in", dgate_up, store, grads)  # (rows, d)
+        del dgate_up
+        dxn, dw = rmsnorm_backward(dh, store.take(pre + "mlp_norm"), p[pre + "mlp_norm.weight"], be)
+        if self.train_norms:
+            _accumulate(grads, pre + "mlp_norm.weight", dw)
+        return dx + dxn
+
+    def _site_backward(self, i: int, stream: str, dy: Array, store: ActivationStore, grads: dict,
+                       need_dx: bool = True) -> Array | None:
+        """A linear site's backward from its kept cache; its weight gradients add into grads."""
+        pre = f"blocks.{i}."
+        cache = store.take(pre + stream) if pre + stream in store else None
+        d_in, site_grads = self.sites[i][stream].backward(dy, cache, self.be, need_dx=need_dx)
+        for local, g in site_grads.items():
+            _accumulate(grads, f"{pre}{stream}.{local}", g)
+        return d_in
 
     # ---------------------------------------------------------------- inference
     def hidden(self, tokens, kv: KVCache | None = None) -> Array:
@@ -309,3 +367,8 @@ class Model:
         shape = (batch, max_len, cfg.n_kv_heads, cfg.head_dim)
         return KVCache([be.zeros(shape, self.compute_dtype) for _ in range(cfg.n_layers)],
                        [be.zeros(shape, self.compute_dtype) for _ in range(cfg.n_layers)])
+
+
+def _accumulate(grads: dict, name: str, g: Array) -> None:
+    """grads[name] = g, or the sum with what an earlier slice of tokens gave."""
+    grads[name] = g if name not in grads else grads[name] + g

@@ -340,7 +340,7 @@ def _trainable_arrays(cfg: ModelConfig, method: MethodConfig) -> dict[str, list[
 def plan_memory(cfg: ModelConfig, method: MethodConfig | str, seq_len: int, batch_size: int = 1,
                 weight_dtype: str = "float32", backend_name: str | None = None, *,
                 compute_dtype: str = "float32", loss_chunk: int = 256, attention_tile: int = 256,
-                inference: bool | None = None, model_name: str | None = None,
+                mlp_chunk: int = 512, inference: bool | None = None, model_name: str | None = None,
                 tokenizer: bool | None = None) -> MemoryPlan:
     """Predicted peak memory of one training step of `method` at (batch_size, seq_len).
     method "frozen" (or inference=True) plans the no-grad forward (the inference floor).
@@ -418,20 +418,58 @@ def plan_memory(cfg: ModelConfig, method: MethodConfig | str, seq_len: int, batc
         r = _lars_rank(method, d_in)  # z, dz, then dy W^T + dz P^T
         return 2 * r + 2 * d_in
 
-    def forward_locals(keep: bool, sim: _SimStore) -> int:
-        """Per-token floats the end of _block_forward holds outside the store: x_in,
-        qkv (v is a view of it), q, k (RoPE'd), o, a, x1 = x + a, h2, gate_up, m, down,
-        the output; h (first norm output) is gone, rebound to h2."""
-        site_x = method.name in ("full", "lora")
-        arrays = [("attn_norm.x", d), (None, q + 2 * k), ("attn.q", q), ("attn.k", k), ("attn.o", q),
-                  (None, d), ("mlp_norm.x", d),
-                  ("mlp_in.x" if site_x and (method.name == "full" or _targets_by_stream(method)["mlp_in"])
-                   else None, d),
-                  ("mlp.gate_up", 2 * f),
-                  ("mlp_out.x" if (site_x or method.name == "ia3") and (
-                      method.name == "full" or _targets_by_stream(method)["mlp_out"]) else None, f),
-                  (None, d), (None, d)]
+    site_x = method.name in ("full", "lora")
+
+    def kept_input(stream: str) -> str | None:
+        """The field under which a site keeps its input itself (FullSite, LoRA), if it does."""
+        if method.name == "full" or (site_x and _targets_by_stream(method)[stream]):
+            return f"{stream}.x"
+        if method.name == "ia3" and stream == "mlp_out" and _targets_by_stream(method)[stream]:
+            return "mlp_out.x"
+        return None
+
+    def local(arrays: list, keep: bool, sim: _SimStore) -> int:
+        """Floats of (field key or None, width) arrays that the store does not hold."""
         return sum(w for key, w in arrays if not (keep and key is not None and sim.exact(key, dt)))
+
+    def attention_locals(keep: bool, sim: _SimStore) -> int:
+        """Per-token floats at the end of Model._attention_half outside the store: x_in,
+        h, qkv (v is a view of it), q, k (RoPE'd), o, a and x1 = x + a."""
+        return local([("attn_norm.x", d), (kept_input("attn_in"), d), (None, q + 2 * k), ("attn.q", q),
+                      ("attn.k", k), ("attn.o", q), (None, d), (None, d)], keep, sim)
+
+    swiglu_work = f if numba else 2 * f  # numba writes m; numpy holds -g and exp(-g) before m forms
+
+    def mlp_locals(keep: bool, sim: _SimStore) -> int:
+        """Per-token floats of Model._mlp_half over all N rows outside the store, at its
+        largest: x_in (the caller's), x1, h2, gate_up, then the SwiGLU's work or, at
+        the end, m, down and the output."""
+        before = [("attn_norm.x", d), ("mlp_norm.x", d), (kept_input("mlp_in"), d), ("mlp.gate_up", 2 * f)]
+        return local(before, keep, sim) + max(swiglu_work, local([(kept_input("mlp_out"), f), (None, d), (None, d)],
+                                                                 keep, sim))
+
+    # With nothing kept (the no-grad forward, recompute's first pass) and N > mlp_chunk,
+    # Model._mlp_chunked runs the MLP `rows` tokens at a time into a zeroed output.
+    sliced = n > mlp_chunk
+    rows = min(mlp_chunk, n)
+    # h2, gate_up of one slice, then the SwiGLU's work or m, down and x + down
+    mlp_slice_work = (d + 2 * f + max(swiglu_work, f + d + d)) * rows * s
+
+    def attention_forward_work() -> int:
+        """Bytes the attention forward kernel allocates besides o and lse."""
+        group_rows = (heads // cfg.n_kv_heads) * tile
+        if numba:  # per thread: the stacked query rows, acc, P V (rows, hd), K/V tiles, S (rows, tile)
+            threads = min(_numba_threads(), b * cfg.n_kv_heads * -(-t // tile))
+            return threads * (3 * group_rows * hd + 2 * tile * hd + group_rows * tile) * s
+        # numpy: keys, values (contiguous copies); at exp(s - m): s, s - m, the new and the
+        # previous p (B*H, tile, tile), with the query tile and acc (tile, q)
+        return (2 * k * n + 4 * b * heads * tile * tile + 2 * b * tile * q) * s
+
+    def attention_kernel_locals(keep: bool, sim: _SimStore) -> int:
+        """Per-token floats alive outside the store while the attention forward kernel
+        runs: x_in, h, qkv, q, k (RoPE'd), o, lse (kept only after the kernel returns)."""
+        return local([("attn_norm.x", d), (kept_input("attn_in"), d), (None, q + 2 * k), (None, q), (None, k),
+                      (None, q), (None, heads)], keep, sim)
 
     def attention_backward_work() -> tuple[int, int]:
         """(per-token floats, fixed bytes) the attention backward kernel allocates."""
@@ -473,24 +511,45 @@ def plan_memory(cfg: ModelConfig, method: MethodConfig | str, seq_len: int, batc
     last = cfg.n_layers - 1
     if inference:
         # no store: one block's locals; the loss needs no dx.
-        moment(f"block {last} forward (no grad)", forward_locals(False, sim), upcast)
+        moment(f"block {last} forward (no grad): attention kernel", attention_kernel_locals(False, sim),
+               attention_forward_work() + upcast)
+        moment(f"block {last} forward (no grad): attention", attention_locals(False, sim), upcast)
+        if sliced:  # x_in, x1, the output
+            moment(f"block {last} forward (no grad): MLP slices", 3 * d, mlp_slice_work + upcast)
+        else:
+            moment(f"block {last} forward (no grad): MLP", mlp_locals(False, sim), upcast)
         moment("loss (no grad)", d + d, loss_work(False))
     else:
         # ---- forward
         if train_embeddings:
             sim.keep("embed", [_Field("tokens", (n,), np.dtype(np.int64))])
         caches = _block_caches(cfg, method, b, t, dt)
+        attention_caches = [(site, fields) for site, fields in caches if not site.startswith("mlp")]
         for i in range(cfg.n_layers):
             if recompute:
                 sim.keep(f"blocks.{i}.input", [_Field("x", (n, d), dt)])
-            else:
+            elif i < last:
                 for site, fields in caches:
                     sim.keep(f"blocks.{i}.{site}", fields)
-        if recompute:
-            input_exact = sim.exact("input.x", dt)
-            moment(f"block {last} forward", forward_locals(False, sim) - (d if input_exact else 0), upcast)
-        else:
-            moment(f"block {last} forward", forward_locals(True, sim), upcast)
+        pre = f"blocks.{last}."
+        if recompute:  # nothing kept but the input: the no-grad block, less x_in if the store holds it
+            input_held = d if sim.exact("input.x", dt) else 0
+            moment(f"block {last} forward: attention kernel", attention_kernel_locals(False, sim) - input_held,
+                   attention_forward_work())
+            moment(f"block {last} forward: attention", attention_locals(False, sim) - input_held, upcast)
+            if sliced:
+                moment(f"block {last} forward: MLP slices", 3 * d - input_held, mlp_slice_work + upcast)
+            else:
+                moment(f"block {last} forward: MLP", mlp_locals(False, sim) - input_held, upcast)
+        else:  # the last block keeps its caches one by one, as _block_forward runs
+            for site, fields in caches:
+                if site == "attn":
+                    moment(f"block {last} forward: attention kernel", attention_kernel_locals(True, sim),
+                           attention_forward_work())
+                sim.keep(pre + site, fields)
+                if site == "attn_out" or (site == "attn" and "attn_out" not in dict(caches)):
+                    moment(f"block {last} forward: attention", attention_locals(True, sim), upcast)
+            moment(f"block {last} forward: MLP", mlp_locals(True, sim), upcast)
         sim.keep("final_norm", [_Field("x", (n, d), dt), _Field("rstd", (n, 1), dt)])
         last_x = 0 if sim.exact("final_norm.x", dt) else d
         # h (final-normed), dx being filled (it becomes the head cache), logits chunk
@@ -504,27 +563,47 @@ def plan_memory(cfg: ModelConfig, method: MethodConfig | str, seq_len: int, batc
         # ---- backward: Model.backward keeps dh (N, d) from the head alive to its end,
         # and for full the head gradient dhead (V, d).
         dhead = vocab * d * s if train_embeddings else 0
+        slice_caches = _block_caches(cfg, method, 1, rows, dt)
+        slice_caches = [(site, fields) for site, fields in slice_caches if site.startswith("mlp")]
         for i in reversed(range(cfg.n_layers)):
             pre = f"blocks.{i}."
             common = d + d  # the head's dh, this block's incoming dx
             if recompute:
+                # Model._block_backward: the attention half rerun whole (its caches kept),
+                # then the MLP half one slice of `rows` tokens at a time: forward (caches
+                # kept) and backward, while x1 and (when sliced) the output stay alive.
                 sim.take(pre + "input")
-                for site, fields in caches:
+                for site, fields in attention_caches:
+                    if site == "attn":
+                        moment(f"block {i} recompute: attention kernel", common + attention_kernel_locals(True, sim),
+                               attention_forward_work() + dhead)
                     sim.keep(pre + site, fields)
-                # forward_locals counts x_in when the store does not hold it as attn_norm.x
-                moment(f"block {i} recompute", common + forward_locals(True, sim), upcast + dhead)
-                common += 0 if sim.exact("attn_norm.x", dt) else d  # x_in stays a local of _block_backward
+                moment(f"block {i} recompute: attention", common + attention_locals(True, sim), upcast + dhead)
+                sim.n_tokens = rows
+                for site, fields in slice_caches:
+                    sim.keep(pre + site, fields)
+                sim.n_tokens = n
+                # x1 (the store holds it itself as mlp_norm.x when unsliced), the output
+                per_token = common + (d if sliced or not sim.exact("mlp_norm.x", dt) else 0) + (d if sliced else 0)
+                width = rows
+            else:
+                per_token, width = common, n
+
+            def mlp_moment(what: str, floats: int) -> None:
+                moment(f"block {i} backward: {what}", per_token, floats * width * s + upcast + dhead)
+
             if pre + "mlp_out" in sim:
                 sim.take(pre + "mlp_out")
-            moment(f"block {i} backward: down", common + site_backward("mlp_out"), upcast + dhead)
+            mlp_moment("down", site_backward("mlp_out"))
             grads += block_grad.get("mlp_out", 0)
             sim.take(pre + "mlp")
-            # dm (N, f), gate_up taken (N, 2f), then d(gate), d(up) and their concat (4f);
-            # numpy's expression for d(gate) holds sig, silu and three (N, f) temporaries (5f)
-            moment(f"block {i} backward: SwiGLU", common + f + 2 * f + (4 * f if numba else 5 * f), dhead)
+            # dm (rows, f), gate_up taken (rows, 2f), then d(gate), d(up) and their concat
+            # (4f); numpy's expression for d(gate) holds sig, silu and three (rows, f)
+            # temporaries (5f)
+            mlp_moment("SwiGLU", f + 2 * f + (4 * f if numba else 5 * f))
             if pre + "mlp_in" in sim:
                 sim.take(pre + "mlp_in")
-            moment(f"block {i} backward: gate/up", common + f + 2 * f + site_backward("mlp_in"), upcast + dhead)
+            mlp_moment("gate/up", 2 * f + site_backward("mlp_in"))  # dgate_up, the site's work
             grads += block_grad.get("mlp_in", 0)
             sim.take(pre + "mlp_norm")
             grads += block_grad.get("norms", 0) // 2
@@ -533,14 +612,14 @@ def plan_memory(cfg: ModelConfig, method: MethodConfig | str, seq_len: int, batc
             grads += block_grad.get("attn_out", 0)
             sim.take(pre + "attn")
             work, fixed = attention_backward_work()
-            # dm, dgate_up, dh, dxn, dx, do (N, q), the taken attention cache
-            moment(f"block {i} backward: attention", common + 3 * f + 3 * d + q + (2 * q + 2 * k + heads) + work,
+            # dx, do (N, q), the taken attention cache (q, k, v, o, lse)
+            moment(f"block {i} backward: attention", common + q + (2 * q + 2 * k + heads) + work,
                    fixed + dhead)
             if pre + "attn_in" in sim:
                 sim.take(pre + "attn_in")
-            # ... do, RoPE'd dq, dk, dv and their concat dqkv (N, q + 2k)
-            moment(f"block {i} backward: q/k/v", common + 3 * f + 3 * d + q + (q + 2 * k) + (q + 2 * k)
-                   + site_backward("attn_in"), upcast + dhead)
+            # RoPE'd dq, dk, dv and their concat dqkv (N, q + 2k); then dqkv and the site's work
+            moment(f"block {i} backward: q/k/v", common + max(2 * (q + 2 * k), (q + 2 * k) + site_backward("attn_in")),
+                   upcast + dhead)
             grads += block_grad.get("attn_in", 0)
             sim.take(pre + "attn_norm")
             grads += block_grad.get("norms", 0) // 2

@@ -22,6 +22,7 @@ import dataclasses
 import math
 import re
 from collections import defaultdict
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -196,6 +197,16 @@ class ActivationStore:
         for site, nbytes in self.site_peak.items():
             out[_site_kind(site.rsplit(".", 1)[0])] += nbytes
         return dict(out)
+
+    @contextmanager
+    def token_rows(self, n_tokens: int):
+        """Within the block, kept arrays have n_tokens rows (a slice of the batch's
+        tokens): subspace policies read (n_tokens, width) matrices from them."""
+        saved, self.n_tokens = self.n_tokens, n_tokens
+        try:
+            yield
+        finally:
+            self.n_tokens = saved
 
     # ---------------------------------------------------------------- keep / take
     def keep(self, site: str, cache: Any) -> None:

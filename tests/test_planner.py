@@ -90,7 +90,9 @@ def _phase_peaks(plan: MemoryPlan) -> dict[str, int]:
 
 LIVE_BYTE_METHODS = {"frozen": MethodConfig("frozen"), "lars": MethodConfig.lars_default(),
                      "lars-exact": MethodConfig("lars", rank=16), "lora": MethodConfig("lora", rank=8),
-                     "ia3": MethodConfig("ia3"), "full": MethodConfig("full")}
+                     "ia3": MethodConfig("ia3"), "full": MethodConfig("full"),
+                     "lars-mlp-slices": MethodConfig.lars_default(), "frozen-mlp-slices": MethodConfig("frozen")}
+MLP_SLICES = {"lars-mlp-slices": 128, "frozen-mlp-slices": 128}  # tokens per MLP slice (default 512 = T)
 
 
 @pytest.mark.slow
@@ -110,7 +112,7 @@ def test_live_bytes_match_tracemalloc(name, backend):
     tokens, targets = _batch(cfg, 1, t)
     tracemalloc.start()
     try:
-        model = Model.random(cfg, seed=0, backend=backend)
+        model = Model.random(cfg, seed=0, backend=backend, mlp_chunk=MLP_SLICES.get(name, 512))
         apply_method(model, method, tokens[:, :256] if method.name == "lars" else None)
         measured = {}
         if method.name == "frozen":
@@ -132,7 +134,8 @@ def test_live_bytes_match_tracemalloc(name, backend):
                 del tape, grads
     finally:
         tracemalloc.stop()
-    planned = _phase_peaks(plan_memory(cfg, method, t, 1, "float32", backend, inference=method.name == "frozen"))
+    planned = _phase_peaks(plan_memory(cfg, method, t, 1, "float32", backend, inference=method.name == "frozen",
+                                       mlp_chunk=MLP_SLICES.get(name, 512)))
     for phase, value in measured.items():
         assert planned[phase] == pytest.approx(value, rel=0.02), phase
 
@@ -153,9 +156,12 @@ def test_lars_default_recipe_keeps_less_than_lora():
     lars = plan_memory(cfg, MethodConfig.lars_default(), 2048, 1, "float32", "numpy")
     lora = plan_memory(cfg, MethodConfig("lora", rank=8), 2048, 1, "float32", "numpy")
     assert lars.store_peak < lora.store_peak / 10
-    # 29 block inputs in float16 plus one block's caches in float32, per token
-    per_block = (2 * 577 + 2 * 576 + 2 * 192 + 9 + 2 * 1536 + 4 * 16) * 4
-    assert lars.store_peak == 2048 * (29 * 576 * 2 + per_block)
+    # 29 block inputs in float16 plus one block's attention caches in float32 per token
+    # (attn_norm x and rstd, q, o, k, v, lse, two z), and the MLP caches of one slice
+    # of 512 tokens (mlp_norm x and rstd, gate_up, two z)
+    attention = (577 + 2 * 576 + 2 * 192 + 9 + 2 * 16) * 4
+    mlp_slice = 512 * (577 + 2 * 1536 + 2 * 16) * 4
+    assert lars.store_peak == 2048 * (29 * 576 * 2 + attention) + mlp_slice
 
 
 def test_float16_weights_halve_the_weights():
