@@ -353,6 +353,7 @@ class Trainer:
                  evaluate_fn: Callable[[int], EvalResult] | None = None, progress: bool = True):
         self.model, self.opt, self.rows, self.config = model, opt, rows, config
         self.out_dir = Path(out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)  # the checkpoint and log go here
         self.run_config = run_config
         self.hash = config_hash(run_config)
         self.save_every, self.eval_every = save_every, eval_every

@@ -314,6 +314,26 @@ def test_non_finite_gradient_stops_before_the_update(tmp_path):
     assert all((before[k] == v).all() for k, v in model.trainable().items())  # nothing was updated
 
 
+def test_trainer_as_a_library_creates_its_output_directory(tmp_path):
+    from minilars import data, train
+    from minilars.config import preset
+    from minilars.methods import MethodConfig, apply_method
+    from minilars.model import Model
+    from minilars.optim import AdamW
+
+    tok = data.char_tokenizer()
+    examples = [data.tokenize(data.parse_record({"prompt": f"q{i}", "completion": "answer"}, f"f:{i}"), tok)
+                for i in range(4)]
+    rows = data.make_rows(examples, 32, 0)
+    model = apply_method(Model.random(preset("tiny"), seed=0), MethodConfig("lars", rank=2),
+                         calibration_tokens=rows.tokens)
+    out = tmp_path / "not" / "made" / "yet"
+    trainer = train.Trainer(model, AdamW(model.trainable(), model.be), rows,
+                            train.TrainConfig(steps=2, batch_size=2, seq_len=32), out, {"test": 2}, progress=False)
+    trainer.run()
+    assert (out / train.CHECKPOINT).is_file() and (out / train.LOG).is_file()
+
+
 # ---------------------------------------------------------------- bad input
 @pytest.mark.parametrize("content, message", [
     ('{"prompt": "a", "completion": "b"}\n{"prompt": "a", "completion"\n', r"bad\.jsonl:2: not valid JSON"),
