@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+import warnings
 from collections import defaultdict
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -109,7 +110,14 @@ class StoragePlan:
         for key, policy in rules:
             if isinstance(policy, Recompute) and key != "block":
                 raise ValueError(f"recompute is a block-level policy: use {{'block': 'recompute'}}, not {key!r}")
-        return cls(rules)
+        plan = cls(rules)
+        approximate = [f for f in ("attn.q", "attn.k") if isinstance(plan.policy_for(f), Subspace)]
+        if approximate:
+            warnings.warn(f"subspace storage of {' and '.join(approximate)}: attention backward recomputes "
+                          "exp(S - lse) from the approximate scores and the exact log-sum-exp, so small errors "
+                          "in q or k become large gradient errors (docs/lars.md measured a relative error of 1e5 "
+                          "at rank 16 on SmolLM2-135M); keep them exact or half", UserWarning, stacklevel=2)
+        return plan
 
     def policy_for(self, field_key: str) -> Policy:
         table = dict(self.rules)

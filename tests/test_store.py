@@ -118,3 +118,18 @@ def test_taking_twice_or_keeping_twice_is_an_error():
     store.take("a")
     with pytest.raises(KeyError, match="holds nothing"):
         store.take("a")
+
+
+@pytest.mark.parametrize("rules, warned", [({"*": "subspace(8)"}, True), ({"attn.*": "subspace(8, calibration)"}, True),
+                                           ({"attn.k": "subspace(8)"}, True), ({"mlp.*": "subspace(8)"}, False),
+                                           ({"attn.v": "subspace(8)", "attn.q": "half"}, False)])
+def test_subspace_storage_of_attention_scores_inputs_warns(rules, warned):
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        StoragePlan.from_mapping(rules)
+    messages = [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
+    assert bool(messages) == warned
+    if warned:
+        assert "exp(S - lse)" in messages[0]
