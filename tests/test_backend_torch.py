@@ -322,13 +322,15 @@ def test_kv_cache_decoding_matches_numpy():
     check(out[0], out[1], "next-token logits")
 
 
-@pytest.mark.parametrize("plan", [{"*": "half"}, {"block": "recompute"},
-                                  {"attn.q": "subspace(18)"}],
-                         ids=["half", "recompute", "subspace"])
-def test_storage_policies_match_numpy(plan):
+@pytest.mark.parametrize("plan, mlp_chunk", [({"*": "half"}, 512), ({"block": "recompute"}, 512),
+                                             ({"block": "recompute"}, 5), ({"attn.q": "subspace(18)"}, 512)],
+                         ids=["half", "recompute", "recompute-in-mlp-slices", "subspace"])
+def test_storage_policies_match_numpy(plan, mlp_chunk):
     """subspace(18) on 18 tokens spans every stored q exactly, so the two backends'
-    different bases reconstruct the same activations."""
+    different bases reconstruct the same activations. mlp_chunk 5 runs the
+    recomputed MLP in slices of 5, 5, 5, 3 tokens (torch slices are views)."""
     model, reference = model_pair("full", plan)
+    model.mlp_chunk = reference.mlp_chunk = mlp_chunk
     tokens, targets = batch()
     tape, tape_ref = model.forward(tokens, targets), reference.forward(tokens, targets)
     assert_close(np.float64(tape.loss), np.float64(tape_ref.loss), name="loss")
