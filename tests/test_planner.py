@@ -271,3 +271,22 @@ def test_bench_memory_quick(tmp_path, capsys):
             assert row["store_peak_mib"] == row["planned_store_mib"]  # the planner's store is exact
     assert (out / "memory.png").stat().st_size > 0
     assert "| label" in capsys.readouterr().out
+
+
+def test_bench_speed_table(tmp_path, capsys):
+    """`minilars bench speed` on the tiny preset: one row per (T, method, backend),
+    each row's ratios taken from the rows it names."""
+    path = tmp_path / "speed.csv"
+    backends = "numpy,numba" if "numba" in available() else "numpy"
+    assert main(["bench", "speed", "--model", "tiny", "--seq-lens", "16,32", "--methods", "lars,lora",
+                 "--backends", backends, "--steps", "1", "--csv", str(path)]) == 0
+    with open(path) as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == 2 * 2 * len(backends.split(","))
+    step = {(r["T"], r["method"], r["backend"]): float(r["step s"]) for r in rows}
+    for r in rows:
+        key = (r["T"], r["method"], r["backend"])
+        assert float(r["tokens/s"]) == pytest.approx(int(r["T"]) / step[key])
+        assert float(r["speed-up vs numpy"]) == pytest.approx(step[(r["T"], r["method"], "numpy")] / step[key])
+        assert float(r["step time / LoRA's"]) == pytest.approx(step[key] / step[(r["T"], "lora", r["backend"])])
+    assert "machine GFLOP/s" in capsys.readouterr().out

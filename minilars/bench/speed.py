@@ -89,9 +89,12 @@ def run(args) -> int:
                 if method == "full":  # full fine-tuning rewrote the weights: reload for the next method
                     models[name] = load_model(args.model, backend=get_backend(name))
         base = {(r["T"], r["method"]): r["step s"] for r in rows if r["backend"] == "numpy"}
+        lora = {(r["T"], r["backend"]): r["step s"] for r in rows if r["method"] == "lora"}
         for r in rows:
             if (r["T"], r["method"]) in base:
                 r["speed-up vs numpy"] = base[(r["T"], r["method"])] / r["step s"]
+            if (r["T"], r["backend"]) in lora:
+                r["step time / LoRA's"] = r["step s"] / lora[(r["T"], r["backend"])]
     print_table(rows)
     if args.csv:
         write_csv(rows, args.csv)
