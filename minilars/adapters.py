@@ -78,6 +78,11 @@ class LoRASite(_AdapterSite):
             y[:, self.slices[s]] += self.scaling * be.matmul(xa[:, j * r:(j + 1) * r], self.B[s])
         return y, LoRACache(x, xa)
 
+    def backward_cache(self, x, be):
+        if not self.targets:
+            return None
+        return LoRACache(x, be.matmul(x, be.concat([self.A[s] for s in self.targets], axis=1)))
+
     def backward(self, dy, cache: LoRACache, be, need_dx=True):
         r, grads, dxa = self.rank, {}, []
         for j, s in enumerate(self.targets):
@@ -151,6 +156,11 @@ class IA3Site(_AdapterSite):
             y[:, self.slices[s]] *= self.scales[s]
         return y, IA3OutputCache(y0)
 
+    def backward_cache(self, x, be):
+        if self.scale_input:  # the unscaled input itself
+            return IA3InputCache(x) if self.targets else None
+        return super().backward_cache(x, be)  # y0 needs the targets' outputs
+
     def backward(self, dy, cache, be, need_dx=True):
         if cache is None:
             return (be.matmul_nt(dy, self.weight) if need_dx else None), {}
@@ -211,6 +221,9 @@ class LARSSite(_AdapterSite):
         for s in self.targets:
             y[:, self.slices[s]] += be.matmul(z, self.M[s])
         return y, LARSCache(z)
+
+    def backward_cache(self, x, be):
+        return LARSCache(be.matmul(x, self.basis)) if self.targets else None  # z = x P: (N, r)
 
     def backward(self, dy, cache: LARSCache, be, need_dx=True):
         if cache is None:

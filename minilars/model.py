@@ -217,9 +217,11 @@ class Model:
             keep(pre + "attn_out", cache)
         return x + a
 
-    def _mlp_half(self, i: int, x: Array, keep) -> Array:
+    def _mlp_half(self, i: int, x: Array, keep, need_output: bool = True) -> Array | None:
         """x + SwiGLU(RMSNorm(x) W_mlp_in) W_mlp_out: (rows, d) -> (rows, d). Every op
-        is row-wise, so any slice of tokens can go through it alone."""
+        is row-wise, so any slice of tokens can go through it alone. need_output=False
+        (recompute in backward) keeps the caches but skips the down projection's
+        frozen product, which backward never reads: 2 rows f d FLOPs saved."""
         be, cfg, p, sites = self.be, self.cfg, self.params, self.sites[i]
         pre = f"blocks.{i}."
         keep = keep or (lambda site, cache: None)
@@ -230,6 +232,11 @@ class Model:
             keep(pre + "mlp_in", cache)
         m, cache = swiglu_forward(gate_up, be)  # (rows, f)
         keep(pre + "mlp", cache)
+        if not need_output:
+            cache = sites["mlp_out"].backward_cache(m, be)
+            if cache is not None:
+                keep(pre + "mlp_out", cache)
+            return None
         down, cache = sites["mlp_out"].forward(m, be)  # (rows, d)
         if cache is not None:
             keep(pre + "mlp_out", cache)
@@ -286,7 +293,7 @@ class Model:
 
             def mlp_rows(rows: slice, x_rows: Array) -> Array:
                 with store.token_rows(x_rows.shape[0]):
-                    self._mlp_half(i, x_rows, store.keep)
+                    self._mlp_half(i, x_rows, store.keep, need_output=False)
                 return self._mlp_backward(i, dx[rows], store, grads)
 
             dx = self._mlp_chunked(i, x1, mlp_rows)

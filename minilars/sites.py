@@ -49,6 +49,12 @@ class LinearSite:
     def backward(self, dy: Array, cache, be: Backend, need_dx: bool = True) -> tuple[Array | None, dict[str, Array]]:
         raise NotImplementedError
 
+    def backward_cache(self, x: Array, be: Backend):
+        """The cache forward(x) would keep, without forming y (a recomputed block's
+        last projection, whose output backward never reads). Subclasses whose cache
+        does not need y override this to skip the frozen product."""
+        return self.forward(x, be)[1]
+
     def to_linear(self, be: Backend) -> Array:
         """The plain weight this site computes with (adapter merged in)."""
         return self.weight
@@ -67,6 +73,9 @@ class FrozenSite(LinearSite):
         dx, _ = linear_backward(dy, None, self.weight, be, need_dx)
         return dx, {}
 
+    def backward_cache(self, x, be):
+        return None
+
 
 class FullSite(LinearSite):
     """W trains: dW = x^T dy needs the input x (N, d_in) kept."""
@@ -82,3 +91,6 @@ class FullSite(LinearSite):
     def backward(self, dy, cache: LinearCache, be, need_dx=True):
         dx, dw = linear_backward(dy, cache, self.weight, be, need_dx)
         return dx, {"weight": dw}
+
+    def backward_cache(self, x, be):
+        return LinearCache(x)

@@ -138,3 +138,30 @@ def test_4_weight_gradient_error_bound(n, width, d_out, data, seed):
     dw, dw_hat = x.T @ dy, x_hat.T @ dy
     bound = np.linalg.norm(x - x_hat) * np.linalg.norm(dy, 2)
     assert np.linalg.norm(dw_hat - dw) <= bound * (1 + 1e-9) + 1e-12
+
+
+def test_backward_cache_is_the_cache_forward_keeps():
+    """Recompute asks the down projection's site for its cache alone (no output);
+    every kind of site must give exactly what its forward keeps."""
+    from dataclasses import fields
+
+    from minilars.adapters import IA3Site, LoRASite
+    from minilars.sites import FrozenSite
+
+    rng = np.random.default_rng(3)
+    weight = rng.standard_normal((7, 5))
+    outputs = {"down": 5}
+    sites = [FrozenSite(weight, outputs), FullSite(weight, outputs),
+             LoRASite(weight, outputs, ["down"], 2, 4.0, rng, be), LoRASite(weight, outputs, [], 2, 4.0, rng, be),
+             IA3Site(weight, outputs, ["down"], be, scale_input=True), IA3Site(weight, outputs, ["down"], be),
+             LARSSite(weight, outputs, ["down"], orthonormal(rng, 7, 3), be), LARSSite(weight, outputs, [],
+                                                                                         orthonormal(rng, 7, 3), be)]
+    x = rng.standard_normal((6, 7))
+    for site in sites:
+        _, kept = site.forward(x, be)
+        alone = site.backward_cache(x, be)
+        assert (kept is None) == (alone is None), type(site).__name__
+        if kept is not None:
+            assert type(alone) is type(kept)
+            for field in fields(kept):
+                assert np.array_equal(getattr(alone, field.name), getattr(kept, field.name)), field.name

@@ -44,7 +44,8 @@ def step_flops(cfg, seq_len: int, method: str, recompute: bool) -> float:
     forward = 2 * n * proj + attention
     backward = (2 * n * proj) * (2 if method == "full" else 1) + 2.5 * attention
     head = 2 * n * cfg.dim * cfg.vocab_size * (3 if method == "full" else 2)
-    return cfg.n_layers * (forward * (2 if recompute else 1) + backward) + head
+    recomputed = forward - 2 * n * cfg.ffn_dim * cfg.dim  # the recompute skips the frozen down projection
+    return cfg.n_layers * (forward + (recomputed if recompute else 0) + backward) + head
 
 
 def run(args) -> int:
