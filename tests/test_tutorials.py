@@ -29,10 +29,11 @@ def tutorial_paths() -> list[Path]:
     return sorted(TUTORIALS.glob("[0-9][0-9]_*.py"))
 
 
-def params():
-    for path in tutorial_paths():
-        marks = [pytest.mark.slow] + ([pytest.mark.real_model] if path.name in REAL_MODEL else [])
-        yield pytest.param(path, marks=marks, id=path.stem)
+def params() -> list:
+    """One pytest.param per tutorial, marked slow (and real_model where it loads SmolLM2)."""
+    return [pytest.param(path, marks=[pytest.mark.slow] + ([pytest.mark.real_model] if path.name in REAL_MODEL else []),
+                         id=path.stem)
+            for path in tutorial_paths()]
 
 
 def test_tutorials_are_numbered_and_listed_in_the_readme():
