@@ -72,16 +72,18 @@ class LoRASite(_AdapterSite):
         y = self._frozen(x, be)
         if not self.targets:
             return y, None
-        xa = be.matmul(x, be.concat([self.A[s] for s in self.targets], axis=1))  # (N, r * targets)
+        xa = self._xa(x, be)  # (N, r * targets)
         r = self.rank
         for j, s in enumerate(self.targets):
             y[:, self.slices[s]] += self.scaling * be.matmul(xa[:, j * r:(j + 1) * r], self.B[s])
         return y, LoRACache(x, xa)
 
     def backward_cache(self, x, be):
-        if not self.targets:
-            return None
-        return LoRACache(x, be.matmul(x, be.concat([self.A[s] for s in self.targets], axis=1)))
+        return LoRACache(x, self._xa(x, be)) if self.targets else None
+
+    def _xa(self, x, be) -> Array:
+        """x A for every target at once: (N, d_in) -> (N, r * targets)."""
+        return be.matmul(x, be.concat([self.A[s] for s in self.targets], axis=1))
 
     def backward(self, dy, cache: LoRACache, be, need_dx=True):
         r, grads, dxa = self.rank, {}, []

@@ -232,15 +232,13 @@ class Model:
             keep(pre + "mlp_in", cache)
         m, cache = swiglu_forward(gate_up, be)  # (rows, f)
         keep(pre + "mlp", cache)
-        if not need_output:
-            cache = sites["mlp_out"].backward_cache(m, be)
-            if cache is not None:
-                keep(pre + "mlp_out", cache)
-            return None
-        down, cache = sites["mlp_out"].forward(m, be)  # (rows, d)
+        if need_output:
+            down, cache = sites["mlp_out"].forward(m, be)  # (rows, d)
+        else:
+            down, cache = None, sites["mlp_out"].backward_cache(m, be)
         if cache is not None:
             keep(pre + "mlp_out", cache)
-        return x + down
+        return x + down if need_output else None
 
     def _mlp_chunked(self, i: int, x: Array, run) -> Array:
         """out[rows] = run(rows, x[rows]) for consecutive slices of mlp_chunk tokens, so

@@ -418,15 +418,14 @@ def plan_memory(cfg: ModelConfig, method: MethodConfig | str, seq_len: int, batc
         r = _lars_rank(method, d_in)  # z, dz, then dy W^T + dz P^T
         return 2 * r + 2 * d_in
 
-    site_x = method.name in ("full", "lora")
-
     def kept_input(stream: str) -> str | None:
-        """The field under which a site keeps its input itself (FullSite, LoRA), if it does."""
-        if method.name == "full" or (site_x and _targets_by_stream(method)[stream]):
+        """The field under which a stream's site keeps its input array itself (FullSite,
+        LoRA, IA3 scaling the down input), if it does."""
+        if method.name == "full":
             return f"{stream}.x"
-        if method.name == "ia3" and stream == "mlp_out" and _targets_by_stream(method)[stream]:
-            return "mlp_out.x"
-        return None
+        trains = method.name != "frozen" and bool(_targets_by_stream(method)[stream])
+        keeps_x = method.name == "lora" or (method.name == "ia3" and stream == "mlp_out")
+        return f"{stream}.x" if trains and keeps_x else None
 
     def local(arrays: list, keep: bool, sim: _SimStore) -> int:
         """Floats of (field key or None, width) arrays that the store does not hold."""
