@@ -161,7 +161,7 @@ def rows_of(t):
 # real, the weights do not move.
 
 # %%
-LENGTHS = [64, 128] if QUICK else [128, 256, 512, 1024]
+LENGTHS = [128, 256] if QUICK else [128, 256, 512, 1024]
 methods = {"lora": MethodConfig("lora", rank=8), "lars": MethodConfig.lars_default()}
 measured = {name: {"rss": [], "store": [], "seconds": []} for name in methods}
 
@@ -196,19 +196,30 @@ for name, method in methods.items():
 # %% [markdown]
 # ## What T can each afford?
 #
-# Peak RSS is close to linear in `T`: a fixed part (weights, optimizer state, the
-# loss's logits chunk, interpreter) plus a per-token part. A line through the
-# measurements, solved for 1 GiB, gives the longest sequence each method can train
-# on within the budget (capped at the model's context, 8192). It is an extrapolation
-# beyond the lengths measured, and it says nothing of time: attention's cost still
-# grows as `T^2`. Below T = 256 the attention tiles are not yet full, so the quick
-# run's two short lengths overstate the slope; the full run (128 to 1024 tokens)
-# gives the better line.
+# Peak RSS is a fixed part (weights, optimizer state, the loss's logits chunk, the
+# interpreter) plus a part that grows with `T`. For LoRA the growing part is already
+# plain at these lengths: a megabyte per token of kept activations. LARS's peak
+# hardly moves here: its fixed-size working buffers (the logits chunk, the 512-token
+# MLP slices of the recompute) outweigh its few kept activations until T is in the
+# thousands. A line through such flat points would promise the whole context, which
+# is wrong: docs/memory.md measures LARS at 1,026 MiB for T = 4096.
+#
+# So the per-token slope we solve with is the larger of two: the line through the
+# measured peaks, and the activation bytes per token the engine counted (memory
+# that must be resident, whatever the allocator does). Solved for 1 GiB, it gives
+# the longest sequence each method can train on within the budget (capped at the
+# model's context, 8192). It is an extrapolation beyond the lengths measured, and
+# it says nothing of time: attention's cost still grows as `T^2`. For LARS it is
+# still optimistic (attention's per-block working set grows with `T` too); read it
+# as an upper bound.
 
 # %%
-affordable = {}
+affordable, lines = {}, {}
 for name, m in measured.items():
-    slope, intercept = np.polyfit(LENGTHS, m["rss"], 1)
+    rss_slope, intercept = np.polyfit(LENGTHS, m["rss"], 1)
+    store_slope = np.polyfit(LENGTHS, m["store"], 1)[0]  # kept activation bytes per token
+    slope = max(rss_slope, store_slope)
+    lines[name] = (slope, intercept)
     affordable[name] = int(min(model.cfg.max_seq_len, (BUDGET - intercept) / max(slope, 1.0)))
     print(f"{name}: RSS ~ {intercept / MiB:.0f} MiB + {slope / 1024:.1f} KiB x T  ->  affordable T in 1 GiB: "
           f"{affordable[name]}{' (the whole context)' if affordable[name] == model.cfg.max_seq_len else ''}")
@@ -219,7 +230,7 @@ for name, marker in (("lars", "o"), ("lora", "s")):
     m = measured[name]
     ax_rss.plot(LENGTHS, np.array(m["rss"]) / MiB, marker, label=f"{name}, measured")
     color = ax_rss.lines[-1].get_color()
-    ax_rss.plot(t_line, np.polyval(np.polyfit(LENGTHS, m["rss"], 1), t_line) / MiB, "--", color=color,
+    ax_rss.plot(t_line, np.polyval(lines[name], t_line) / MiB, "--", color=color,
                 label=f"{name}, fit: T = {affordable[name]} in 1 GiB")
     ax_rss.axvline(affordable[name], color=color, ls=":", lw=0.8)
     ax_store.plot(LENGTHS, np.array(m["store"]) / MiB, marker + "-", label=name)
