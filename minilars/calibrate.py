@@ -33,16 +33,26 @@ class _Recorder(LinearSite):
 
 
 def calibrate(model: Model, tokens, rank: int | None, seed: int = 0,
-              streams: tuple[str, ...] = tuple(STREAMS)) -> tuple[dict[str, Array], dict[str, Array]]:
+              streams: tuple[str, ...] = tuple(STREAMS), token_mask=None) -> tuple[dict[str, Array], dict[str, Array]]:
     """Returns (stream_bases, storage_bases):
     stream_bases["blocks.{i}.{stream}"] = P (d_in, rank), the top-`rank` directions of
     that stream's inputs (none when rank is None);
     storage_bases["blocks.{i}.{site}.{field}"] = Q (width, r) for every field that
-    model.plan keeps as subspace(r, calibration)."""
+    model.plan keeps as subspace(r, calibration).
+
+    token_mask (B, T) bool, optional: only the positions where it is True count
+    (padding excluded: its activations carry no loss, and a row padded to T would
+    otherwise spend directions of the basis on repeats of the pad token). The
+    forward still runs over every position, so with causal attention the kept
+    positions see exactly what they see in training."""
     be, cfg = model.be, model.cfg
     tokens = be.asarray(tokens if hasattr(tokens, "device") else np.asarray(tokens), "int64")
     batch, seq_len = model._check_tokens(tokens)
     n_tokens = batch * seq_len
+    keep = _kept_rows(token_mask, batch, seq_len, be)
+
+    def kept(matrix):  # (N, width) -> (N_kept, width)
+        return matrix if keep is None else matrix[keep]
     cos, sin = model._rope(seq_len)
     stream_bases: dict[str, Array] = {}
     storage_bases: dict[str, Array] = {}
@@ -55,7 +65,7 @@ def calibrate(model: Model, tokens, rank: int | None, seed: int = 0,
             size = math.prod(value.shape) if _is_array(value) else 0
             if isinstance(policy, Subspace) and policy.source == "calibration" and size and size % n_tokens == 0:
                 matrix = value.reshape(n_tokens, size // n_tokens)
-                storage_bases[f"{site}.{field.name}"] = be.orthonormal_range(matrix, policy.rank, seed=seed)
+                storage_bases[f"{site}.{field.name}"] = be.orthonormal_range(kept(matrix), policy.rank, seed=seed)
 
     x, _ = model._embed(tokens)
     for i in range(cfg.n_layers):
@@ -68,5 +78,17 @@ def calibrate(model: Model, tokens, rank: int | None, seed: int = 0,
             block.update({stream: rec.inner for stream, rec in recorders.items()})
         if rank is not None:
             for stream, rec in recorders.items():
-                stream_bases[f"blocks.{i}.{stream}"] = be.orthonormal_range(rec.seen, rank, seed=seed + i)
+                stream_bases[f"blocks.{i}.{stream}"] = be.orthonormal_range(kept(rec.seen), rank, seed=seed + i)
     return stream_bases, storage_bases
+
+
+def _kept_rows(token_mask, batch: int, seq_len: int, be):
+    """Flat row indices (into N = B*T) of the positions token_mask keeps; None keeps all."""
+    if token_mask is None:
+        return None
+    mask = np.asarray(token_mask, dtype=bool)
+    if mask.shape != (batch, seq_len):
+        raise ValueError(f"calibration mask has shape {mask.shape}, the tokens {(batch, seq_len)}")
+    if not mask.any():
+        raise ValueError("calibration mask keeps no token")
+    return None if mask.all() else be.asarray(np.flatnonzero(mask.reshape(-1)), "int64")

@@ -107,8 +107,10 @@ class MethodConfig:
         return self.name
 
 
-def apply_method(model: Model, method: MethodConfig | str, calibration_tokens=None) -> Model:
-    """Make `model` train with `method`. LARS needs calibration tokens (B, T)."""
+def apply_method(model: Model, method: MethodConfig | str, calibration_tokens=None, calibration_mask=None) -> Model:
+    """Make `model` train with `method`. LARS needs calibration tokens (B, T);
+    calibration_mask (B, T) bool, optional, names the positions whose activations
+    count (the real tokens of padded rows; see calibrate)."""
     if isinstance(method, str):
         method = MethodConfig(method)
     be = model.be
@@ -125,7 +127,8 @@ def apply_method(model: Model, method: MethodConfig | str, calibration_tokens=No
             raise ValueError("LARS needs calibration tokens to find its activation subspaces")
         apply_frozen(model)
         from .calibrate import calibrate
-        stream_bases, model.bases = calibrate(model, calibration_tokens, method.rank, seed=method.seed)
+        stream_bases, model.bases = calibrate(model, calibration_tokens, method.rank, seed=method.seed,
+                                              token_mask=calibration_mask)
     for i, block in enumerate(model.sites):
         for stream, site in block.items():
             weight = site.to_linear(be) if method.name == "full" else site.weight

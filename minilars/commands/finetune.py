@@ -223,8 +223,8 @@ def _run(args) -> int:
 
     config = train.TrainConfig(steps=opts.steps, batch_size=opts.batch_size, seq_len=opts.seq_len, lr=opts.lr,
                                warmup=opts.warmup, weight_decay=opts.weight_decay, seed=opts.seed)
-    calibration = rows.tokens[datasets.batch_indices(len(rows), opts.batch_size, opts.seed, 0)]  # step 0's batch
-    _prepare_model(model, method, opts, calibration)
+    first = datasets.batch_indices(len(rows), opts.batch_size, opts.seed, 0)  # LARS calibrates on step 0's batch,
+    _prepare_model(model, method, opts, rows.tokens[first], rows.real[first])  # its padding left out
     method = model.method
 
     from minilars.optim import AdamW, AdamWConfig
@@ -440,8 +440,9 @@ def _method(opts):
                         seed=opts.seed)
 
 
-def _prepare_model(model, method, opts, calibration) -> None:
-    """Apply the method (LARS calibrates on `calibration`, the first batch) or load --init-adapter."""
+def _prepare_model(model, method, opts, calibration, calibration_mask) -> None:
+    """Apply the method (LARS calibrates on `calibration`, the first batch, at the
+    positions `calibration_mask` keeps) or load --init-adapter."""
     from minilars.methods import apply_method
 
     if opts.init_adapter:
@@ -449,7 +450,10 @@ def _prepare_model(model, method, opts, calibration) -> None:
 
         load_adapter(model, opts.init_adapter)  # AdapterError for another base model
         return
-    apply_method(model, method, calibration if method.name == "lars" else None)
+    if method.name == "lars":
+        apply_method(model, method, calibration, calibration_mask)
+    else:
+        apply_method(model, method)
 
 
 def _check_budget(cfg, method, opts, backend_name: str) -> None:

@@ -236,6 +236,7 @@ class Rows:
     targets: np.ndarray  # (R, T) int64, IGNORE where not labelled
     truncated: int = 0  # examples cut to fit a row
     dropped: int = 0  # examples left with no labelled token after truncation
+    real: np.ndarray | None = None  # (R, T) bool: True at an example's token, False at padding
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -288,14 +289,17 @@ def make_rows(examples: list[Example], seq_len: int, pad_id: int, packing: str =
         rows = [[p] for p in pieces]
     tokens = np.full((len(rows), width), pad_id, dtype=np.int64)
     labels = np.zeros((len(rows), width), dtype=bool)
+    real = np.zeros((len(rows), width), dtype=bool)
     for r, row in enumerate(rows):
         at = 0
         for ids, lab in row:
             tokens[r, at:at + len(ids)] = ids
             labels[r, at:at + len(ids)] = lab
             at += len(ids)
+        real[r, :at] = True
     targets = np.where(labels[:, 1:], tokens[:, 1:], IGNORE)
-    return Rows(np.ascontiguousarray(tokens[:, :-1]), np.ascontiguousarray(targets), truncated, dropped)
+    return Rows(np.ascontiguousarray(tokens[:, :-1]), np.ascontiguousarray(targets), truncated, dropped,
+                np.ascontiguousarray(real[:, :-1]))
 
 
 def batch_indices(n_rows: int, batch_size: int, seed: int, step: int) -> np.ndarray:
