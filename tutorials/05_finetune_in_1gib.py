@@ -177,7 +177,10 @@ T_TRAIN, STEPS = (64, 3) if QUICK else (256, 30)
 train_rows = rows_of(T_TRAIN)
 for name, method in methods.items():
     reset_peak()
-    apply_method(model, method, train_rows.tokens[:1] if name == "lars" else None)
+    if name == "lars":  # calibrated on the first row's example tokens (padding left out)
+        apply_method(model, method, train_rows.tokens[:1], train_rows.real[:1])
+    else:
+        apply_method(model, method)
     setup_peak = peak_bytes()  # LARS: calibration included
     opt = AdamW(model.trainable(), model.be, AdamWConfig(lr=0.0))
     for t in LENGTHS:
