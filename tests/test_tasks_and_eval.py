@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import json
 import re
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -258,3 +259,17 @@ def test_study_quick_runs_end_to_end(tmp_path):
     study = json.loads((out / "study.json").read_text())
     assert all(len(run["curve"]) == 2 for run in study["runs"])  # before and after
     assert not (out / "runs" / "personal" / "full" / "lr-3e-05" / "merged").exists()  # weights deleted once scored
+
+
+def test_study_writes_its_tables_without_matplotlib(monkeypatch, tmp_path, capsys):
+    """matplotlib is an extra: without it the tables are written and the plot is skipped
+    with a message (a study once died there after its first run)."""
+    from minilars.commands import study
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    s = study.Settings("tiny", "numpy", "cpu", 1, ["personal"], ["lora"], 20, 2, {"lora": (1e-3,)},
+                       5, None, 4, 0, None, 0, False)
+    study.write_outputs(tmp_path, s, [], [], 1.0)
+    assert (tmp_path / "results.md").is_file() and (tmp_path / "results.csv").is_file()
+    assert not (tmp_path / "accuracy_vs_step.png").exists()
+    assert "minilars[plot]" in capsys.readouterr().out
