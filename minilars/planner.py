@@ -37,7 +37,7 @@ import numpy as np
 from .config import ModelConfig
 from .methods import LARS_DEFAULT_STORAGE, MethodConfig
 from .store import Half, StoragePlan, Subspace
-from .weights import PROJECTION_STREAM, STREAMS, expected_shapes, stream_inputs, stream_outputs
+from .weights import STREAMS, expected_shapes, stream_inputs, stream_outputs
 
 MIB = 2**20
 

@@ -25,21 +25,15 @@ from hypothesis import example, given, strategies as st  # noqa: E402
 
 from minilars.backends import get_backend  # noqa: E402
 from minilars.backends.numba_backend import NumbaBackend, warmup  # noqa: E402
-from minilars.config import preset  # noqa: E402
 from minilars.methods import MethodConfig, apply_method  # noqa: E402
 from minilars.model import Model  # noqa: E402
 from minilars.ops import rope_tables  # noqa: E402
 from minilars.optim import AdamW, AdamWConfig  # noqa: E402
+from backend_pairs import CFG, DTYPES, SEEDS, batch, check_kv_cache_decoding, check_rmsnorm, normal  # noqa: E402
 from tolerances import assert_close  # noqa: E402
 
 NP = get_backend("numpy")
 NB = get_backend("numba")
-DTYPES = st.sampled_from(["float32", "float64"])
-SEEDS = st.integers(0, 2**32 - 1)
-
-
-def normal(rng, shape, dtype, scale=1.0):
-    return (scale * rng.standard_normal(shape)).astype(dtype)
 
 
 def both(kernel: str, *args, **kwargs):
@@ -152,15 +146,7 @@ def test_vectorised_exp_matches_numpy_with_overflow_underflow_and_nan(dtype, sca
 @given(n=st.integers(1, 140), d=st.integers(1, 48), dtype=DTYPES, seed=SEEDS)
 @example(n=129, d=7, dtype="float32", seed=0)  # dw summed over three row blocks of 64
 def test_rmsnorm(n, d, dtype, seed):
-    rng = np.random.default_rng(seed)
-    x, w = normal(rng, (n, d), dtype, 3.0), (1 + normal(rng, (d,), dtype, 0.1)).astype(dtype)
-    (y, rstd), (y_ref, rstd_ref) = both("rmsnorm_forward", x, w, 1e-5)
-    check(y, y_ref, "y")
-    check(rstd, rstd_ref, "rstd")
-    dy = normal(rng, (n, d), dtype)  # a random upstream gradient
-    (dx, dw), (dx_ref, dw_ref) = both("rmsnorm_backward", dy, x, w, rstd_ref)
-    check(dx, dx_ref, "dx")
-    check(dw, dw_ref, "dw")
+    check_rmsnorm(both, check, n, d, dtype, seed)
 
 
 @given(b=st.integers(1, 2), t=st.integers(1, 12), heads=st.integers(1, 4), half=st.integers(1, 32),
@@ -254,15 +240,6 @@ def test_inputs_the_kernels_do_not_take_fall_back_to_numpy():
 
 
 # ---------------------------------------------------------------- the whole model
-CFG = preset("tiny")  # V 97, d 32, 2 layers, H 4, Hkv 2 (GQA 2), f 64
-
-
-def batch(seed=1, b=2, t=9):
-    rng = np.random.default_rng(seed)
-    tokens = rng.integers(0, CFG.vocab_size, (b, t))
-    targets = rng.integers(0, CFG.vocab_size, (b, t))
-    targets[0, :2] = -100  # ignored labels
-    return tokens, targets
 
 
 def model_pair(dtype=np.float64):
@@ -296,14 +273,7 @@ def test_whole_model_loss_gradients_and_steps_match_numpy(dtype):
 
 
 def test_kv_cache_decoding_matches_numpy():
-    model, reference = model_pair()
-    tokens, _ = batch()
-    out = []
-    for m in (model, reference):
-        kv = m.new_kv_cache(batch=2, max_len=16)
-        m.logits(tokens[:, :6], kv)
-        out.append(m.logits(tokens[:, 6:7], kv, last_only=True))  # attention with q_offset = 6
-    check(out[0], out[1], "next-token logits")
+    check_kv_cache_decoding(check, *model_pair())
 
 
 # ---------------------------------------------------------------- packaging

@@ -15,21 +15,19 @@ import pytest
 
 torch = pytest.importorskip("torch", reason="the torch backend needs PyTorch: pip install 'minilars[torch]'")
 
-from hypothesis import example, given, settings, strategies as st  # noqa: E402
+from hypothesis import example, given, strategies as st  # noqa: E402
 
 from minilars.backends import get_backend  # noqa: E402
-from minilars.config import preset  # noqa: E402
 from minilars.methods import MethodConfig, apply_method  # noqa: E402
 from minilars.model import Model  # noqa: E402
 from minilars.ops import rope_tables  # noqa: E402
 from minilars.optim import AdamW, AdamWConfig  # noqa: E402
 from minilars.store import StoragePlan  # noqa: E402
+from backend_pairs import CFG, DTYPES, SEEDS, batch, check_kv_cache_decoding, check_rmsnorm, normal  # noqa: E402
 from tolerances import assert_close  # noqa: E402
 
 NP = get_backend("numpy")
 TB = get_backend("torch", device="cpu")
-DTYPES = st.sampled_from(["float32", "float64"])
-SEEDS = st.integers(0, 2**32 - 1)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -57,10 +55,6 @@ def check(actual, reference, name: str) -> None:
     assert isinstance(actual, torch.Tensor) and actual.device.type == "cpu", f"{name}: not a cpu tensor"
     assert str(actual.dtype) == f"torch.{reference.dtype.name}", f"{name}: dtype {actual.dtype} != {reference.dtype}"
     assert_close(actual, reference, name=name)
-
-
-def normal(rng, shape, dtype, scale=1.0):
-    return (scale * rng.standard_normal(shape)).astype(dtype)
 
 
 # ---------------------------------------------------------------- arrays and dtypes
@@ -147,15 +141,7 @@ def test_embedding(vocab, n, d, dtype, seed):
 
 @given(n=st.integers(1, 20), d=st.integers(1, 64), dtype=DTYPES, seed=SEEDS)
 def test_rmsnorm(n, d, dtype, seed):
-    rng = np.random.default_rng(seed)
-    x, w = normal(rng, (n, d), dtype, 3.0), (1 + normal(rng, (d,), dtype, 0.1)).astype(dtype)
-    (y, rstd), (y_ref, rstd_ref) = both("rmsnorm_forward", x, w, 1e-5)
-    check(y, y_ref, "y")
-    check(rstd, rstd_ref, "rstd")
-    dy = normal(rng, (n, d), dtype)  # a random upstream gradient
-    (dx, dw), (dx_ref, dw_ref) = both("rmsnorm_backward", dy, x, w, rstd_ref)
-    check(dx, dx_ref, "dx")
-    check(dw, dw_ref, "dw")
+    check_rmsnorm(both, check, n, d, dtype, seed)
 
 
 @given(b=st.integers(1, 2), t=st.integers(1, 12), heads=st.integers(1, 4), half=st.integers(1, 32), dtype=DTYPES,
@@ -252,17 +238,8 @@ def test_adamw_matches_numpy_and_torch_optim(shape, weight_decay, dtype, seed):
 
 
 # ---------------------------------------------------------------- the whole model
-CFG = preset("tiny")  # V 97, d 32, 2 layers, H 4, Hkv 2 (GQA 2), f 64
 # Methods compared across backends; add a name here when a method lands in minilars/methods.py.
 METHODS = ["full", "frozen", "lora", "ia3", "lars"]
-
-
-def batch(seed=1, b=2, t=9):
-    rng = np.random.default_rng(seed)
-    tokens = rng.integers(0, CFG.vocab_size, (b, t))
-    targets = rng.integers(0, CFG.vocab_size, (b, t))
-    targets[0, :2] = -100  # ignored labels
-    return tokens, targets
 
 
 def model_pair(method: str, plan: dict | None = None, seed: int = 0):
@@ -312,14 +289,7 @@ def test_whole_model_loss_and_gradients_match_numpy(method):
 
 
 def test_kv_cache_decoding_matches_numpy():
-    model, reference = model_pair("frozen")
-    tokens, _ = batch()
-    out = []
-    for m in (model, reference):
-        kv = m.new_kv_cache(batch=2, max_len=16)
-        m.logits(tokens[:, :6], kv)
-        out.append(m.logits(tokens[:, 6:7], kv, last_only=True))  # attention with q_offset = 6
-    check(out[0], out[1], "next-token logits")
+    check_kv_cache_decoding(check, *model_pair("frozen"))
 
 
 @pytest.mark.parametrize("plan, mlp_chunk", [({"*": "half"}, 512), ({"block": "recompute"}, 512),

@@ -520,7 +520,7 @@ def _report(before, after, show, losses, peak, expected, wall) -> None:
         print(f"training loss: {head:.4f} (first steps) -> {tail:.4f} (last steps); activation store peak "
               f"{_mib(peak)} (expected {_mib(expected)})")
     if before is not None and after is not None and before.answers:
-        print(f"held-out answers (greedy), before -> after training:")
+        print("held-out answers (greedy), before -> after training:")
         for b, a in list(zip(before.answers, after.answers))[:show]:
             print(f"  Q: {b.question}")
             print(f"     reference: {b.reference}")
