@@ -52,3 +52,15 @@ def check_kv_cache_decoding(check, model, reference):
         m.logits(tokens[:, :6], kv)
         out.append(m.logits(tokens[:, 6:7], kv, last_only=True))
     check(out[0], out[1], "next-token logits")
+
+
+def check_cross_entropy_head(both, check, x, head, targets, chunk, need_dx, need_dhead, dtype):
+    """The chunked loss with the tied head: loss, valid count, dx and dhead."""
+    from tolerances import assert_close
+
+    (loss, n_valid, dx, dhead), (loss_ref, n_ref, dx_ref, dhead_ref) = both(
+        "cross_entropy_head", x, head, targets, chunk, -100, need_dx, need_dhead)
+    assert isinstance(loss, float) and n_valid == n_ref
+    assert_close(np.float64(loss), np.float64(loss_ref), dtype=dtype, name="loss")
+    check(dx, dx_ref, "dx")
+    check(dhead, dhead_ref, "dhead")
