@@ -18,6 +18,7 @@ the scoring can be checked against a fake model; `model_answerer` builds the rea
 """
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -112,6 +113,43 @@ def summarize_by(rows: list[dict], key: str) -> dict:
         if key in r:
             groups.setdefault(r[key], []).append(r)
     return {k: summarize(groups[k]) for k in sorted(groups)}
+
+
+@dataclass(frozen=True)
+class Paired:
+    """Two runs scored on the same questions, one metric: how many each got right, how
+    many only one of them did, and the exact McNemar p-value of those discordant
+    counts (two-sided binomial test of only_a vs only_b at 1/2)."""
+
+    metric: str
+    n: int
+    right_a: int
+    right_b: int
+    only_a: int
+    only_b: int
+
+    @property
+    def p_value(self) -> float:
+        """2 * P[X <= min(only_a, only_b)], X ~ Binomial(only_a + only_b, 1/2), capped at 1."""
+        m, k = self.only_a + self.only_b, min(self.only_a, self.only_b)
+        if m == 0:
+            return 1.0
+        return min(1.0, 2 * sum(math.comb(m, i) for i in range(k + 1)) / 2 ** m)
+
+    def text(self) -> str:
+        return (f"{self.metric}: A {self.right_a}/{self.n}, B {self.right_b}/{self.n}; only A right {self.only_a}, "
+                f"only B right {self.only_b}; exact McNemar p = {self.p_value:.2f}")
+
+
+def paired(rows_a: list[dict], rows_b: list[dict], metric: str) -> Paired:
+    """Compare two eval outputs (rows written by `Scored.row`) question by question;
+    both must hold the same prompts in the same order."""
+    if [r["prompt"] for r in rows_a] != [r["prompt"] for r in rows_b]:
+        raise ValueError("the two eval files do not hold the same questions in the same order")
+    pairs = [(bool(a[metric]), bool(b[metric])) for a, b in zip(rows_a, rows_b)
+             if a.get(metric) is not None and b.get(metric) is not None]
+    return Paired(metric, len(pairs), sum(a for a, _ in pairs), sum(b for _, b in pairs),
+                  sum(a and not b for a, b in pairs), sum(b and not a for a, b in pairs))
 
 
 def evaluate_items(items: list[EvalItem], answer: Callable[[EvalItem], str], progress: bool = True,
@@ -237,6 +275,6 @@ from .tasks import read_jsonl as read_rows  # noqa: E402
 from .tasks import write_jsonl as write_rows  # noqa: E402
 
 
-__all__ = ["EvalItem", "Scored", "Summary", "evaluate_items", "final_number", "load_model", "load_tokenizer",
-           "model_answerer", "normalize", "read_items", "read_rows", "score", "summarize", "summarize_by",
+__all__ = ["EvalItem", "Paired", "Scored", "Summary", "evaluate_items", "final_number", "load_model", "load_tokenizer",
+           "model_answerer", "normalize", "paired", "read_items", "read_rows", "score", "summarize", "summarize_by",
            "write_rows"]

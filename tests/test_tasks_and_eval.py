@@ -273,3 +273,37 @@ def test_study_writes_its_tables_without_matplotlib(monkeypatch, tmp_path, capsy
     assert (tmp_path / "results.md").is_file() and (tmp_path / "results.csv").is_file()
     assert not (tmp_path / "accuracy_vs_step.png").exists()
     assert "minilars[plot]" in capsys.readouterr().out
+
+
+def _rows(flags, metric="contains"):
+    return [{"prompt": f"q{i}", metric: f, "exact": False} for i, f in enumerate(flags)]
+
+
+def test_paired_counts_and_exact_mcnemar_p():
+    a = _rows([True] * 5 + [False] * 3 + [True, False])
+    b = _rows([True] * 5 + [True] * 3 + [False, False])
+    result = evaluate.paired(a, b, "contains")
+    assert (result.n, result.right_a, result.right_b, result.only_a, result.only_b) == (10, 6, 8, 1, 3)
+    # 1 vs 3 discordant: 2 * P[X <= 1], X ~ Bin(4, 1/2) = 2 * (1 + 4) / 16
+    assert result.p_value == pytest.approx(10 / 16)
+    assert evaluate.paired(a, a, "contains").p_value == 1.0  # no discordant pair
+    with pytest.raises(ValueError, match="same questions"):
+        evaluate.paired(a, b[::-1], "contains")
+
+
+@pytest.mark.parametrize("only_a, only_b", [(8, 6), (0, 7), (14, 10), (3, 30)])
+def test_mcnemar_p_matches_scipy_binomtest(only_a, only_b):
+    stats = pytest.importorskip("scipy.stats")
+    result = evaluate.Paired("contains", 80, 50, 50, only_a, only_b)
+    assert result.p_value == pytest.approx(stats.binomtest(only_a, only_a + only_b, 0.5).pvalue, rel=1e-9)
+
+
+def test_study_compare_prints_each_metric_and_refuses_other_questions(tmp_path, capsys):
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    evaluate.write_rows(a, _rows([True, False, True]))
+    evaluate.write_rows(b, _rows([True, True, False]))
+    assert main(["study", "compare", str(a), str(b)]) == 0
+    out = capsys.readouterr().out
+    assert "contains: A 2/3, B 2/3; only A right 1, only B right 1" in out and "exact: A 0/3" in out
+    evaluate.write_rows(b, _rows([True, True]))
+    assert main(["study", "compare", str(a), str(b)]) == 2

@@ -3,6 +3,7 @@
     minilars study make-tasks --out tasks/            # seeded train / held-out JSONL (minilars/tasks.py)
     minilars study accuracy --out study/              # every task x method, with an lr sweep
     minilars study accuracy --quick --out /tmp/s      # smoke run: tiny preset, 2 steps, 1 lr, 4 questions
+    minilars study compare A/eval.jsonl B/eval.jsonl  # two runs, question by question (McNemar)
 
 `accuracy` trains each method on each task with the same step budget and batch,
 every training run a fresh `minilars finetune` process (so its peak RSS, the
@@ -61,6 +62,11 @@ def add_parser(sub) -> None:
     make.add_argument("--quick", action="store_true", help="small sets with passkey T = 128, 192 (smoke tests)")
     make.set_defaults(func=run_make_tasks)
 
+    cmp = actions.add_parser("compare", help="two eval outputs on the same questions, question by question")
+    cmp.add_argument("a", help="eval.jsonl of run A (minilars eval --out, or a study run's eval.jsonl)")
+    cmp.add_argument("b", help="eval.jsonl of run B, the same questions in the same order")
+    cmp.set_defaults(func=run_compare)
+
     acc = actions.add_parser("accuracy", help="train every method on every task, held-out accuracy before/after",
                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     acc.add_argument("--out", required=True, help="output directory")
@@ -114,6 +120,23 @@ def _names(text: str, known, what: str) -> list[str]:
 
 
 # ---------------------------------------------------------------- make-tasks
+def run_compare(args) -> int:
+    """Right answers of each run, the questions only one of them got right, and the
+    exact McNemar p-value, for every metric both files score."""
+    from minilars.evaluate import paired, read_rows
+
+    rows_a, rows_b = read_rows(args.a), read_rows(args.b)
+    try:
+        for metric in ("contains", "exact", "number"):
+            result = paired(rows_a, rows_b, metric)
+            if result.n:
+                print(result.text())
+    except (ValueError, KeyError) as e:
+        print(f"study compare: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def run_make_tasks(args) -> int:
     from minilars import tasks
 
