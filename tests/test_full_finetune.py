@@ -1,7 +1,6 @@
 """Full fine-tuning of the tiny preset learns a synthetic sequence task."""
 from __future__ import annotations
 
-import time
 
 import numpy as np
 
@@ -22,19 +21,16 @@ def affine_sequences(rng, vocab: int, batch: int, seq_len: int):
     return seq[:, :-1], seq[:, 1:]
 
 
-def test_full_finetuning_lowers_loss_by_90_percent_quickly():
+def test_full_finetuning_lowers_loss_by_90_percent_in_120_steps():
     cfg = preset("tiny")
     model = apply_full(Model.random(cfg, seed=0))
     opt = AdamW(model.trainable(), model.be, AdamWConfig(lr=1e-2, weight_decay=0.01))
     rng = np.random.default_rng(0)
-    started = time.perf_counter()
     losses = []
     for _ in range(120):
         tokens, targets = affine_sequences(rng, cfg.vocab_size, 8, 32)
         tape = model.forward(tokens, targets)
         losses.append(tape.loss)
         opt.step(model.backward(tape))
-    elapsed = time.perf_counter() - started
     assert losses[0] > 0.9 * np.log(cfg.vocab_size)
     assert np.mean(losses[-5:]) < 0.1 * losses[0], losses[-5:]
-    assert elapsed < 60
