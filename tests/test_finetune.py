@@ -446,3 +446,27 @@ def test_default_job_quick_mode_on_smollm2(smollm2_path, tmp_path, monkeypatch, 
     assert len(runs) == 1 and (runs[0] / "adapter_model.safetensors").is_file()
     result = json.loads((runs[0] / "result.json").read_text())
     assert result["steps"] == 3 and len(result["losses"]) == 3  # quick mode's steps, not the full job's 20
+
+
+@pytest.mark.parametrize("extra, rows", [((), 2), (("--calibration-rows", "5"), 5)])
+def test_lars_calibrates_on_the_first_rows_without_their_padding(data_file, tmp_path, monkeypatch, extra, rows):
+    """By default the first batch's rows, else --calibration-rows of them; the mask
+    passed along is False exactly at padding (the rows are padded: --packing pad)."""
+    from minilars import methods
+
+    seen = {}
+    original = methods.apply_method
+
+    def spy(model, method, calibration_tokens=None, calibration_mask=None):
+        seen["tokens"], seen["mask"] = np.asarray(calibration_tokens), np.asarray(calibration_mask)
+        return original(model, method, calibration_tokens, calibration_mask)
+
+    monkeypatch.setattr(methods, "apply_method", spy)
+    out = tmp_path / "run"
+    args = tiny_args(data_file, out, "--packing", "pad", *extra)
+    args[args.index("--steps") + 1] = "1"
+    assert main(args) == 0
+    tokens, mask = seen["tokens"], seen["mask"]
+    assert tokens.shape == mask.shape == (rows, 64)
+    assert mask.any(axis=1).all() and not mask.all()  # every row has its example, and padding after it
+    assert all(row.tolist() == sorted(row.tolist(), reverse=True) for row in mask)  # example first, then padding

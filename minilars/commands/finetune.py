@@ -84,6 +84,8 @@ OPTIONS = (
     Option("warmup", _count, 2, "steps of linear learning-rate warm-up", quick=0),
     Option("weight_decay", float, 0.0, "AdamW decoupled weight decay"),
     Option("seed", int, 0, "seed of the eval split, data order and adapter initialisation"),
+    Option("calibration_rows", _count, 0, "LARS: training rows its bases are calibrated on, padding left out "
+           "(0: the first batch's rows)"),
     Option("backend", str, "auto", "kernel backend; auto picks torch where it imports, else numba, else numpy",
            choices=("auto", "numpy", "numba", "torch")),
     Option("device", str, "cpu", "torch backend only: cpu or cuda"),
@@ -223,8 +225,9 @@ def _run(args) -> int:
 
     config = train.TrainConfig(steps=opts.steps, batch_size=opts.batch_size, seq_len=opts.seq_len, lr=opts.lr,
                                warmup=opts.warmup, weight_decay=opts.weight_decay, seed=opts.seed)
-    first = datasets.batch_indices(len(rows), opts.batch_size, opts.seed, 0)  # LARS calibrates on step 0's batch,
-    _prepare_model(model, method, opts, rows.tokens[first], rows.real[first])  # its padding left out
+    # LARS calibrates on the first rows the sampler draws (by default step 0's batch), padding left out
+    first = datasets.batch_indices(len(rows), opts.calibration_rows or opts.batch_size, opts.seed, 0)
+    _prepare_model(model, method, opts, rows.tokens[first], rows.real[first])
     method = model.method
 
     from minilars.optim import AdamW, AdamWConfig
