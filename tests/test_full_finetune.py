@@ -1,7 +1,6 @@
 """Full fine-tuning of the tiny preset learns a synthetic sequence task."""
 from __future__ import annotations
 
-
 import numpy as np
 
 from minilars.config import preset

@@ -453,10 +453,7 @@ def _prepare_model(model, method, opts, calibration, calibration_mask) -> None:
 
         load_adapter(model, opts.init_adapter)  # AdapterError for another base model
         return
-    if method.name == "lars":
-        apply_method(model, method, calibration, calibration_mask)
-    else:
-        apply_method(model, method)
+    apply_method(model, method, calibration, calibration_mask)  # only LARS reads the calibration
 
 
 def _check_budget(cfg, method, opts, backend_name: str) -> None:
