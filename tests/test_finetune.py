@@ -470,3 +470,46 @@ def test_lars_calibrates_on_the_first_rows_without_their_padding(data_file, tmp_
     assert tokens.shape == mask.shape == (rows, 64)
     assert mask.any(axis=1).all() and not mask.all()  # every row has its example, and padding after it
     assert all(row.tolist() == sorted(row.tolist(), reverse=True) for row in mask)  # example first, then padding
+
+
+def test_lars_calibrates_on_calibration_data_at_its_own_length(data_file, tmp_path, monkeypatch):
+    """--calibration-data replaces the training rows as the bases' calibration:
+    --calibration-rows rows of --calibration-seq-len tokens, all from that file."""
+    from minilars import methods
+    from minilars.data import char_tokenizer
+
+    seen = {}
+    original = methods.apply_method
+
+    def spy(model, method, calibration_tokens=None, calibration_mask=None):
+        seen["tokens"], seen["mask"] = np.asarray(calibration_tokens), np.asarray(calibration_mask)
+        return original(model, method, calibration_tokens, calibration_mask)
+
+    monkeypatch.setattr(methods, "apply_method", spy)
+    calibration_file = tmp_path / "long.jsonl"
+    calibration_file.write_text(json.dumps({"text": "z" * 400}) + "\n")
+    args = tiny_args(data_file, tmp_path / "run", "--calibration-data", str(calibration_file),
+                     "--calibration-seq-len", "128", "--calibration-rows", "3")
+    args[args.index("--steps") + 1] = "1"
+    assert main(args) == 0
+    tokenizer = char_tokenizer()
+    z = tokenizer.tok.encode("z").ids[0]
+    assert seen["tokens"].shape == seen["mask"].shape == (3, 128)  # not the training rows' 64 tokens
+    real = seen["tokens"][seen["mask"]]
+    assert set(real.tolist()) == {z, tokenizer.eos_id}  # the calibration text and the end of its document
+    assert (real == z).mean() > 0.99
+
+
+def test_calibration_data_is_refused_for_methods_without_bases(data_file, tmp_path, capsys):
+    calibration_file = tmp_path / "long.jsonl"
+    calibration_file.write_text(json.dumps({"text": "z" * 400}) + "\n")
+    args = tiny_args(data_file, tmp_path / "out", "--method", "lora", "--calibration-data", str(calibration_file))
+    assert main(args) == 2
+    assert "--calibration-data calibrates LARS's bases; --method lora has none" in one_error_line(capsys)
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_calibration_data_names_the_file(data_file, tmp_path, capsys):
+    args = tiny_args(data_file, tmp_path / "out", "--calibration-data", str(tmp_path / "nowhere.jsonl"))
+    assert main(args) == 2
+    assert "nowhere.jsonl" in one_error_line(capsys)

@@ -84,8 +84,13 @@ OPTIONS = (
     Option("warmup", _count, 2, "steps of linear learning-rate warm-up", quick=0),
     Option("weight_decay", float, 0.0, "AdamW decoupled weight decay"),
     Option("seed", int, 0, "seed of the eval split, data order and adapter initialisation"),
-    Option("calibration_rows", _count, 0, "LARS: training rows its bases are calibrated on, padding left out "
-           "(0: the first batch's rows)"),
+    Option("calibration_rows", _count, 0, "LARS: rows its bases are calibrated on, padding left out "
+           "(0: as many as a batch)"),
+    Option("calibration_data", str, None, "LARS: calibrate the bases on this data file (formats as --data; "
+           "every record, split marks ignored) instead of the training rows, e.g. text of the length the "
+           "model will be used at"),
+    Option("calibration_seq_len", _positive_int, None, "LARS: tokens per --calibration-data row (default: "
+           "--seq-len)"),
     Option("backend", str, "auto", "kernel backend; auto picks torch where it imports, else numba, else numpy",
            choices=("auto", "numpy", "numba", "torch")),
     Option("device", str, "cpu", "torch backend only: cpu or cuda"),
@@ -210,6 +215,8 @@ def _run(args) -> int:
     if opts.resume and opts.threads == 0:  # the thread count can change float sums: keep the run's
         opts.threads = train.read_checkpoint_meta(out / train.CHECKPOINT).get("run_config", {}).get("threads") or 0
 
+    if opts.calibration_data is not None and opts.method != "lars":
+        raise CommandError(f"--calibration-data calibrates LARS's bases; --method {opts.method} has none")
     model, tokenizer, model_name = _load_model(opts)
     cfg = model.cfg
     if opts.seq_len > cfg.max_seq_len:
@@ -225,9 +232,8 @@ def _run(args) -> int:
 
     config = train.TrainConfig(steps=opts.steps, batch_size=opts.batch_size, seq_len=opts.seq_len, lr=opts.lr,
                                warmup=opts.warmup, weight_decay=opts.weight_decay, seed=opts.seed)
-    # LARS calibrates on the first rows the sampler draws (by default step 0's batch), padding left out
-    first = datasets.batch_indices(len(rows), opts.calibration_rows or opts.batch_size, opts.seed, 0)
-    _prepare_model(model, method, opts, rows.tokens[first], rows.real[first])
+    calibration = _calibration_rows(opts, rows, tokenizer, pad_id, cfg.max_seq_len)
+    _prepare_model(model, method, opts, calibration.tokens, calibration.real)
     method = model.method
 
     from minilars.optim import AdamW, AdamWConfig
@@ -255,7 +261,7 @@ def _run(args) -> int:
     else:
         note = f"starting at step 0 of {opts.steps}"
     expected = train.expected_activation_bytes(model, opts.batch_size, opts.seq_len)
-    _print_header(opts, model_name, model, method, dataset, rows, expected, out, note)
+    _print_header(opts, model_name, model, method, dataset, rows, expected, out, note, calibration)
 
     out.mkdir(parents=True, exist_ok=True)
     if not opts.resume:
@@ -443,6 +449,27 @@ def _method(opts):
                         seed=opts.seed)
 
 
+def _calibration_rows(opts, rows, tokenizer, pad_id, max_seq_len: int):
+    """The rows LARS calibrates on: the first --calibration-rows (default: a batch's
+    worth) that the sampler draws from the training rows (step 0's batch), or from
+    --calibration-data's rows of --calibration-seq-len tokens. Rows.real keeps padding
+    out of the bases."""
+    from minilars import data as datasets
+
+    if opts.calibration_data is not None:
+        seq_len = opts.calibration_seq_len or opts.seq_len
+        if seq_len > max_seq_len:
+            raise CommandError(f"--calibration-seq-len {seq_len} is longer than the model's context "
+                               f"({max_seq_len} tokens)")
+        records = datasets.read_records(opts.calibration_data)
+        if not records:
+            raise CommandError(f"{opts.calibration_data}: empty calibration data (no records)")
+        examples = [datasets.tokenize(r, tokenizer) for r in records]
+        rows = datasets.make_rows(examples, seq_len, pad_id, opts.packing, opts.seed)
+    first = datasets.batch_indices(len(rows), opts.calibration_rows or opts.batch_size, opts.seed, 0)
+    return datasets.Rows(rows.tokens[first], rows.targets[first], real=rows.real[first])
+
+
 def _prepare_model(model, method, opts, calibration, calibration_mask) -> None:
     """Apply the method (LARS calibrates on `calibration`, the first batch, at the
     positions `calibration_mask` keeps) or load --init-adapter."""
@@ -484,7 +511,7 @@ def _mib(n: float) -> str:
     return f"{n / 2**20:,.1f} MiB"
 
 
-def _print_header(opts, model_name, model, method, dataset, rows, expected, out, note) -> None:
+def _print_header(opts, model_name, model, method, dataset, rows, expected, out, note, calibration) -> None:
     cfg = model.cfg
     total, trainable = model.n_params(), model.n_trainable()
     tokens = rows.targets.size
@@ -499,6 +526,9 @@ def _print_header(opts, model_name, model, method, dataset, rows, expected, out,
         ("rows", f"{len(rows)} rows of {opts.seq_len} tokens ({opts.packing}), {labelled:,} of {tokens:,} "
                  f"targets labelled" + (f"; {rows.truncated} examples truncated" if rows.truncated else "")
                  + (f"; {rows.dropped} dropped (no answer token within --seq-len)" if rows.dropped else "")),
+        *([("calibration", f"{len(calibration)} rows of {calibration.tokens.shape[1]} tokens from "
+                           f"{opts.calibration_data or 'the training rows'}, {int(calibration.real.sum()):,} "
+                           f"tokens without padding")] if method.name == "lars" and not opts.init_adapter else []),
         ("activations", f"{_mib(expected)} expected in the activation store per step "
                         f"(batch {opts.batch_size} x {opts.seq_len} tokens)"),
         ("memory", _planned_peak(cfg, method, opts, model.be.name)),
