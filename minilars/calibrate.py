@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable, Iterator
 
 import numpy as np
 
@@ -45,19 +46,11 @@ def calibrate(model: Model, tokens, rank: int | None, seed: int = 0,
     otherwise spend directions of the basis on repeats of the pad token). The
     forward still runs over every position, so with causal attention the kept
     positions see exactly what they see in training."""
-    be, cfg = model.be, model.cfg
-    tokens = be.asarray(tokens if hasattr(tokens, "device") else np.asarray(tokens), "int64")
-    batch, seq_len = model._check_tokens(tokens)
-    n_tokens = batch * seq_len
-    keep = _kept_rows(token_mask, batch, seq_len, be)
-
-    def kept(matrix):  # (N, width) -> (N_kept, width)
-        return matrix if keep is None else matrix[keep]
-    cos, sin = model._rope(seq_len)
+    be = model.be
     stream_bases: dict[str, Array] = {}
     storage_bases: dict[str, Array] = {}
 
-    def capture(site: str, cache) -> None:
+    def capture(site: str, cache, kept, n_tokens: int) -> None:
         kind = _site_kind(site)
         for field in dataclasses.fields(cache):
             value = getattr(cache, field.name)
@@ -67,6 +60,35 @@ def calibrate(model: Model, tokens, rank: int | None, seed: int = 0,
                 matrix = value.reshape(n_tokens, size // n_tokens)
                 storage_bases[f"{site}.{field.name}"] = be.orthonormal_range(kept(matrix), policy.rank, seed=seed)
 
+    for i, inputs in stream_inputs(model, tokens, token_mask, streams, capture):
+        if rank is not None:
+            for stream, x in inputs.items():
+                stream_bases[f"blocks.{i}.{stream}"] = be.orthonormal_range(x, rank, seed=seed + i)
+    return stream_bases, storage_bases
+
+
+def stream_inputs(model: Model, tokens, token_mask=None, streams: tuple[str, ...] = tuple(STREAMS),
+                  on_cache: Callable | None = None) -> Iterator[tuple[int, dict[str, Array]]]:
+    """One no-grad forward over tokens (B, T), block by block: yields (i, {stream: X})
+    after block i ran, X (N_kept, d_in) the input that stream's sites read at the
+    positions token_mask keeps (all when None). A block's inputs are dropped when the
+    next block runs, so a caller that keeps nothing holds one block's activations.
+    on_cache(site, cache, kept, n_tokens), optional, sees every site's backward cache
+    (kept(matrix) selects a (N, width) matrix's kept rows)."""
+    be, cfg = model.be, model.cfg
+    tokens = be.asarray(tokens if hasattr(tokens, "device") else np.asarray(tokens), "int64")
+    batch, seq_len = model._check_tokens(tokens)
+    n_tokens = batch * seq_len
+    keep = _kept_rows(token_mask, batch, seq_len, be)
+
+    def kept(matrix):  # (N, width) -> (N_kept, width)
+        return matrix if keep is None else matrix[keep]
+
+    def capture(site: str, cache) -> None:
+        if on_cache is not None:
+            on_cache(site, cache, kept, n_tokens)
+
+    cos, sin = model._rope(seq_len)
     x, _ = model._embed(tokens)
     for i in range(cfg.n_layers):
         block = model.sites[i]
@@ -76,10 +98,7 @@ def calibrate(model: Model, tokens, rank: int | None, seed: int = 0,
             x = model._block_forward(i, x, batch, seq_len, cos, sin, capture)
         finally:
             block.update({stream: rec.inner for stream, rec in recorders.items()})
-        if rank is not None:
-            for stream, rec in recorders.items():
-                stream_bases[f"blocks.{i}.{stream}"] = be.orthonormal_range(kept(rec.seen), rank, seed=seed + i)
-    return stream_bases, storage_bases
+        yield i, {stream: kept(rec.seen) for stream, rec in recorders.items()}
 
 
 def _kept_rows(token_mask, batch: int, seq_len: int, be):

@@ -69,3 +69,33 @@ def test_rows_mark_real_tokens_and_apply_method_passes_the_mask():
                             seed=0, token_mask=rows.real)
     p = model.sites[0]["attn_in"].basis
     np.testing.assert_allclose(projector(p), projector(expected["blocks.0.attn_in"]), atol=1e-10)
+
+
+def test_basis_overlap_script_compares_two_calibrations(tmp_path, capsys):
+    """benchmarks/basis_overlap.py: one file against itself gives the same bases
+    (overlap 1, equal captured energy); against other text, less than 1."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "basis_overlap", Path(__file__).resolve().parents[1] / "benchmarks" / "basis_overlap.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    a.write_text(json.dumps({"prompt": "Where is the key?", "completion": "Under the blue pot by the door."}) + "\n")
+    b.write_text(json.dumps({"text": "hello world, " * 40}) + "\n")
+
+    def table(other: Path, seq_len: int) -> dict[str, list[float]]:
+        assert script.main(["--model", "tiny", "--backend", "numpy", "--a", str(a), "--a-seq-len", "128",
+                            "--b", str(other), "--b-seq-len", str(seq_len), "--rows", "1", "--rank", "4"]) == 0
+        rows = [line.strip("|").split("|") for line in capsys.readouterr().out.splitlines()
+                if line.startswith("| attn") or line.startswith("| mlp")]
+        return {cells[0].strip(): [float(c.split()[0]) for c in cells[2:]] for cells in rows}
+
+    same = table(a, 128)
+    assert set(same) == {"attn_in", "attn_out", "mlp_in", "mlp_out"}
+    for overlap, by_a, by_b in same.values():
+        assert overlap == pytest.approx(1.0, abs=1e-3) and by_a == pytest.approx(by_b, abs=1e-3)
+    other = table(b, 256)
+    assert all(overlap < 0.9 and by_a < by_b for overlap, by_a, by_b in other.values())
