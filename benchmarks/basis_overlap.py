@@ -39,7 +39,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--rows", type=int, default=2, help="rows calibrated on, per side")
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--backend", default=None)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the rows drawn from --a")
+    p.add_argument("--b-seed", type=int, default=None, help="seed of the rows drawn from --b (default: --seed); "
+                   "with --b the same file as --a, another seed gives the overlap of two draws of one data set")
     return p.parse_args(argv)
 
 
@@ -59,8 +61,9 @@ def main(argv=None) -> int:
 
     model, tokenizer = load_model(args.model, backend=args.backend)
     forwards = []
-    for side, path, seq_len in (("a", args.a, args.a_seq_len), ("b", args.b, args.b_seq_len)):
-        tokens, mask = calibration_rows(path, seq_len, tokenizer, args.rows, args.seed)
+    b_seed = args.seed if args.b_seed is None else args.b_seed
+    for side, path, seq_len, seed in (("a", args.a, args.a_seq_len, args.seed), ("b", args.b, args.b_seq_len, b_seed)):
+        tokens, mask = calibration_rows(path, seq_len, tokenizer, args.rows, seed)
         forwards.append(stream_inputs(model, tokens, token_mask=mask))
         print(f"{side}: {path}, {tokens.shape[0]} rows of {seq_len} tokens, {int(mask.sum()):,} kept", flush=True)
     table: dict[str, list[tuple[float, float, float]]] = {}

@@ -448,10 +448,9 @@ def test_default_job_quick_mode_on_smollm2(smollm2_path, tmp_path, monkeypatch, 
     assert result["steps"] == 3 and len(result["losses"]) == 3  # quick mode's steps, not the full job's 20
 
 
-@pytest.mark.parametrize("extra, rows", [((), 2), (("--calibration-rows", "5"), 5)])
-def test_lars_calibrates_on_the_first_rows_without_their_padding(data_file, tmp_path, monkeypatch, extra, rows):
-    """By default the first batch's rows, else --calibration-rows of them; the mask
-    passed along is False exactly at padding (the rows are padded: --packing pad)."""
+@pytest.fixture
+def calibration_seen(monkeypatch) -> dict:
+    """What apply_method receives as calibration ("tokens", "mask"), filled when finetune calls it."""
     from minilars import methods
 
     seen = {}
@@ -462,6 +461,14 @@ def test_lars_calibrates_on_the_first_rows_without_their_padding(data_file, tmp_
         return original(model, method, calibration_tokens, calibration_mask)
 
     monkeypatch.setattr(methods, "apply_method", spy)
+    return seen
+
+
+@pytest.mark.parametrize("extra, rows", [((), 2), (("--calibration-rows", "5"), 5)])
+def test_lars_calibrates_on_the_first_rows_without_their_padding(data_file, tmp_path, calibration_seen, extra, rows):
+    """By default the first batch's rows, else --calibration-rows of them; the mask
+    passed along is False exactly at padding (the rows are padded: --packing pad)."""
+    seen = calibration_seen
     out = tmp_path / "run"
     args = tiny_args(data_file, out, "--packing", "pad", *extra)
     args[args.index("--steps") + 1] = "1"
@@ -472,20 +479,12 @@ def test_lars_calibrates_on_the_first_rows_without_their_padding(data_file, tmp_
     assert all(row.tolist() == sorted(row.tolist(), reverse=True) for row in mask)  # example first, then padding
 
 
-def test_lars_calibrates_on_calibration_data_at_its_own_length(data_file, tmp_path, monkeypatch):
+def test_lars_calibrates_on_calibration_data_at_its_own_length(data_file, tmp_path, calibration_seen):
     """--calibration-data replaces the training rows as the bases' calibration:
     --calibration-rows rows of --calibration-seq-len tokens, all from that file."""
-    from minilars import methods
     from minilars.data import char_tokenizer
 
-    seen = {}
-    original = methods.apply_method
-
-    def spy(model, method, calibration_tokens=None, calibration_mask=None):
-        seen["tokens"], seen["mask"] = np.asarray(calibration_tokens), np.asarray(calibration_mask)
-        return original(model, method, calibration_tokens, calibration_mask)
-
-    monkeypatch.setattr(methods, "apply_method", spy)
+    seen = calibration_seen
     calibration_file = tmp_path / "long.jsonl"
     calibration_file.write_text(json.dumps({"text": "z" * 400}) + "\n")
     args = tiny_args(data_file, tmp_path / "run", "--calibration-data", str(calibration_file),
