@@ -199,7 +199,15 @@ class LARSSite(_AdapterSite):
     """LARS subspace adapter (LARS.md Part 1): W_eff = W + P M, P (d_in, r) a fixed
     orthonormal basis of the stream's calibrated activation subspace, M (r, d_out)
     trainable, zero at start. Backward (exact for any r):
-        dM_s = z^T dy_s,   dx = dy W^T + (sum_s dy_s M_s^T) P^T."""
+        dM_s = z^T dy_s,   dx = dy W^T + (sum_s dy_s M_s^T) P^T.
+
+    Between merge() and unmerge() (Model holds one block's sites merged while that
+    block runs forward or backward) the site computes with W_eff itself:
+        y = x W_eff,   dx = dy W_eff^T
+    the same quantities, one (N, d_in) x (d_in, d_out) product each instead of the
+    frozen product plus the rank-r products z M and (dy M^T) P^T, which are thin and
+    run far below BLAS's peak (18-37 GFLOP/s against ~120 at T = 2048,
+    docs/speed.md). Forming W_eff costs d_in r d_out, independent of N."""
 
     method = "lars"
 
@@ -211,15 +219,27 @@ class LARSSite(_AdapterSite):
         self.basis = backend.cast(basis, dtype)  # P (d_in, r), frozen
         self.rank = basis.shape[1]
         self.M = {s: backend.zeros((self.rank, outputs[s]), dtype) for s in self.targets}
+        self.merged: Array | None = None  # W_eff (d_in, d_out) between merge() and unmerge()
 
     def trainable(self):
         return {f"{s}.lars_M": self.M[s] for s in self.targets}
 
+    def merge(self, be) -> None:
+        """Form W_eff = W + P M for the products that follow, until unmerge(); M must
+        not change in between (the optimizer steps after the whole backward)."""
+        if self.targets:
+            self.merged = self.to_linear(be)
+
+    def unmerge(self) -> None:
+        self.merged = None
+
     def forward(self, x, be):
-        y = self._frozen(x, be)
         if not self.targets:
-            return y, None
+            return self._frozen(x, be), None
         z = be.matmul(x, self.basis)  # (N, r)
+        if self.merged is not None:
+            return be.matmul(x, self.merged), LARSCache(z)  # x W_eff
+        y = self._frozen(x, be)
         for s in self.targets:
             y[:, self.slices[s]] += be.matmul(z, self.M[s])
         return y, LARSCache(z)
@@ -231,15 +251,18 @@ class LARSSite(_AdapterSite):
         if cache is None:
             return (be.matmul_nt(dy, self.weight) if need_dx else None), {}
         grads, dz = {}, None
+        unmerged = need_dx and self.merged is None
         for s in self.targets:
             dy_s = dy[:, self.slices[s]]
             grads[f"{s}.lars_M"] = be.matmul_tn(cache.z, dy_s)  # dM = z^T dy: (r, d_out_s)
-            if need_dx:
+            if unmerged:
                 term = be.matmul_nt(dy_s, self.M[s])  # (N, r)
                 dz = term if dz is None else dz + term
         dx = None
-        if need_dx:
+        if unmerged:
             dx = be.matmul_nt(dy, self.weight) + be.matmul_nt(dz, self.basis)  # dy W^T + dz P^T
+        elif need_dx:
+            dx = be.matmul_nt(dy, self.merged)  # dy W_eff^T
         return dx, grads
 
     def to_linear(self, be):

@@ -15,6 +15,7 @@ Letters: B batch, T tokens, N = B*T, d hidden, f MLP width, H/Hkv heads, hd head
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -158,11 +159,12 @@ class Model:
         if need_grad and self.train_embeddings:
             store.keep("embed", cache)
         for i in range(cfg.n_layers):
-            if keep is not None and self.plan.recompute_blocks:
-                store.keep(f"blocks.{i}.input", BlockInput(x))
-                x = self._block_forward(i, x, batch, seq_len, cos, sin, None)
-            else:
-                x = self._block_forward(i, x, batch, seq_len, cos, sin, keep)
+            with self._merged_block(i):
+                if keep is not None and self.plan.recompute_blocks:
+                    store.keep(f"blocks.{i}.input", BlockInput(x))
+                    x = self._block_forward(i, x, batch, seq_len, cos, sin, None)
+                else:
+                    x = self._block_forward(i, x, batch, seq_len, cos, sin, keep)
         h, cache = rmsnorm_forward(x, self.params["final_norm.weight"], cfg.rms_eps, be)
         if keep is not None:
             store.keep("final_norm", cache)
@@ -173,6 +175,20 @@ class Model:
         if keep is not None:
             store.keep("head", cache)
         return Tape(loss, n_labelled, store, batch, seq_len)
+
+    @contextmanager
+    def _merged_block(self, i: int):
+        """Block i's sites that can fold their adapter into one effective weight (LARS:
+        W + P M) hold it while the block runs, and drop it after: one block's weights
+        at a time, however long the sequence (minilars/adapters.py: LARSSite.merge)."""
+        merging = [site for site in self.sites[i].values() if hasattr(site, "merge")]
+        for site in merging:
+            site.merge(self.be)
+        try:
+            yield
+        finally:
+            for site in merging:
+                site.unmerge()
 
     def _block_forward(self, i: int, x: Array, batch: int, seq_len: int, cos: Array, sin: Array,
                        keep, kv: KVCache | None = None) -> Array:
@@ -263,8 +279,9 @@ class Model:
             grads["final_norm.weight"] = dw
         cos, sin = self._rope(tape.seq_len)
         for i in reversed(range(cfg.n_layers)):
-            dx = self._block_backward(i, dx, tape.batch, tape.seq_len, cos, sin, store, grads,
-                                      need_dx=i > 0 or self.train_embeddings)
+            with self._merged_block(i):
+                dx = self._block_backward(i, dx, tape.batch, tape.seq_len, cos, sin, store, grads,
+                                          need_dx=i > 0 or self.train_embeddings)
         if self.train_embeddings:
             dembed = embedding_backward(dx, store.take("embed"), cfg.vocab_size, be)
             if cfg.tie_embeddings:

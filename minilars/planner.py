@@ -415,8 +415,7 @@ def plan_memory(cfg: ModelConfig, method: MethodConfig | str, seq_len: int, batc
             widths = stream_outputs(cfg)[stream]
             y0 = sum(widths[p] for p in mine)  # y0, dy.copy(), then dy W^T
             return y0 + sum(widths.values()) + max(max(widths[p] for p in mine), d_in + extra)
-        r = _lars_rank(method, d_in)  # z, dz, then dy W^T + dz P^T
-        return 2 * r + 2 * d_in
+        return _lars_rank(method, d_in) + d_in  # z, then dx = dy W_eff^T (the block's sites are merged)
 
     def kept_input(stream: str) -> str | None:
         """The field under which a stream's site keeps its input array itself (FullSite,
@@ -504,7 +503,15 @@ def plan_memory(cfg: ModelConfig, method: MethodConfig | str, seq_len: int, batc
     sim = _SimStore(plan, n)
     grads = 0
 
+    # Model._merged_block: while a block runs, its LARS sites hold W_eff = W + P M (d_in, d_out)
+    # in the compute dtype.
+    merged = 0
+    if method.name == "lars":
+        merged = sum(math.prod(shapes[f"blocks.0.{stream}.weight"]) * s
+                     for stream, mine in _targets_by_stream(method).items() if mine)
+
     def moment(name: str, per_token: float, fixed: int = 0) -> None:
+        fixed += merged if name.startswith("block") else 0
         moments.append(_Moment(name, sim.bytes_now, int(per_token * n * s + fixed), grads))
 
     last = cfg.n_layers - 1

@@ -66,7 +66,52 @@ def test_1_lars_adapter_gradient_is_exact_for_every_rank(shapes, seed):
         assert_close(grads[f"{s}.lars_M"], site.basis.T @ full_grads["weight"][:, site.slices[s]], name=s)
 
 
+@given(shapes=site_shapes(), seed=seeds)
+def test_merged_lars_site_computes_the_same_as_unmerged(shapes, seed):
+    """merge() folds P M into W_eff for speed: y, dx and dM must not change (they are
+    the same sums in another order), and unmerge() restores the rank-r path."""
+    n, d_in, rank, widths = shapes
+    rng = np.random.default_rng(seed)
+    outputs = {f"s{j}": w for j, w in enumerate(widths)}
+    targets = list(outputs)[:max(1, len(outputs) - 1)]  # a projection left frozen when there are several
+    site = LARSSite(rng.standard_normal((d_in, sum(widths))), outputs, targets, orthonormal(rng, d_in, rank), be)
+    for m in site.M.values():
+        m[...] = rng.standard_normal(m.shape)
+    x, dy = rng.standard_normal((n, d_in)), rng.standard_normal((n, sum(widths)))
+    y, cache = site.forward(x, be)
+    dx, grads = site.backward(dy, cache, be)
+    site.merge(be)
+    y_m, cache_m = site.forward(x, be)
+    dx_m, grads_m = site.backward(dy, cache_m, be)
+    site.unmerge()
+    assert site.merged is None
+    assert_close(y_m, y, name="y")
+    assert_close(dx_m, dx, name="dx")
+    assert set(grads_m) == set(grads) == {f"{s}.lars_M" for s in targets}
+    for name in grads:
+        assert_close(grads_m[name], grads[name], name=name)
+
+
 TINY = ModelConfig(vocab_size=31, dim=12, n_layers=2, n_heads=3, n_kv_heads=1, ffn_dim=20, max_seq_len=64)
+
+
+@pytest.mark.parametrize("storage", [(), (("block", "recompute"), ("input.x", "half"))], ids=["exact", "default"])
+def test_model_step_is_the_same_with_and_without_merged_blocks(storage, monkeypatch):
+    """Model runs each block with its LARS sites merged; with merging switched off
+    the loss and every gradient agree to float64 rounding, and no site stays merged."""
+    import contextlib
+
+    merges, original = [], LARSSite.merge
+    monkeypatch.setattr(LARSSite, "merge", lambda site, be: (merges.append(site), original(site, be)))
+    loss, grads = _grads(storage, mlp_chunk=4)  # the recomputed MLP runs in slices, all under one merge
+    assert len(merges) == 2 * 4 * TINY.n_layers  # each block's 4 sites, in forward and in backward
+    assert all(site.merged is None for site in merges)
+    monkeypatch.setattr(Model, "_merged_block", lambda self, i: contextlib.nullcontext())
+    loss_plain, grads_plain = _grads(storage, mlp_chunk=4)
+    assert loss == pytest.approx(loss_plain, rel=1e-12)
+    assert set(grads) == set(grads_plain)
+    for name in grads:
+        np.testing.assert_allclose(grads[name], grads_plain[name], rtol=1e-10, atol=1e-12, err_msg=name)
 
 
 def _grads(storage, rank=4, seed=0, mlp_chunk=512):
