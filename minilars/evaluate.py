@@ -138,7 +138,7 @@ class Paired:
 
     def text(self) -> str:
         return (f"{self.metric}: A {self.right_a}/{self.n}, B {self.right_b}/{self.n}; only A right {self.only_a}, "
-                f"only B right {self.only_b}; exact McNemar p = {self.p_value:.2f}")
+                f"only B right {self.only_b}; exact McNemar p = {self.p_value:.2g}")
 
 
 def paired(rows_a: list[dict], rows_b: list[dict], metric: str) -> Paired:

@@ -307,3 +307,10 @@ def test_study_compare_prints_each_metric_and_refuses_other_questions(tmp_path, 
     assert "contains: A 2/3, B 2/3; only A right 1, only B right 1" in out and "exact: A 0/3" in out
     evaluate.write_rows(b, _rows([True, True]))
     assert main(["study", "compare", str(a), str(b)]) == 2
+
+
+def test_paired_text_keeps_small_p_values_readable():
+    """13 vs 0 discordant questions: p = 2 / 2^13, printed as 0.00024, not rounded to 0."""
+    text = evaluate.Paired("contains", 120, 117, 104, 13, 0).text()
+    assert text.endswith("only A right 13, only B right 0; exact McNemar p = 0.00024")
+    assert evaluate.Paired("contains", 80, 50, 50, 8, 9).text().endswith("p = 1")
