@@ -45,25 +45,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def calibration_rows(path: str, seq_len: int, tokenizer, rows: int, seed: int):
-    from minilars import data
-
-    examples = [data.tokenize(r, tokenizer) for r in data.read_records(path)]
-    laid = data.make_rows(examples, seq_len, data.pad_id_of(tokenizer), "pad", seed)
-    first = data.batch_indices(len(laid), rows, seed, 0)
-    return laid.tokens[first], laid.real[first]
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     from minilars.calibrate import stream_inputs
+    from minilars.data import calibration_rows
     from minilars.evaluate import load_model
 
     model, tokenizer = load_model(args.model, backend=args.backend)
     forwards = []
     b_seed = args.seed if args.b_seed is None else args.b_seed
     for side, path, seq_len, seed in (("a", args.a, args.a_seq_len, args.seed), ("b", args.b, args.b_seq_len, b_seed)):
-        tokens, mask = calibration_rows(path, seq_len, tokenizer, args.rows, seed)
+        rows = calibration_rows(path, tokenizer, seq_len, args.rows, seed)
+        tokens, mask = rows.tokens, rows.real
         forwards.append(stream_inputs(model, tokens, token_mask=mask))
         print(f"{side}: {path}, {tokens.shape[0]} rows of {seq_len} tokens, {int(mask.sum()):,} kept", flush=True)
     table: dict[str, list[tuple[float, float, float]]] = {}

@@ -232,7 +232,7 @@ def _run(args) -> int:
 
     config = train.TrainConfig(steps=opts.steps, batch_size=opts.batch_size, seq_len=opts.seq_len, lr=opts.lr,
                                warmup=opts.warmup, weight_decay=opts.weight_decay, seed=opts.seed)
-    calibration = _calibration_rows(opts, rows, tokenizer, pad_id, cfg.max_seq_len)
+    calibration = _calibration_rows(opts, rows, tokenizer, cfg.max_seq_len)
     _prepare_model(model, method, opts, calibration.tokens, calibration.real)
     method = model.method
 
@@ -449,25 +449,21 @@ def _method(opts):
                         seed=opts.seed)
 
 
-def _calibration_rows(opts, rows, tokenizer, pad_id, max_seq_len: int):
+def _calibration_rows(opts, rows, tokenizer, max_seq_len: int):
     """The rows LARS calibrates on: the first --calibration-rows (default: a batch's
     worth) that the sampler draws from the training rows (step 0's batch), or from
     --calibration-data's rows of --calibration-seq-len tokens. Rows.real keeps padding
     out of the bases."""
     from minilars import data as datasets
 
-    if opts.calibration_data is not None:
-        seq_len = opts.calibration_seq_len or opts.seq_len
-        if seq_len > max_seq_len:
-            raise CommandError(f"--calibration-seq-len {seq_len} is longer than the model's context "
-                               f"({max_seq_len} tokens)")
-        records = datasets.read_records(opts.calibration_data)
-        if not records:
-            raise CommandError(f"{opts.calibration_data}: empty calibration data (no records)")
-        examples = [datasets.tokenize(r, tokenizer) for r in records]
-        rows = datasets.make_rows(examples, seq_len, pad_id, opts.packing, opts.seed)
-    first = datasets.batch_indices(len(rows), opts.calibration_rows or opts.batch_size, opts.seed, 0)
-    return datasets.Rows(rows.tokens[first], rows.targets[first], real=rows.real[first])
+    n = opts.calibration_rows or opts.batch_size
+    if opts.calibration_data is None:
+        return datasets.first_rows(rows, n, opts.seed)
+    seq_len = opts.calibration_seq_len or opts.seq_len
+    if seq_len > max_seq_len:
+        raise CommandError(f"--calibration-seq-len {seq_len} is longer than the model's context "
+                           f"({max_seq_len} tokens)")
+    return datasets.calibration_rows(opts.calibration_data, tokenizer, seq_len, n, opts.seed, opts.packing)
 
 
 def _prepare_model(model, method, opts, calibration, calibration_mask) -> None:

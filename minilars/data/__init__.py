@@ -315,6 +315,23 @@ def batch_indices(n_rows: int, batch_size: int, seed: int, step: int) -> np.ndar
     return out
 
 
+def first_rows(rows: Rows, n: int, seed: int) -> Rows:
+    """The first n rows the sampler draws (step 0's batch when n is the batch size),
+    with their padding mask: what LARS calibrates on."""
+    idx = batch_indices(len(rows), n, seed, 0)
+    return Rows(rows.tokens[idx], rows.targets[idx], real=rows.real[idx])
+
+
+def calibration_rows(path: str | Path, tokenizer, seq_len: int, n: int, seed: int = 0, packing: str = "pad") -> Rows:
+    """first_rows of a whole data file (every record, split marks ignored) laid into
+    rows of seq_len tokens."""
+    records = read_records(path)
+    if not records:
+        raise DataError(f"{path}: empty calibration data (no records)")
+    rows = make_rows([tokenize(r, tokenizer) for r in records], seq_len, pad_id_of(tokenizer), packing, seed)
+    return first_rows(rows, n, seed)
+
+
 def pad_id_of(tokenizer) -> int:
     """The pad token, else eos, else 0 (padding is never a target, so its id only
     has to exist)."""
