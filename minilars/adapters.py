@@ -244,6 +244,12 @@ class LARSSite(_AdapterSite):
             y[:, self.slices[s]] += be.matmul(z, self.M[s])
         return y, LARSCache(z)
 
+    def apply(self, x, be):
+        """y without z = x P, which only backward reads."""
+        if self.merged is not None:
+            return be.matmul(x, self.merged)  # x W_eff
+        return self.forward(x, be)[0]  # unmerged, y needs z M
+
     def backward_cache(self, x, be):
         return LARSCache(be.matmul(x, self.basis)) if self.targets else None  # z = x P: (N, r)
 

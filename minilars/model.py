@@ -205,11 +205,12 @@ class Model:
         be, cfg, p, sites = self.be, self.cfg, self.params, self.sites[i]
         pre = f"blocks.{i}."
         n = batch * seq_len
+        run = _site_runner(keep, be)
         keep = keep or (lambda site, cache: None)
 
         h, cache = rmsnorm_forward(x, p[pre + "attn_norm.weight"], cfg.rms_eps, be)  # (N, d)
         keep(pre + "attn_norm", cache)
-        qkv, cache = sites["attn_in"].forward(h, be)  # (N, H*hd + 2k)
+        qkv, cache = run(sites["attn_in"], h)  # (N, H*hd + 2k)
         if cache is not None:
             keep(pre + "attn_in", cache)
         dq, dk = cfg.q_dim, cfg.kv_dim
@@ -228,7 +229,7 @@ class Model:
             kv.v[i][:, start:start + seq_len] = v
             o, _ = be.attention_forward(q, kv.k[i][:, :start + seq_len], kv.v[i][:, :start + seq_len],
                                         self.attention_tile, q_offset=start)
-        a, cache = sites["attn_out"].forward(o.reshape(n, dq), be)  # (N, d)
+        a, cache = run(sites["attn_out"], o.reshape(n, dq))  # (N, d)
         if cache is not None:
             keep(pre + "attn_out", cache)
         return x + a
@@ -240,16 +241,17 @@ class Model:
         frozen product, which backward never reads: 2 rows f d FLOPs saved."""
         be, cfg, p, sites = self.be, self.cfg, self.params, self.sites[i]
         pre = f"blocks.{i}."
+        run = _site_runner(keep, be)
         keep = keep or (lambda site, cache: None)
         h, cache = rmsnorm_forward(x, p[pre + "mlp_norm.weight"], cfg.rms_eps, be)
         keep(pre + "mlp_norm", cache)
-        gate_up, cache = sites["mlp_in"].forward(h, be)  # (rows, 2f)
+        gate_up, cache = run(sites["mlp_in"], h)  # (rows, 2f)
         if cache is not None:
             keep(pre + "mlp_in", cache)
         m, cache = swiglu_forward(gate_up, be)  # (rows, f)
         keep(pre + "mlp", cache)
         if need_output:
-            down, cache = sites["mlp_out"].forward(m, be)  # (rows, d)
+            down, cache = run(sites["mlp_out"], m)  # (rows, d)
         else:
             down, cache = None, sites["mlp_out"].backward_cache(m, be)
         if cache is not None:
@@ -389,6 +391,14 @@ class Model:
         shape = (batch, max_len, cfg.n_kv_heads, cfg.head_dim)
         return KVCache([be.zeros(shape, self.compute_dtype) for _ in range(cfg.n_layers)],
                        [be.zeros(shape, self.compute_dtype) for _ in range(cfg.n_layers)])
+
+
+def _site_runner(keep, be: Backend):
+    """site, x -> (y, cache): the site's forward when caches are kept, else its apply
+    (y alone, skipping work only the cache needs, e.g. LARS's z = x P)."""
+    if keep is None:
+        return lambda site, x: (site.apply(x, be), None)
+    return lambda site, x: site.forward(x, be)
 
 
 def _accumulate(grads: dict, name: str, g: Array) -> None:

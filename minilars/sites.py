@@ -49,6 +49,12 @@ class LinearSite:
     def backward(self, dy: Array, cache, be: Backend, need_dx: bool = True) -> tuple[Array | None, dict[str, Array]]:
         raise NotImplementedError
 
+    def apply(self, x: Array, be: Backend) -> Array:
+        """y = forward(x)[0], for a forward that keeps nothing (inference, and the first
+        pass of a recomputed block). Subclasses whose cache costs work that y does not
+        need override this to skip it."""
+        return self.forward(x, be)[0]
+
     def backward_cache(self, x: Array, be: Backend):
         """The cache forward(x) would keep, without forming y (a recomputed block's
         last projection, whose output backward never reads). Subclasses whose cache

@@ -83,9 +83,12 @@ def test_merged_lars_site_computes_the_same_as_unmerged(shapes, seed):
     site.merge(be)
     y_m, cache_m = site.forward(x, be)
     dx_m, grads_m = site.backward(dy, cache_m, be)
+    y_applied_m = site.apply(x, be)
     site.unmerge()
     assert site.merged is None
     assert_close(y_m, y, name="y")
+    assert_close(y_applied_m, y, name="apply (merged)")  # the keep-nothing forward: y without z
+    assert_close(site.apply(x, be), y, name="apply")
     assert_close(dx_m, dx, name="dx")
     assert set(grads_m) == set(grads) == {f"{s}.lars_M" for s in targets}
     for name in grads:
