@@ -22,7 +22,7 @@ import numpy as np
 
 from .backends import Array, Backend, get_backend
 from .config import ModelConfig
-from .ops import (EmbeddingCache, attention_backward, attention_forward, cross_entropy_backward,
+from .ops import (AttentionCache, EmbeddingCache, attention_backward, attention_forward, cross_entropy_backward,
                   cross_entropy_forward, embedding_backward, embedding_forward, rmsnorm_backward,
                   rmsnorm_forward, rope_backward, rope_forward, rope_tables, swiglu_backward, swiglu_forward)
 from .sites import FrozenSite, LinearSite
@@ -33,6 +33,16 @@ from .weights import STREAMS, check_shapes, random_params, stream_outputs
 @dataclass
 class BlockInput:
     x: Array  # (N, d) residual stream entering the block (kept under `recompute`)
+
+
+@dataclass
+class AttentionOutput:
+    """Kept under `recompute` when the plan names attn.o (StoragePlan.keeps_attention_output):
+    with them backward rebuilds the attention cache from recomputed q, k, v without
+    running the attention forward again."""
+
+    o: Array  # (B, T, H, hd) attention output
+    lse: Array  # (B, T, H) log-sum-exp of each score row
 
 
 @dataclass
@@ -162,7 +172,11 @@ class Model:
             with self._merged_block(i):
                 if keep is not None and self.plan.recompute_blocks:
                     store.keep(f"blocks.{i}.input", BlockInput(x))
-                    x = self._block_forward(i, x, batch, seq_len, cos, sin, None)
+                    on_attention = None
+                    if self.plan.keeps_attention_output:
+                        site = f"blocks.{i}.attn"
+                        on_attention = lambda o, lse, site=site: store.keep(site, AttentionOutput(o, lse))  # noqa: E731
+                    x = self._block_forward(i, x, batch, seq_len, cos, sin, None, on_attention=on_attention)
                 else:
                     x = self._block_forward(i, x, batch, seq_len, cos, sin, keep)
         h, cache = rmsnorm_forward(x, self.params["final_norm.weight"], cfg.rms_eps, be)
@@ -191,17 +205,22 @@ class Model:
                 site.unmerge()
 
     def _block_forward(self, i: int, x: Array, batch: int, seq_len: int, cos: Array, sin: Array,
-                       keep, kv: KVCache | None = None) -> Array:
+                       keep, kv: KVCache | None = None, on_attention=None) -> Array:
         """One pre-norm block; keep(site, cache) receives every cache (None: keep nothing).
-        With nothing kept the MLP runs mlp_chunk tokens at a time (_mlp_chunked)."""
-        x = self._attention_half(i, x, batch, seq_len, cos, sin, keep, kv)
+        With nothing kept the MLP runs mlp_chunk tokens at a time (_mlp_chunked).
+        on_attention(o, lse), if given, receives the attention kernel's outputs."""
+        x = self._attention_half(i, x, batch, seq_len, cos, sin, keep, kv, on_attention=on_attention)
         if keep is None:
             return self._mlp_chunked(i, x, lambda rows, x_rows: self._mlp_half(i, x_rows, None))
         return self._mlp_half(i, x, keep)
 
     def _attention_half(self, i: int, x: Array, batch: int, seq_len: int, cos: Array, sin: Array,
-                        keep, kv: KVCache | None = None) -> Array:
-        """x + Attention(RoPE(RMSNorm(x) W_attn_in)) W_attn_out: (N, d) -> (N, d)."""
+                        keep, kv: KVCache | None = None, on_attention=None,
+                        attention_output: AttentionOutput | None = None) -> Array:
+        """x + Attention(RoPE(RMSNorm(x) W_attn_in)) W_attn_out: (N, d) -> (N, d).
+        attention_output (a recomputed block whose forward kept it): O and lse come
+        from there instead of from the attention kernel, whose cache is rebuilt from
+        the recomputed q, k, v. on_attention(o, lse) receives the kernel's outputs."""
         be, cfg, p, sites = self.be, self.cfg, self.params, self.sites[i]
         pre = f"blocks.{i}."
         n = batch * seq_len
@@ -221,9 +240,14 @@ class Model:
         cos_t, sin_t = cos[start:start + seq_len], sin[start:start + seq_len]
         q = rope_forward(q, cos_t, sin_t, be)  # (B, T, H, hd)
         k = rope_forward(k, cos_t, sin_t, be)  # (B, T, Hkv, hd)
-        if kv is None:
+        if attention_output is not None:  # O = softmax(Q K^T) V as the forward computed it
+            o = attention_output.o
+            keep(pre + "attn", AttentionCache(q, k, v, o, attention_output.lse))
+        elif kv is None:
             o, cache = attention_forward(q, k, v, self.attention_tile, be)  # (B, T, H, hd)
             keep(pre + "attn", cache)
+            if on_attention is not None:
+                on_attention(o, cache.lse)
         else:
             kv.k[i][:, start:start + seq_len] = k
             kv.v[i][:, start:start + seq_len] = v
@@ -305,7 +329,10 @@ class Model:
             # each slice's backward right after its forward, so only one slice's MLP
             # caches and work arrays are ever alive.
             x_in = store.take(pre + "input").x
-            x1 = self._attention_half(i, x_in, batch, seq_len, cos[:seq_len], sin[:seq_len], store.keep)
+            kept = store.take(pre + "attn") if self.plan.keeps_attention_output else None
+            x1 = self._attention_half(i, x_in, batch, seq_len, cos[:seq_len], sin[:seq_len], store.keep,
+                                      attention_output=kept)
+            del kept
             del x_in
 
             def mlp_rows(rows: slice, x_rows: Array) -> Array:

@@ -367,6 +367,7 @@ def plan_memory(cfg: ModelConfig, method: MethodConfig | str, seq_len: int, batc
     f16_weights = weight_dtype == "float16" and compute_dtype != "float16"
     plan = StoragePlan.from_mapping(dict(method.storage)) if method.name == "lars" else StoragePlan()
     recompute = plan.recompute_blocks
+    keeps_o = plan.keeps_attention_output  # recompute keeps each block's O and lse as well
     train_embeddings = method.name == "full"
     ins = stream_inputs(cfg)
 
@@ -531,9 +532,12 @@ def plan_memory(cfg: ModelConfig, method: MethodConfig | str, seq_len: int, batc
             sim.keep("embed", [_Field("tokens", (n,), np.dtype(np.int64))])
         caches = _block_caches(cfg, method, b, t, dt)
         attention_caches = [(site, fields) for site, fields in caches if not site.startswith("mlp")]
+        kept_o = [fl for fl in dict(caches)["attn"] if fl.name in ("o", "lse")]  # model.AttentionOutput
         for i in range(cfg.n_layers):
             if recompute:
                 sim.keep(f"blocks.{i}.input", [_Field("x", (n, d), dt)])
+                if keeps_o and i < last:
+                    sim.keep(f"blocks.{i}.attn", kept_o)
             elif i < last:
                 for site, fields in caches:
                     sim.keep(f"blocks.{i}.{site}", fields)
@@ -542,7 +546,11 @@ def plan_memory(cfg: ModelConfig, method: MethodConfig | str, seq_len: int, batc
             input_held = d if sim.exact("input.x", dt) else 0
             moment(f"block {last} forward: attention kernel", attention_kernel_locals(False, sim) - input_held,
                    attention_forward_work())
-            moment(f"block {last} forward: attention", attention_locals(False, sim) - input_held, upcast)
+            o_held = 0
+            if keeps_o:
+                sim.keep(f"blocks.{last}.attn", kept_o)
+                o_held = q if sim.exact("attn.o", dt) else 0
+            moment(f"block {last} forward: attention", attention_locals(False, sim) - input_held - o_held, upcast)
             if sliced:
                 moment(f"block {last} forward: MLP slices", 3 * d - input_held, mlp_slice_work + upcast)
             else:
@@ -579,8 +587,10 @@ def plan_memory(cfg: ModelConfig, method: MethodConfig | str, seq_len: int, batc
                 # then the MLP half one slice of `rows` tokens at a time: forward (caches
                 # kept) and backward, while x1 and (when sliced) the output stay alive.
                 sim.take(pre + "input")
+                if keeps_o:  # O and lse come from the store: no attention forward
+                    sim.take(pre + "attn")
                 for site, fields in attention_caches:
-                    if site == "attn":
+                    if site == "attn" and not keeps_o:
                         moment(f"block {i} recompute: attention kernel", common + attention_kernel_locals(True, sim),
                                attention_forward_work() + dhead)
                     sim.keep(pre + site, fields)

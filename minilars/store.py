@@ -9,7 +9,9 @@ cache is kept under the policy that the StoragePlan names for it (LARS.md, Part 
     subspace(r)  coefficients C = X Q (N, r) of the token-major matrix X (N, width),
                  Q (width, r) orthonormal, from the current batch (randomized range
                  finder) or from calibration; backward sees X_hat = C Q^T
-    recompute    (block level) nothing of the block but its input; see model.py
+    recompute    (block level) nothing of the block but its input; see model.py. With
+                 an attn.o rule of its own, also the attention output O (under that
+                 rule) and log-sum-exp, so backward skips the attention forward
 
 The store counts the bytes it holds, now and at peak, per site and in total, so the
 engine knows its own activation memory exactly. An array kept `exact` under two
@@ -130,6 +132,14 @@ class StoragePlan:
     @property
     def recompute_blocks(self) -> bool:
         return isinstance(self.policy_for("block"), Recompute)
+
+    @property
+    def keeps_attention_output(self) -> bool:
+        """block=recompute with an attn.o rule of its own: the forward keeps each block's
+        attention output O (under that policy) and log-sum-exp besides its input, and
+        backward rebuilds the attention cache without rerunning the attention kernel.
+        Costs H hd + H floats per token per block; saves a T^2 forward per block."""
+        return self.recompute_blocks and "attn.o" in dict(self.rules)
 
     def describe(self) -> str:
         return ", ".join(f"{k}={p}" for k, p in self.rules) or "exact"

@@ -148,6 +148,36 @@ def test_2_exact_recompute_is_bit_identical_to_exact_storage():
         assert np.array_equal(recompute[name], exact[name]), name
 
 
+def test_2_recompute_keeping_the_attention_output_skips_the_attention_forward(monkeypatch):
+    """block=recompute with an attn.o rule keeps O and lse from the forward: backward
+    runs the attention kernel's forward once per block, not twice, and with O kept
+    exact the gradients are bit-identical to exact storage. Kept in float16, O's
+    rounding reaches the gradients as the float16 block input's does."""
+    from minilars import model as model_module
+
+    calls = []
+    original = model_module.attention_forward
+    monkeypatch.setattr(model_module, "attention_forward", lambda *a, **k: (calls.append(1), original(*a, **k))[1])
+    per_step = {}
+    for name, storage in [("exact", ()), ("recompute", (("block", "recompute"),)),
+                          ("kept", (("block", "recompute"), ("attn.o", "exact")))]:
+        calls.clear()
+        _grads(storage)
+        per_step[name] = len(calls) - TINY.n_layers  # less calibration's forward, once per block
+    assert per_step == {"exact": TINY.n_layers, "recompute": 2 * TINY.n_layers, "kept": TINY.n_layers}
+    _, exact = _grads(())
+    _, kept = _grads((("block", "recompute"), ("attn.o", "exact")), mlp_chunk=4)
+    _, kept_unsliced = _grads((("block", "recompute"), ("attn.o", "exact")))
+    for name in exact:
+        assert np.array_equal(kept_unsliced[name], exact[name]), name
+        assert_close(kept[name], exact[name], name=name)
+    _, half_input = _grads((("block", "recompute"), ("input.x", "half")))
+    _, half_both = _grads((("block", "recompute"), ("input.x", "half"), ("attn.o", "half")))
+    for name in exact:
+        assert_close(half_both[name], half_input[name], dtype="float16", name=name)
+    assert any(not np.array_equal(half_both[name], half_input[name]) for name in exact)  # O was kept rounded
+
+
 def test_2_recompute_in_token_slices_equals_exact_storage():
     """The recomputed MLP runs mlp_chunk tokens at a time (18 tokens in slices of 4, 4,
     4, 4, 2); the weight gradients are sums over the slices, equal up to rounding."""

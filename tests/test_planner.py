@@ -25,6 +25,7 @@ from minilars.model import Model
 from minilars.optim import AdamW
 from minilars.planner import (MemoryPlan, check_budget, format_size, largest_fitting_seq_len, parse_size,
                               plan_memory)
+from minilars.store import Half, StoragePlan
 
 STORAGES = {
     "exact": (),
@@ -36,6 +37,8 @@ STORAGES = {
     "calibrated-attn-half-mlp": (("attn.*", "subspace(4, calibration)"), ("mlp.*", "half")),
     "recompute-half-everything": (("block", "recompute"), ("*", "half")),
     "recompute-subspace-input": (("block", "recompute"), ("input.x", "subspace(8)"), ("attn.o", "half")),
+    "recompute-keep-o-half": (*LARS_DEFAULT_STORAGE, ("attn.o", "half")),  # O and lse kept from the forward
+    "recompute-keep-o-exact": (("block", "recompute"), ("attn.o", "exact")),
     "o-half": (("attn.o", "half"),),  # splits the buffer attn.o shares with attn_out's input
 }
 
@@ -91,7 +94,8 @@ def _phase_peaks(plan: MemoryPlan) -> dict[str, int]:
 LIVE_BYTE_METHODS = {"frozen": MethodConfig("frozen"), "lars": MethodConfig.lars_default(),
                      "lars-exact": MethodConfig("lars", rank=16), "lora": MethodConfig("lora", rank=8),
                      "ia3": MethodConfig("ia3"), "full": MethodConfig("full"),
-                     "lars-mlp-slices": MethodConfig.lars_default(), "frozen-mlp-slices": MethodConfig("frozen")}
+                     "lars-mlp-slices": MethodConfig.lars_default(), "frozen-mlp-slices": MethodConfig("frozen"),
+                     "lars-keep-o": MethodConfig("lars", rank=16, storage=(*LARS_DEFAULT_STORAGE, ("attn.o", "half")))}
 MLP_SLICES = {"lars-mlp-slices": 128, "frozen-mlp-slices": 128}  # tokens per MLP slice (default 512 = T)
 
 
@@ -278,11 +282,11 @@ def test_bench_speed_table(tmp_path, capsys):
     each row's ratios taken from the rows it names."""
     path = tmp_path / "speed.csv"
     backends = "numpy,numba" if "numba" in available() else "numpy"
-    assert main(["bench", "speed", "--model", "tiny", "--seq-lens", "16,32", "--methods", "lars,lora",
+    assert main(["bench", "speed", "--model", "tiny", "--seq-lens", "16,32", "--methods", "lars,lars-fast,lora",
                  "--backends", backends, "--steps", "1", "--csv", str(path)]) == 0
     with open(path) as fh:
         rows = list(csv.DictReader(fh))
-    assert len(rows) == 2 * 2 * len(backends.split(","))
+    assert len(rows) == 2 * 3 * len(backends.split(","))
     step = {(r["T"], r["method"], r["backend"]): float(r["step s"]) for r in rows}
     for r in rows:
         key = (r["T"], r["method"], r["backend"])
@@ -290,3 +294,30 @@ def test_bench_speed_table(tmp_path, capsys):
         assert float(r["speed-up vs numpy"]) == pytest.approx(step[(r["T"], r["method"], "numpy")] / step[key])
         assert float(r["step time / LoRA's"]) == pytest.approx(step[key] / step[(r["T"], "lora", r["backend"])])
     assert "machine GFLOP/s" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="unknown method 'lars-slow'"):
+        main(["bench", "speed", "--model", "tiny", "--methods", "lars-slow"])
+
+
+def test_step_flops_counts_the_recomputed_attention():
+    """The fast recipe skips one causal attention forward per block: QK^T and PV over
+    the T^2/2 causal pairs, 2 FLOPs per multiply-add, each head."""
+    from minilars.bench.speed import step_flops
+
+    cfg, t = preset("smollm2-135m"), 2048
+    skipped = step_flops(cfg, t, "lars", True) - step_flops(cfg, t, "lars", True, recompute_attention=False)
+    assert skipped == cfg.n_layers * 2 * (2 * t * t / 2 * cfg.head_dim) * cfg.n_heads
+    # and the recompute itself: every projection but down, again
+    rerun = step_flops(cfg, t, "lars", True, recompute_attention=False) - step_flops(cfg, t, "lars", False)
+    assert rerun == cfg.n_layers * 2 * t * cfg.dim * (cfg.q_dim + 2 * cfg.kv_dim + cfg.q_dim + 2 * cfg.ffn_dim)
+
+
+def test_named_storage_recipes():
+    from minilars.methods import parse_storage
+
+    default, fast = (StoragePlan.from_mapping(dict(parse_storage(name))) for name in ("default", "fast"))
+    assert default.recompute_blocks and not default.keeps_attention_output
+    assert fast.recompute_blocks and fast.keeps_attention_output
+    assert fast.policy_for("attn.o") == fast.policy_for("input.x") == Half()
+    assert parse_storage("exact") == () and parse_storage(None) == parse_storage("default")
+    # attn.o alone does not keep anything from the forward when nothing is recomputed
+    assert not StoragePlan.from_mapping({"attn.o": "half"}).keeps_attention_output

@@ -18,7 +18,9 @@ from .common import load_model, print_table, random_batch, write_csv
 def add_arguments(parser) -> None:
     parser.add_argument("--model", default="smollm2-135m", help="model (default: %(default)s)")
     parser.add_argument("--seq-lens", default="512,2048", help="T values, comma separated (default: %(default)s)")
-    parser.add_argument("--methods", default="lars,lora,full", help="comma separated (default: %(default)s)")
+    parser.add_argument("--methods", default="lars,lora,full",
+                        help="comma separated from lars (default recipe), lars-fast (--storage fast), lora, full "
+                             "(default: %(default)s)")
     parser.add_argument("--backends", default="numpy,numba", help="comma separated (default: %(default)s)")
     parser.add_argument("--steps", type=int, default=2, help="timed steps after one warm-up step (default: %(default)s)")
     parser.add_argument("--csv", default=None, help="also write the table to this CSV file")
@@ -36,8 +38,10 @@ def matmul_gflops(seconds: float = 1.0) -> float:
     return 2 * 2048 * 576 * 1536 * count / (time.perf_counter() - start) / 1e9
 
 
-def step_flops(cfg, seq_len: int, method: str, recompute: bool) -> float:
-    """Matmul + attention FLOPs of one step at batch 1 (2 per multiply-add)."""
+def step_flops(cfg, seq_len: int, method: str, recompute: bool, recompute_attention: bool = True) -> float:
+    """Matmul + attention FLOPs of one step at batch 1 (2 per multiply-add). recompute:
+    backward reruns each block's forward (but the down projection); recompute_attention
+    False: except the attention kernel as well (the attention output was kept)."""
     n = seq_len
     proj = cfg.dim * (cfg.q_dim + 2 * cfg.kv_dim) + cfg.q_dim * cfg.dim + 3 * cfg.dim * cfg.ffn_dim
     attention = 2 * n * n * cfg.n_heads * cfg.head_dim  # causal half of QK^T and PV: 2 * (n^2/2) * 2
@@ -45,12 +49,14 @@ def step_flops(cfg, seq_len: int, method: str, recompute: bool) -> float:
     backward = (2 * n * proj) * (2 if method == "full" else 1) + 2.5 * attention
     head = 2 * n * cfg.dim * cfg.vocab_size * (3 if method == "full" else 2)
     recomputed = forward - 2 * n * cfg.ffn_dim * cfg.dim  # the recompute skips the frozen down projection
+    if not recompute_attention:
+        recomputed -= attention
     return cfg.n_layers * (forward + (recomputed if recompute else 0) + backward) + head
 
 
 def run(args) -> int:
     from minilars.backends import get_backend
-    from minilars.methods import MethodConfig, apply_method
+    from minilars.methods import LARS_FAST_STORAGE, MethodConfig, apply_method
     from minilars.optim import AdamW
 
     rows = []
@@ -67,7 +73,11 @@ def run(args) -> int:
     gflops_machine = matmul_gflops()
     print(f"this machine's float32 matmul: {gflops_machine:.1f} GFLOP/s")
     models = {name: load_model(args.model, backend=get_backend(name)) for name in backends}
-    configs = {"lars": MethodConfig.lars_default(), "lora": MethodConfig("lora", rank=8), "full": MethodConfig("full")}
+    configs = {"lars": MethodConfig.lars_default(), "lars-fast": MethodConfig("lars", storage=LARS_FAST_STORAGE),
+               "lora": MethodConfig("lora", rank=8), "full": MethodConfig("full")}
+    unknown = [m for m in args.methods.split(",") if m.strip() not in configs]
+    if unknown:
+        raise SystemExit(f"bench speed: unknown method {unknown[0]!r}; choose from {', '.join(configs)}")
     for seq_len in [int(t) for t in args.seq_lens.split(",")]:
         tokens, targets = random_batch(models[backends[0]].cfg.vocab_size, 1, seq_len)
         for method in [m.strip() for m in args.methods.split(",")]:
@@ -83,7 +93,8 @@ def run(args) -> int:
                     if step:
                         times.append(time.perf_counter() - started)
                 seconds = float(np.median(times))
-                flops = step_flops(model.cfg, seq_len, method, model.plan.recompute_blocks)
+                flops = step_flops(model.cfg, seq_len, method, model.plan.recompute_blocks,
+                                   recompute_attention=not model.plan.keeps_attention_output)
                 rows.append({"T": seq_len, "method": method, "backend": name, "step s": seconds,
                              "tokens/s": seq_len / seconds, "GFLOP/s": flops / seconds / 1e9,
                              "machine GFLOP/s": gflops_machine})

@@ -73,7 +73,8 @@ OPTIONS = (
     Option("targets", str, None, "projections to adapt, comma-separated from q,k,v,o,gate,up,down "
            "(default: all; ia3: k,v,down)"),
     Option("storage", str, "default", "LARS activation-storage rules, e.g. 'block=recompute,input.x=half' (the "
-           "default recipe), 'exact', or 'attn.*=subspace(32),mlp.*=half'"),
+           "default recipe), 'fast' (the default plus attn.o=half: attention outputs kept, not recomputed), "
+           "'exact', or 'attn.*=subspace(32),mlp.*=half'"),
     Option("steps", _positive_int, 20, "optimizer steps", quick=3),
     Option("batch_size", _positive_int, 2, "rows per step", quick=1),
     Option("seq_len", _positive_int, 256, "tokens per row; longer examples are truncated, shorter ones packed "

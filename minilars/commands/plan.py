@@ -22,7 +22,8 @@ def add_parser(sub) -> None:
     parser.add_argument("--targets", default=None,
                         help="comma-separated projections for LoRA/IA3/LARS, e.g. q,v (default: the method's)")
     parser.add_argument("--storage", default="default",
-                        help="LARS activation storage: default (block=recompute,input.x=half), exact, or rules "
+                        help="LARS activation storage: default (block=recompute,input.x=half), fast (the "
+                             "default plus attn.o=half), exact, or rules "
                              "like 'attn.*=subspace(32),mlp.*=half' (default: %(default)s)")
     parser.add_argument("--seq-len", type=int, default=2048, help="tokens per row T (default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=1, help="rows per step B (default: %(default)s)")
