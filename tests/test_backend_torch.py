@@ -289,8 +289,9 @@ def test_kv_cache_decoding_matches_numpy():
 
 
 @pytest.mark.parametrize("plan, mlp_chunk", [({"*": "half"}, 512), ({"block": "recompute"}, 512),
-                                             ({"block": "recompute"}, 5), ({"attn.q": "subspace(18)"}, 512)],
-                         ids=["half", "recompute", "recompute-in-mlp-slices", "subspace"])
+                                             ({"block": "recompute"}, 5), ({"attn.q": "subspace(18)"}, 512),
+                                             ({"block": "recompute", "input.x": "half", "attn.o": "half"}, 5)],
+                         ids=["half", "recompute", "recompute-in-mlp-slices", "subspace", "fast"])
 def test_storage_policies_match_numpy(plan, mlp_chunk):
     """subspace(18) on 18 tokens spans every stored q exactly, so the two backends'
     different bases reconstruct the same activations. mlp_chunk 5 runs the
