@@ -422,9 +422,11 @@ class Model:
 
 def _site_runner(keep, be: Backend):
     """site, x -> (y, cache): the site's forward when caches are kept, else its apply
-    (y alone, skipping work only the cache needs, e.g. LARS's z = x P)."""
+    (y alone, skipping work only the cache needs, e.g. LARS's z = x P). An object that
+    stands in for a site with a forward alone (a wrapper recording inputs, say) runs
+    its forward either way."""
     if keep is None:
-        return lambda site, x: (site.apply(x, be), None)
+        return lambda site, x: (site.apply(x, be) if hasattr(site, "apply") else site.forward(x, be)[0], None)
     return lambda site, x: site.forward(x, be)
 
 

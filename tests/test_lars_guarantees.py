@@ -95,6 +95,27 @@ def test_merged_lars_site_computes_the_same_as_unmerged(shapes, seed):
         assert_close(grads_m[name], grads[name], name=name)
 
 
+def test_a_stand_in_site_with_forward_alone_runs_in_a_keep_nothing_forward():
+    """Forwards that keep nothing call site.apply; an object standing in for a site
+    with only forward (tutorial 04's input recorder) must still run, and see the input."""
+
+    class Recorder:
+        def __init__(self, site):
+            self.site, self.seen = site, None
+
+        def forward(self, x, be):
+            self.seen = x
+            return self.site.forward(x, be)
+
+    model = Model.random(TINY, seed=1, dtype=np.float64)
+    tokens = np.arange(6)[None, :] % TINY.vocab_size
+    reference = model.hidden(tokens)
+    recorder = Recorder(model.sites[1]["mlp_out"])
+    model.sites[1]["mlp_out"] = recorder
+    np.testing.assert_array_equal(model.hidden(tokens), reference)
+    assert recorder.seen.shape == (6, TINY.ffn_dim)
+
+
 TINY = ModelConfig(vocab_size=31, dim=12, n_layers=2, n_heads=3, n_kv_heads=1, ffn_dim=20, max_seq_len=64)
 
 
