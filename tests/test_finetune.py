@@ -512,3 +512,17 @@ def test_missing_calibration_data_names_the_file(data_file, tmp_path, capsys):
     args = tiny_args(data_file, tmp_path / "out", "--calibration-data", str(tmp_path / "nowhere.jsonl"))
     assert main(args) == 2
     assert "nowhere.jsonl" in one_error_line(capsys)
+
+
+def test_output_piped_into_a_reader_that_leaves_ends_quietly(tmp_path):
+    """`minilars plan ... | head -1`: when the reader closes the pipe, the command stops
+    with 141 (128 + SIGPIPE) and no traceback."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader has gone before the first line is written
+    try:
+        done = subprocess.run([sys.executable, "-m", "minilars", "plan", "--model", "tiny", "--method", "lars",
+                               "--seq-len", "64"], stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=120)
+    finally:
+        os.close(write_end)
+    assert done.returncode == 141, done.stderr
+    assert "Traceback" not in done.stderr
