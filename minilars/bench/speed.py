@@ -75,12 +75,13 @@ def run(args) -> int:
     models = {name: load_model(args.model, backend=get_backend(name)) for name in backends}
     configs = {"lars": MethodConfig.lars_default(), "lars-fast": MethodConfig("lars", storage=LARS_FAST_STORAGE),
                "lora": MethodConfig("lora", rank=8), "full": MethodConfig("full")}
-    unknown = [m for m in args.methods.split(",") if m.strip() not in configs]
+    methods = [m.strip() for m in args.methods.split(",")]
+    unknown = [m for m in methods if m not in configs]
     if unknown:
         raise SystemExit(f"bench speed: unknown method {unknown[0]!r}; choose from {', '.join(configs)}")
     for seq_len in [int(t) for t in args.seq_lens.split(",")]:
         tokens, targets = random_batch(models[backends[0]].cfg.vocab_size, 1, seq_len)
-        for method in [m.strip() for m in args.methods.split(",")]:
+        for method in methods:
             for name in backends:
                 model = models[name]
                 apply_method(model, configs[method], calibration_tokens=tokens[:, :512])
