@@ -143,6 +143,19 @@ class Backend(ABC):
     def swiglu_backward(self, dh: Array, g: Array, u: Array) -> tuple[Array, Array]:
         """dg = dh * u * sig(g) * (1 + g*(1 - sig(g))), du = dh * silu(g)."""
 
+    def swiglu_forward_fused(self, gate_up: Array) -> Array:
+        """swiglu_forward of the halves of one projection output gate_up = [g | u]:
+        (N, 2f) -> (N, f). A backend may override it to read gate_up in place."""
+        f = gate_up.shape[1] // 2
+        return self.swiglu_forward(gate_up[:, :f], gate_up[:, f:])
+
+    def swiglu_backward_fused(self, dh: Array, gate_up: Array) -> Array:
+        """[dg | du] (N, 2f) of swiglu_backward for gate_up = [g | u]; a backend may
+        override it to write both halves into one array instead of concatenating."""
+        f = gate_up.shape[1] // 2
+        dg, du = self.swiglu_backward(dh, gate_up[:, :f], gate_up[:, f:])
+        return self.concat([dg, du], axis=1)
+
     @abstractmethod
     def cross_entropy_head(self, x: Array, head: Array, targets: Array, chunk: int,
                            ignore_index: int, need_dx: bool, need_dhead: bool

@@ -3,8 +3,8 @@
 What is jitted (backends/numba_kernels.py): attention forward and backward (tiled,
 causal, grouped-query, online softmax fused with masking, no (T, T) array, work
 items spread over threads with prange), RMSNorm, RoPE and SwiGLU forward and
-backward, the softmax rows of the chunked loss, the embedding scatter and the
-AdamW update. What stays with BLAS: the model's projections (matmul, matmul_tn,
+backward, the softmax rows of the chunked loss, the embedding scatter, the
+AdamW update and the float32 <-> float16 casts of the activation store. What stays with BLAS: the model's projections (matmul, matmul_tn,
 matmul_nt, inherited: numpy's multithreaded BLAS), the logits chunk and its two
 gradient products in the loss, the LARS range finder (QR, SVD); inside the
 attention kernels the tile products are BLAS calls too (np.dot, one thread per
@@ -34,6 +34,10 @@ from .numpy_backend import NumpyBackend
 _JIT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 _ROWS_PER_PART = 64  # rmsnorm dw: rows summed per partial (fixed, so sums are reproducible)
 _COLS_PER_PART = 32  # embedding backward: columns per thread-owned slice
+_HALF = np.dtype(np.float16)
+_SINGLE = np.dtype(np.float32)
+# float32 bits of each of the 65536 float16 patterns, by NumPy's cast (256 KiB)
+_HALF_TO_SINGLE = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32).view(np.uint32)
 
 
 
@@ -45,6 +49,20 @@ def _jittable(*arrays) -> bool:
 
 class NumbaBackend(NumpyBackend):
     name = "numba"
+
+    def cast(self, x, dtype):
+        """float32 <-> float16 of contiguous arrays by the jitted bit-pattern kernels
+        (NumPy's results, bit for bit, several times faster); other casts as NumPy."""
+        dtype = np.dtype(dtype)
+        pair = (x.dtype, dtype) if isinstance(x, np.ndarray) else None
+        if pair not in ((_SINGLE, _HALF), (_HALF, _SINGLE)) or not x.flags.c_contiguous:
+            return super().cast(x, dtype)
+        out = np.empty(x.shape, dtype=dtype)
+        if pair == (_SINGLE, _HALF):
+            K.single_to_half(x.reshape(-1).view(np.uint32), out.reshape(-1).view(np.uint16))
+        else:
+            K.half_to_single(x.reshape(-1).view(np.uint16), _HALF_TO_SINGLE, out.reshape(-1).view(np.uint32))
+        return out
 
     # ---------------------------------------------------------------- ops
     def embedding_backward(self, dy, tokens, vocab_size):
@@ -134,20 +152,37 @@ class NumbaBackend(NumpyBackend):
         K.reduce_kv_heads(dv_heads, dv)
         return dq, dk, dv
 
+    # The kernels read the fused projection output [g | u] whole (see numba_kernels);
+    # g and u passed apart are joined first, a copy the model never needs.
+    @staticmethod
+    def _fused_ok(gate_up) -> bool:
+        return _jittable(gate_up) and gate_up.ndim == 2 and gate_up.shape[1] % 2 == 0 and gate_up.flags.c_contiguous
+
+    def swiglu_forward_fused(self, gate_up):
+        if not self._fused_ok(gate_up):
+            return super().swiglu_forward_fused(gate_up)
+        h = np.empty((gate_up.shape[0], gate_up.shape[1] // 2), dtype=gate_up.dtype)  # (N, f)
+        K.swiglu_forward(gate_up, h)
+        return h
+
+    def swiglu_backward_fused(self, dh, gate_up):
+        if (not self._fused_ok(gate_up) or not _jittable(dh, gate_up)
+                or dh.shape != (gate_up.shape[0], gate_up.shape[1] // 2)):
+            return super().swiglu_backward_fused(dh, gate_up)
+        dgate_up = np.empty(gate_up.shape, dtype=gate_up.dtype)  # (N, 2f)
+        K.swiglu_backward(dh, gate_up, dgate_up)
+        return dgate_up
+
     def swiglu_forward(self, g, u):
         if not _jittable(g, u) or g.ndim != 2 or g.shape != u.shape:
             return super().swiglu_forward(g, u)
-        h = np.empty(g.shape, dtype=g.dtype)  # (N, f)
-        K.swiglu_forward(g, u, h)
-        return h
+        return self.swiglu_forward_fused(np.concatenate([g, u], axis=1))
 
     def swiglu_backward(self, dh, g, u):
         if not _jittable(dh, g, u) or g.ndim != 2 or g.shape != u.shape or dh.shape != g.shape:
             return super().swiglu_backward(dh, g, u)
-        dg = np.empty(g.shape, dtype=g.dtype)  # (N, f)
-        du = np.empty(g.shape, dtype=g.dtype)
-        K.swiglu_backward(dh, g, u, dg, du)
-        return dg, du
+        dgate_up = self.swiglu_backward_fused(dh, np.concatenate([g, u], axis=1))
+        return dgate_up[:, :g.shape[1]], dgate_up[:, g.shape[1]:]
 
     def cross_entropy_head(self, x, head, targets, chunk, ignore_index, need_dx, need_dhead):
         targets = np.asarray(targets)
@@ -229,12 +264,12 @@ def warmup(dtypes=("float32",)) -> float:
         dq, _, _ = be.attention_backward(randn(b, t, n_heads, hd), q, k, v.copy(), o, lse, tile)
         be.rope_backward(dq, cos, sin)
         gate_up = randn(b * t, 2 * f)
-        g, u = gate_up[:, :f], gate_up[:, f:]
-        be.swiglu_backward(be.swiglu_forward(g, u), g, u)
-        be.swiglu_forward(gate_up[:1, :f], gate_up[:1, f:])  # decoding one token: the slices are contiguous
+        be.swiglu_backward_fused(be.swiglu_forward_fused(gate_up), gate_up)
         targets = np.array([1, -100, 3, 0, 6], dtype=np.int64)
         be.cross_entropy_head(x, randn(vocab, d), targets, 2, -100, True, True)
         be.embedding_backward(x, targets.clip(0), vocab)
+        if dt == np.float32:
+            be.cast(be.cast(x, np.float16), np.float32)  # the activation store's float16 copies
         p = randn(3, 2)
         be.adamw_update(p, randn(3, 2), np.zeros_like(p), np.zeros_like(p), lr=1e-3, beta1=0.9,
                         beta2=0.999, eps=1e-8, weight_decay=0.0, step=1)

@@ -123,15 +123,12 @@ class SwiGLUCache:
 def swiglu_forward(gate_up: Array, be: Backend) -> tuple[Array, SwiGLUCache]:
     """h = silu(gate) * up (Shazeer 2020, FFN_SwiGLU without the projections).
     (N, 2f) -> (N, f); the fused input is kept whole, so no copy is made."""
-    f = gate_up.shape[1] // 2
-    return be.swiglu_forward(gate_up[:, :f], gate_up[:, f:]), SwiGLUCache(gate_up)
+    return be.swiglu_forward_fused(gate_up), SwiGLUCache(gate_up)
 
 
 def swiglu_backward(dh: Array, cache: SwiGLUCache, be: Backend) -> Array:
     """Returns d(gate_up) (N, 2f)."""
-    f = cache.gate_up.shape[1] // 2
-    dgate, dup = be.swiglu_backward(dh, cache.gate_up[:, :f], cache.gate_up[:, f:])
-    return be.concat([dgate, dup], axis=1)
+    return be.swiglu_backward_fused(dh, cache.gate_up)
 
 
 # ---------------------------------------------------------------- cross-entropy with the tied head

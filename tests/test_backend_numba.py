@@ -169,7 +169,7 @@ def test_rope(b, t, heads, half, fused, tables, dtype, seed):
 def test_swiglu(n, f, scale, fused, dtype, seed):
     """scale 60 sends exp(-g) past float32's range: silu(g) must still be g*0 or g*1."""
     rng = np.random.default_rng(seed)
-    if fused:  # the gate and up halves of one (N, 2f) projection output, as ops.swiglu_forward passes them
+    if fused:  # the gate and up halves of one (N, 2f) projection output, as the model has them
         g, u = fused_columns(rng, n, [f, f], dtype)
         g *= scale
     else:
@@ -178,8 +178,11 @@ def test_swiglu(n, f, scale, fused, dtype, seed):
     with np.errstate(over="ignore"):
         check(*both("swiglu_forward", g, u), "h")
         (dg, du), (dg_ref, du_ref) = both("swiglu_backward", dh, g, u)
-    check(dg, dg_ref, "dg")
-    check(du, du_ref, "du")
+        check(dg, dg_ref, "dg")
+        check(du, du_ref, "du")
+        gate_up = np.concatenate([g, u], axis=1)  # what ops.swiglu_forward/backward pass: [g | u] whole
+        check(*both("swiglu_forward_fused", gate_up), "h from [g | u]")
+        check(*both("swiglu_backward_fused", dh, gate_up), "[dg | du]")
 
 
 # ---------------------------------------------------------------- loss, embedding, optimizer
@@ -233,6 +236,68 @@ def test_inputs_the_kernels_do_not_take_fall_back_to_numpy():
     np.testing.assert_array_equal(*both("swiglu_forward", g, u))
     x = normal(rng, (4, 3), np.float16)
     np.testing.assert_array_equal(*both("embedding_backward", x, np.array([0, 2, 2, -1]), 3))  # numpy wraps -1
+
+
+# ---------------------------------------------------------------- float16 casts
+def float16_edge_cases() -> np.ndarray:
+    """float32 values on every branch and rounding boundary of float32 -> float16,
+    each with both signs: zeros and float32 subnormals; around 2^-25, where a
+    float16 subnormal's rounding starts (a tie there goes to 0, above it to 2^-24);
+    ties between subnormals onto even and odd last bits; the top of the subnormal
+    range, which rounds into 2^-14; ties in the normal range; 65504 (the largest
+    float16), 65520 (the tie that rounds to inf), 65536 (past the exponent range);
+    inf and NaNs, with payload only in the low bits (must stay NaN) and signalling."""
+    s = 2.0 ** -24  # the smallest float16 subnormal
+    values = [0.0, 1e-45, 1e-40, 2.0 ** -26, 2.0 ** -25, s, 1.5 * s, 2.5 * s, 3.5 * s, 1023.5 * s,
+              2.0 ** -14 - s, 2.0 ** -14 - s / 2, 2.0 ** -14, 1.0, 1 + 2.0 ** -11, 1 + 3 * 2.0 ** -11,
+              1 + 2.0 ** -12, 2048 + 1, 2048 + 3, 65504.0, 65519.0, 65520.0, 65535.99, 65536.0, 1e10]
+    x = np.array(values, dtype=np.float32)
+    x = np.concatenate([x, np.nextafter(x, np.float32(np.inf)), np.nextafter(x, np.float32(0.0))])
+    bits = np.array([0x7F800000, 0x7F800001, 0x7F801FFF, 0x7FA00000, 0x7FC00000, 0x7FFFFFFF], dtype=np.uint32)
+    x = np.concatenate([x, bits.view(np.float32)])
+    return np.concatenate([x, -x])
+
+
+def assert_same_half_bits(got, x):
+    """got == x.astype(float16) bit for bit, but that NaN payloads may differ (NaN stays NaN)."""
+    with np.errstate(over="ignore"):
+        ref = x.astype(np.float16)
+    assert got.dtype == np.float16 and got.shape == ref.shape
+    nan = np.isnan(ref)
+    assert np.array_equal(np.isnan(got), nan), "a NaN lost, or one made"
+    g, r = got[~nan].view(np.uint16), ref[~nan].view(np.uint16)
+    wrong = np.flatnonzero(g != r)
+    assert wrong.size == 0, [(float(x[~nan][i]), hex(int(g[i])), hex(int(r[i]))) for i in wrong[:5]]
+
+
+def test_float16_casts_match_numpy_on_every_rounding_boundary():
+    x = float16_edge_cases()
+    assert_same_half_bits(NB.cast(x, np.float16), x)
+
+
+def test_float16_casts_match_numpy_across_the_float32_bit_patterns():
+    """A stride through all 2^32 float32 bit patterns (65,551 of them, every exponent
+    and significand region), and back: every float16 pattern to float32, exactly."""
+    x = np.arange(12345, 2 ** 32, 65521, dtype=np.uint64).astype(np.uint32).view(np.float32)
+    assert_same_half_bits(NB.cast(x, np.float16), x)
+    every_half = np.arange(2 ** 16, dtype=np.uint32).astype(np.uint16).view(np.float16)
+    got, ref = NB.cast(every_half, np.float32), every_half.astype(np.float32)
+    assert got.dtype == np.float32
+    assert np.array_equal(got.view(np.uint32), ref.view(np.uint32))
+
+
+@given(shape=st.lists(st.integers(0, 40), min_size=0, max_size=3), scale=st.sampled_from([1e-6, 1.0, 3e4]),
+       seed=SEEDS)
+def test_float16_round_trip_matches_numpy(shape, scale, seed):
+    """Random arrays of any shape (empty and 0-d too) there and back, as the
+    activation store keeps and loads them; layouts the kernels do not take (a
+    transposed view) fall back to NumPy with the same result."""
+    x = normal(np.random.default_rng(seed), tuple(shape), np.float32, scale)
+    half = NB.cast(x, np.float16)
+    assert_same_half_bits(half, x)
+    np.testing.assert_array_equal(NB.cast(half, np.float32), half.astype(np.float32))
+    if x.ndim == 2:
+        assert_same_half_bits(NB.cast(x.T, np.float16), x.T)
 
 
 # ---------------------------------------------------------------- the whole model
