@@ -34,6 +34,7 @@ from .numpy_backend import NumpyBackend
 _JIT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 _ROWS_PER_PART = 64  # rmsnorm dw: rows summed per partial (fixed, so sums are reproducible)
 _COLS_PER_PART = 32  # embedding backward: columns per thread-owned slice
+_CAST_MIN_ELEMENTS = 1 << 15  # smaller casts: NumPy's loop beats starting the kernel's threads
 _HALF = np.dtype(np.float16)
 _SINGLE = np.dtype(np.float32)
 # float32 bits of each of the 65536 float16 patterns, by NumPy's cast (256 KiB)
@@ -55,7 +56,8 @@ class NumbaBackend(NumpyBackend):
         (NumPy's results, bit for bit, several times faster); other casts as NumPy."""
         dtype = np.dtype(dtype)
         pair = (x.dtype, dtype) if isinstance(x, np.ndarray) else None
-        if pair not in ((_SINGLE, _HALF), (_HALF, _SINGLE)) or not x.flags.c_contiguous:
+        if (pair not in ((_SINGLE, _HALF), (_HALF, _SINGLE)) or not x.flags.c_contiguous
+                or x.size < _CAST_MIN_ELEMENTS):
             return super().cast(x, dtype)
         out = np.empty(x.shape, dtype=dtype)
         if pair == (_SINGLE, _HALF):
@@ -268,8 +270,10 @@ def warmup(dtypes=("float32",)) -> float:
         targets = np.array([1, -100, 3, 0, 6], dtype=np.int64)
         be.cross_entropy_head(x, randn(vocab, d), targets, 2, -100, True, True)
         be.embedding_backward(x, targets.clip(0), vocab)
-        if dt == np.float32:
-            be.cast(be.cast(x, np.float16), np.float32)  # the activation store's float16 copies
+        if dt == np.float32:  # the activation store's float16 copies (the kernels: small casts skip them)
+            half = np.empty(x.size, dtype=np.uint16)
+            K.single_to_half(x.reshape(-1).view(np.uint32), half)
+            K.half_to_single(half, _HALF_TO_SINGLE, np.empty(x.size, dtype=np.uint32))
         p = randn(3, 2)
         be.adamw_update(p, randn(3, 2), np.zeros_like(p), np.zeros_like(p), lr=1e-3, beta1=0.9,
                         beta2=0.999, eps=1e-8, weight_decay=0.0, step=1)

@@ -298,6 +298,43 @@ def test_bench_speed_table(tmp_path, capsys):
         main(["bench", "speed", "--model", "tiny", "--methods", "lars-slow"])
 
 
+def test_profile_times_each_outermost_backend_call_and_unwraps():
+    """bench speed --profile's timer: one entry per kernel the step calls, as many
+    calls as the model makes (a block's attention once forward, once backward with
+    exact storage; the loss once), nested calls (the base class's fused SwiGLU
+    calling the per-half method) counted once, under the outer name; seconds within
+    the step's wall time; and the backend unwrapped afterwards."""
+    import time
+
+    from minilars.bench.profile import timed_backend
+
+    model = apply_method(Model.random(preset("tiny"), 0, backend="numpy"), MethodConfig("lora", rank=4))
+    tokens = np.random.default_rng(0).integers(0, model.cfg.vocab_size, (2, 12))
+    opt = AdamW(model.trainable(), model.be)
+    with timed_backend(model.be) as profile:
+        started = time.perf_counter()
+        opt.step(model.backward(model.forward(tokens, tokens)))
+        wall = time.perf_counter() - started
+    n = model.cfg.n_layers
+    assert profile.calls["attention_forward"] == n and profile.calls["attention_backward"] == n
+    assert profile.calls["cross_entropy_head"] == 1
+    assert profile.calls["swiglu_forward_fused"] == n and "swiglu_forward" not in profile.calls
+    assert 0 < profile.total() <= wall
+    rows = profile.rows(wall, top=3)
+    assert len(rows) == 3 and rows[0]["s"] >= rows[1]["s"] >= rows[2]["s"]
+    assert not any(not name.startswith("_") for name in vars(model.be)), "a timer wrapper was left on the backend"
+    model.forward(tokens, tokens)
+    assert profile.calls["attention_forward"] == n  # no longer counting
+
+
+def test_bench_speed_profile_prints_the_kernels(capsys):
+    assert main(["bench", "speed", "--model", "tiny", "--seq-lens", "16", "--methods", "lars", "--backends", "numpy",
+                 "--steps", "1", "--profile"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"profiled step \(T = 16, lars, numpy\): [0-9.]+ s", out)
+    assert "| attention_backward" in out and "% of step" in out
+
+
 def test_step_flops_counts_the_recomputed_attention():
     """The fast recipe skips one causal attention forward per block: QK^T and PV over
     the T^2/2 causal pairs, 2 FLOPs per multiply-add, each head."""

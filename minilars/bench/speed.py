@@ -13,6 +13,7 @@ import time
 import numpy as np
 
 from .common import load_model, print_table, random_batch, write_csv
+from .profile import timed_backend
 
 
 def add_arguments(parser) -> None:
@@ -24,6 +25,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--backends", default="numpy,numba", help="comma separated (default: %(default)s)")
     parser.add_argument("--steps", type=int, default=2, help="timed steps after one warm-up step (default: %(default)s)")
     parser.add_argument("--csv", default=None, help="also write the table to this CSV file")
+    parser.add_argument("--profile", action="store_true",
+                        help="after the timed steps, run one more with every backend call timed and print "
+                             "where its time went (minilars/bench/profile.py)")
 
 
 def matmul_gflops(seconds: float = 1.0) -> float:
@@ -52,6 +56,16 @@ def step_flops(cfg, seq_len: int, method: str, recompute: bool, recompute_attent
     if not recompute_attention:
         recomputed -= attention
     return cfg.n_layers * (forward + (recomputed if recompute else 0) + backward) + head
+
+
+def _print_step_profile(model, opt, tokens, targets, title: str) -> None:
+    with timed_backend(model.be) as profile:
+        started = time.perf_counter()
+        opt.step(model.backward(model.forward(tokens, targets)))
+        step = time.perf_counter() - started
+    print(f"\nprofiled step ({title}): {step:.2f} s, {profile.total():.2f} s of it in backend calls")
+    print_table(profile.rows(step, top=15))
+    print()
 
 
 def run(args) -> int:
@@ -94,6 +108,8 @@ def run(args) -> int:
                     if step:
                         times.append(time.perf_counter() - started)
                 seconds = float(np.median(times))
+                if args.profile:
+                    _print_step_profile(model, opt, tokens, targets, f"T = {seq_len}, {method}, {name}")
                 flops = step_flops(model.cfg, seq_len, method, model.plan.recompute_blocks,
                                    recompute_attention=not model.plan.keeps_attention_output)
                 rows.append({"T": seq_len, "method": method, "backend": name, "step s": seconds,
