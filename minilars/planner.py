@@ -613,10 +613,10 @@ def plan_memory(cfg: ModelConfig, method: MethodConfig | str, seq_len: int, batc
             mlp_moment("down", site_backward("mlp_out"))
             grads += block_grad.get("mlp_out", 0)
             sim.take(pre + "mlp")
-            # dm (rows, f), gate_up taken (rows, 2f), then d(gate), d(up) and their concat
-            # (4f); numpy's expression for d(gate) holds sig, silu and three (rows, f)
-            # temporaries (5f)
-            mlp_moment("SwiGLU", f + 2 * f + (4 * f if numba else 5 * f))
+            # dm (rows, f), gate_up taken (rows, 2f), then numba writes [d(gate) | d(up)]
+            # (2f); numpy's expression for d(gate) holds sig, silu and three (rows, f)
+            # temporaries before d(gate), d(up) are concatenated (5f)
+            mlp_moment("SwiGLU", f + 2 * f + (2 * f if numba else 5 * f))
             if pre + "mlp_in" in sim:
                 sim.take(pre + "mlp_in")
             mlp_moment("gate/up", 2 * f + site_backward("mlp_in"))  # dgate_up, the site's work
