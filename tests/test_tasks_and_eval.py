@@ -211,7 +211,7 @@ def test_lr_sweep_picks_the_lowest_heldout_loss(monkeypatch, tmp_path):
     loss_at = {1e-4: 2.0, 1e-3: 1.0, 1e-2: float("nan")}
     trained = []
 
-    def fake_train(s, p, method, lr, steps, role, out, counter):
+    def fake_train(s, p, method, lr, steps, role, out, counter, seed=None):
         trained.append((lr, steps, role))
         ok = lr != 1e-2  # the largest lr diverges
         return study.Run(p.task, method, lr, steps, role, str(tmp_path / f"{lr}-{role}"), [],
@@ -233,6 +233,52 @@ def test_lr_sweep_picks_the_lowest_heldout_loss(monkeypatch, tmp_path):
         assert trained == expected
         assert row["lr"] == 1e-3 and row["contains_before"] == 0.0 and row["contains_after"] == 0.5
         assert [r.role for r in runs].count("final") == 1 and runs[-1 if sweep_steps == 5 else 1].role == "final"
+
+
+def test_final_runs_repeat_over_seeds_and_the_row_averages_them(monkeypatch, tmp_path):
+    """--seeds: the sweep runs with the first seed, the chosen lr is trained once per
+    seed, and the row's accuracy (overall and per length) is the seeds' mean, with
+    each seed's kept beside it; run directories and labels name the seed."""
+    from minilars.commands import study
+
+    trained = []
+
+    def fake_train(s, p, method, lr, steps, role, out, counter, seed=None):
+        seed = s.train_seeds[0] if seed is None else seed
+        trained.append((lr, steps, role, seed))
+        return study.Run(p.task, method, lr, steps, role, str(tmp_path / f"{lr}-{role}-{seed}"), [], returncode=0,
+                         final_train_loss=0.1 * (seed + 1), eval_loss=1.0 / lr if role == "sweep" else 0.5,
+                         peak_rss_mib=100.0 + seed, wall_s=10.0, s_per_step=1.0, seed=seed)
+
+    right = {0: 0.25, 1: 0.5, 2: 1.0}  # contains-answer of each seed's final run
+    def fake_eval(s, p, run, out_file, weights=None):
+        rate = right[run.seed]
+        return {"summary": evaluate.Summary(4, rate / 2, rate, None),
+                "by": {512: evaluate.Summary(2, 0.0, rate, None), 2048: evaluate.Summary(2, 0.0, 1 - rate, None)}}
+
+    monkeypatch.setattr(study, "train_run", fake_train)
+    monkeypatch.setattr(study, "evaluate_run", fake_eval)
+    prepared = study.Prepared("passkey", tmp_path, tmp_path, 64, 8, "tokens")
+    base = {"summary": evaluate.Summary(4, 0.0, 0.0, None), "by": {}}
+    s = study.Settings("tiny", "numpy", "cpu", 1, ["passkey"], ["lora"], 20, 2, {"lora": (1e-4, 1e-3)},
+                       5, None, 4, 0, None, 7, False, seeds=(2, 0, 1))
+    assert study.runs_per_method(s, "lora") == 2 + 1 + 2  # sweep, final, the final again for two more seeds
+    row, runs = study.study_method(s, prepared, "lora", base, tmp_path, [0, 5], keep_weights=True)
+    assert trained == [(1e-4, 5, "sweep", 2), (1e-3, 5, "sweep", 2), (1e-3, 20, "final", 2),
+                       (1e-3, 20, "final", 0), (1e-3, 20, "final", 1)]  # lr 1e-3: the lower held-out loss
+    assert row["lr"] == 1e-3 and row["seeds"] == "2 0 1"
+    assert row["contains_after"] == pytest.approx((1.0 + 0.25 + 0.5) / 3)
+    assert row["exact_after"] == pytest.approx((1.0 + 0.25 + 0.5) / 6)
+    assert row["contains_after@512"] == pytest.approx((1.0 + 0.25 + 0.5) / 3)
+    assert row["contains_after@2048"] == pytest.approx((0.0 + 0.75 + 0.5) / 3)
+    assert row["contains_after_per_seed"] == "100% 25% 50%"
+    assert row["final_train_loss"] == pytest.approx((0.3 + 0.1 + 0.2) / 3) and row["peak_rss_mib"] == 102.0
+    text = study.markdown(s, [row], 1.0)
+    assert "seeds 2, 0, 1" in text and "| 100% 25% 50% |" in text
+    with pytest.raises(study.CommandError, match="different seeds"):
+        study._seeds("1,1")
+    with pytest.raises(study.CommandError, match="integers"):
+        study._seeds("0,x")
 
 
 @pytest.mark.slow

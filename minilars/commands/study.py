@@ -29,7 +29,7 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from minilars.cli import CommandError
@@ -103,6 +103,11 @@ def add_parser(sub) -> None:
                      help="longest generated answer (default per task: personal 24, passkey 16, arithmetic 64)")
     acc.add_argument("--seed", type=int, default=0,
                      help="seed of tasks, data order and adapters (default: %(default)s)")
+    acc.add_argument("--seeds", default=None, metavar="S,S,...",
+                     help="training seeds: every method's final run is repeated with each (the order of the "
+                          "training rows, the adapter's initialisation, LARS's calibration rows) and the table "
+                          "gives the mean accuracy and each seed's; the lr sweep uses the first, the task files "
+                          "--seed (default: --seed alone)")
     acc.add_argument("--keep-weights", action="store_true", help="keep the merged weights full fine-tuning exports "
                      "(deleted after scoring otherwise: 540 MB each for SmolLM2-135M)")
     acc.add_argument("--quick", action="store_true", help="smoke mode: tiny preset (unless --model), 2 steps, "
@@ -178,6 +183,23 @@ class Settings:
     max_new_tokens: int | None
     seed: int
     quick: bool
+    seeds: tuple[int, ...] = ()  # training seeds of the final runs; () means (seed,)
+
+    @property
+    def train_seeds(self) -> tuple[int, ...]:
+        return self.seeds or (self.seed,)
+
+
+def _seeds(text: str | None) -> tuple[int, ...]:
+    if text is None:
+        return ()
+    try:
+        seeds = tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise CommandError(f"--seeds {text!r}: write integers like 0,1,2") from None
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise CommandError(f"--seeds {text!r}: give one or more different seeds")
+    return seeds
 
 
 def settings_from(args) -> Settings:
@@ -215,7 +237,7 @@ def settings_from(args) -> Settings:
         curve_questions=args.curve_questions if args.curve_questions is not None else (4 if quick else 16),
         eval_every=args.eval_every if args.eval_every is not None else (0 if quick else max(1, steps // 5)),
         max_new_tokens=args.max_new_tokens or (8 if quick else None),
-        seed=args.seed, quick=quick)
+        seed=args.seed, quick=quick, seeds=_seeds(getattr(args, "seeds", None)))
 
 
 @dataclass
@@ -237,6 +259,7 @@ class Run:
     s_per_step: float | None = None  # median over steps, from log.jsonl
     curve: list[dict] = field(default_factory=list)  # [{step, loss, exact, contains}]
     error: str | None = None
+    seed: int | None = None  # training seed
 
     @property
     def ok(self) -> bool:
@@ -295,9 +318,10 @@ def runs_per_method(s: Settings, method: str) -> int:
     """Training runs for one method on one task: the sweep, then the final run unless
     the sweep already ran the full budget."""
     grid = len(s.lrs[method])
+    repeats = len(s.train_seeds) - 1  # the final run again with every other seed
     if grid == 1:
-        return 1
-    return grid + (s.sweep_steps != s.steps)
+        return 1 + repeats
+    return grid + (s.sweep_steps != s.steps) + repeats
 
 
 @dataclass
@@ -352,7 +376,8 @@ def _sorted(values) -> list:
 
 
 def study_method(s: Settings, p: Prepared, method: str, base: dict, out: Path, counter, keep_weights: bool):
-    """Sweep the lr grid, train the final run, score it; one results row."""
+    """Sweep the lr grid (first training seed), train the final run with every
+    training seed, score each; one results row (means over the seeds)."""
     grid = s.lrs[method]
     runs: list[Run] = []
     if len(grid) > 1:
@@ -370,23 +395,47 @@ def study_method(s: Settings, p: Prepared, method: str, base: dict, out: Path, c
         chosen = best.lr
     else:
         final, chosen = None, grid[0]
+    seeds = s.train_seeds
     if final is None:
-        final = train_run(s, p, method, chosen, s.steps, "final", out, counter)
+        final = train_run(s, p, method, chosen, s.steps, "final", out, counter, seed=seeds[0])
         runs.append(final)
     else:
         final.role = "final"
-    if not final.ok:
-        return _row(s, p, method, final, base, None, final.error), runs
-    weights = Path(final.out) / "merged" if method == "full" else None
-    after = evaluate_run(s, p, final, Path(final.out) / "eval.jsonl", weights)
-    if weights is not None and not keep_weights:
-        shutil.rmtree(weights, ignore_errors=True)
-    print(f"[{p.task}] {method} lr {chosen:g}: after {final.steps} steps {after['summary'].text()}", flush=True)
-    return _row(s, p, method, final, base, after, None), runs
+    finals = [final]
+    for seed in seeds[1:]:
+        finals.append(train_run(s, p, method, chosen, s.steps, "final", out, counter, seed=seed))
+        runs.append(finals[-1])
+    failed = next((r for r in finals if not r.ok), None)
+    if failed is not None:
+        return _row(s, p, method, failed, base, None, failed.error), runs
+    afters = []
+    for seed, run in zip(seeds, finals):
+        weights = Path(run.out) / "merged" if method == "full" else None
+        afters.append(evaluate_run(s, p, run, Path(run.out) / "eval.jsonl", weights))
+        if weights is not None and not keep_weights:
+            shutil.rmtree(weights, ignore_errors=True)
+        label = f" seed {seed}" if len(seeds) > 1 else ""
+        print(f"[{p.task}] {method} lr {chosen:g}{label}: after {run.steps} steps {afters[-1]['summary'].text()}",
+              flush=True)
+    return _row(s, p, method, finals, base, afters, None), runs
+
+
+def _mean_over_seeds(afters: list[dict]) -> dict:
+    """Several seeds' scores of the same questions as one score: each rate averaged."""
+    from minilars.evaluate import Summary
+
+    def mean(summaries: list) -> Summary:
+        numbers = [x.number for x in summaries]
+        average = lambda values: sum(values) / len(values)  # noqa: E731
+        return Summary(summaries[0].n, average([x.exact for x in summaries]), average([x.contains for x in summaries]),
+                       None if None in numbers else average(numbers), summaries[0].n_number)
+
+    return {"summary": mean([a["summary"] for a in afters]),
+            "by": {key: mean([a["by"][key] for a in afters]) for key in afters[0]["by"]}}
 
 
 def _finetune_command(s: Settings, p: Prepared, method: str, lr: float, steps: int, out_dir: Path,
-                      curve: bool = True) -> list[str]:
+                      curve: bool = True, seed: int | None = None) -> list[str]:
     """The finetune process of one run; a sweep run (curve False) is scored only
     before and after, which is all the lr choice reads."""
     cmd = minilars_command(
@@ -394,19 +443,27 @@ def _finetune_command(s: Settings, p: Prepared, method: str, lr: float, steps: i
         *METHODS[method][0], "--steps", str(steps), "--batch-size", str(s.batch_size), "--seq-len", str(p.seq_len),
         "--packing", "pad", "--lr", f"{lr:g}", "--warmup", str(min(4, steps // 10)),
         "--eval-samples", str(s.curve_questions), "--eval-every", str(s.eval_every if curve else 0),
-        "--max-new-tokens", str(p.max_new_tokens), "--save-every", "0", "--show", "0", "--seed", str(s.seed),
+        "--max-new-tokens", str(p.max_new_tokens), "--save-every", "0", "--show", "0",
+        "--seed", str(s.train_seeds[0] if seed is None else seed),
         "--no-progress")
     return cmd + ["--backend", s.backend, "--device", s.device, "--threads", str(s.threads)]
 
 
-def train_run(s: Settings, p: Prepared, method: str, lr: float, steps: int, role: str, out: Path, counter) -> Run:
-    """One fresh finetune process, with its wall time and peak RSS."""
-    out_dir = out / "runs" / p.task / method / (f"lr-{lr:g}" + ("-sweep" if role == "sweep" else ""))
+def train_run(s: Settings, p: Prepared, method: str, lr: float, steps: int, role: str, out: Path, counter,
+              seed: int | None = None) -> Run:
+    """One fresh finetune process, with its wall time and peak RSS; seed: the
+    training seed (default: the first of the study's)."""
+    seed = s.train_seeds[0] if seed is None else seed
+    several = len(s.train_seeds) > 1
+    name = f"lr-{lr:g}" + ("-sweep" if role == "sweep" else "") + (f"-seed{seed}" if several else "")
+    out_dir = out / "runs" / p.task / method / name
     out_dir.mkdir(parents=True, exist_ok=True)
     run = Run(p.task, method, lr, steps, role, str(out_dir),
-              _finetune_command(s, p, method, lr, steps, out_dir, curve=role == "final" or steps == s.steps))
+              _finetune_command(s, p, method, lr, steps, out_dir, curve=role == "final" or steps == s.steps,
+                                seed=seed), seed=seed)
     counter[0] += 1
-    print(f"[{counter[0]}/{counter[1]}] {p.task} {method} lr {lr:g}, {steps} steps ({role}) ...", end=" ", flush=True)
+    print(f"[{counter[0]}/{counter[1]}] {p.task} {method} lr {lr:g}, {steps} steps ({role})"
+          + (f", seed {seed}" if several else "") + " ...", end=" ", flush=True)
     started = time.perf_counter()
     run.returncode, run.peak_rss_mib = _spawn(run.command, out_dir / "finetune.log", s.threads)
     run.wall_s = time.perf_counter() - started
@@ -508,7 +565,14 @@ def evaluate_run(s: Settings, p: Prepared, run: Run | None, out_file: Path, weig
     return {"summary": summarize(rows), "by": summarize_by(rows, p.group_by) if p.group_by else {}}
 
 
-def _row(s: Settings, p: Prepared, method: str, run: Run | None, base: dict, after: dict | None, error) -> dict:
+def _row(s: Settings, p: Prepared, method: str, runs: Run | list[Run] | None, base: dict,
+         afters: dict | list[dict] | None, error) -> dict:
+    """One results row; with several seeds' final runs (and their scores) the
+    accuracies and losses are their means, the peak RSS their largest."""
+    runs = [runs] if isinstance(runs, Run) else runs or []
+    afters = [afters] if isinstance(afters, dict) else afters or []
+    after = afters[0] if len(afters) == 1 else _mean_over_seeds(afters) if afters else None
+    run = _mean_run(runs) if runs else None
     row = {"task": p.task, "method": method, "lr": run.lr if run else None, "steps": s.steps,
            "batch": s.batch_size, "seq_len": p.seq_len, "lr_grid": " ".join(f"{x:g}" for x in s.lrs[method]),
            "sweep_steps": s.sweep_steps if len(s.lrs[method]) > 1 else None,
@@ -520,12 +584,29 @@ def _row(s: Settings, p: Prepared, method: str, run: Run | None, base: dict, aft
            "final_train_loss": run.final_train_loss if run else None,
            "eval_loss": run.eval_loss if run else None,
            "peak_rss_mib": run.peak_rss_mib if run else None, "wall_s": run.wall_s if run else None,
-           "s_per_step": run.s_per_step if run else None, "error": error}
+           "s_per_step": run.s_per_step if run else None, "error": error,
+           "seeds": " ".join(str(r.seed) for r in runs) if len(runs) > 1 else None,
+           "contains_after_per_seed": " ".join(_pct(a["summary"].contains) for a in afters) if len(afters) > 1 else None}
     for T, summary in base["by"].items():
         row[f"contains_before@{T}"] = summary.contains
     for T, summary in (after["by"] if after else {}).items():
         row[f"contains_after@{T}"] = summary.contains
     return row
+
+
+def _mean_run(runs: list[Run]) -> Run:
+    """The first run with its losses, wall time and s/step averaged over runs (None
+    if any is missing) and its peak RSS the largest."""
+    if len(runs) == 1:
+        return runs[0]
+
+    def mean(key: str):
+        values = [getattr(r, key) for r in runs]
+        return None if None in values else sum(values) / len(values)
+
+    peaks = [r.peak_rss_mib for r in runs if r.peak_rss_mib is not None]
+    return replace(runs[0], final_train_loss=mean("final_train_loss"), eval_loss=mean("eval_loss"),
+                   wall_s=mean("wall_s"), s_per_step=mean("s_per_step"), peak_rss_mib=max(peaks) if peaks else None)
 
 
 # ---------------------------------------------------------------- outputs
@@ -561,12 +642,16 @@ def markdown(s: Settings, rows: list[dict], wall: float) -> str:
              + (f"lr chosen by held-out loss after {s.sweep_steps} sweep steps from the grid in brackets. "
                 if any(len(g) > 1 for g in s.lrs.values()) else "One lr per method, no sweep. ")
              + "T = tokens per row. Peak RSS (VmHWM), wall time and s/step are the final training process's. "
-             f"Study wall time {wall:.0f} s.", ""]
+             + (f"Each final run was trained with seeds {', '.join(map(str, s.train_seeds))}: accuracies, losses, "
+                "wall time and s/step are means over them, peak RSS the largest, and the last column is each "
+                "seed's accuracy. " if len(s.train_seeds) > 1 else "")
+             + f"Study wall time {wall:.0f} s.", ""]
     for task in dict.fromkeys(r["task"] for r in rows):
         mine = [r for r in rows if r["task"] == task]
         lengths = sorted({int(k.split("@")[1]) for r in mine for k in r if k.startswith("contains_after@")})
         head = ["method", "lr (grid)", "T", "questions", "before", "after"] + [f"after @T={T}" for T in lengths] \
-            + ["final train loss", "peak RSS MiB", "wall s", "s/step"]
+            + ["final train loss", "peak RSS MiB", "wall s", "s/step"] \
+            + (["after, per seed"] if len(s.train_seeds) > 1 else [])
         lines += [f"## {task}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for r in mine:
             cells = [r["method"], f"{_num(r['lr'], 'g')} ({r['lr_grid']})", str(r["seq_len"]), str(r["n_questions"]),
@@ -575,6 +660,8 @@ def markdown(s: Settings, rows: list[dict], wall: float) -> str:
             cells += [_pct(r.get(f"contains_after@{T}")) for T in lengths]
             cells += [_num(r["final_train_loss"], ".4f"), _num(r["peak_rss_mib"], ".0f"), _num(r["wall_s"], ".0f"),
                       _num(r["s_per_step"], ".2f")]
+            if len(s.train_seeds) > 1:
+                cells.append(r.get("contains_after_per_seed") or "-")
             if r["error"]:
                 cells[5] = f"failed: {r['error']}"
             lines.append("| " + " | ".join(cells) + " |")
@@ -597,7 +684,8 @@ def plot(path: Path, s: Settings, runs: list[Run]) -> None:
         for r in (r for r in final if r.task == task):
             points = [(c["step"], c["contains"]) for c in r.curve if c["contains"] is not None]
             if points:
-                ax.plot(*zip(*points), marker="o", label=f"{r.method} (lr {r.lr:g})")
+                seed = f", seed {r.seed}" if len(s.train_seeds) > 1 else ""
+                ax.plot(*zip(*points), marker="o", label=f"{r.method} (lr {r.lr:g}{seed})")
         ax.set_title(task)
         ax.set_xlabel("step")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
