@@ -316,7 +316,7 @@ def _run_accuracy(args) -> int:
 
 def runs_per_method(s: Settings, method: str) -> int:
     """Training runs for one method on one task: the sweep, then the final run unless
-    the sweep already ran the full budget."""
+    the sweep already ran the full budget, then the final run for every other seed."""
     grid = len(s.lrs[method])
     repeats = len(s.train_seeds) - 1  # the final run again with every other seed
     if grid == 1:
