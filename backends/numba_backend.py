@@ -4,7 +4,8 @@ What is jitted (backends/numba_kernels.py): attention forward and backward (tile
 causal, grouped-query, online softmax fused with masking, no (T, T) array, work
 items spread over threads with prange), RMSNorm, RoPE and SwiGLU forward and
 backward, the softmax rows of the chunked loss, the embedding scatter, the
-AdamW update and the float32 <-> float16 casts of the activation store. What stays with BLAS: the model's projections (matmul, matmul_tn,
+AdamW update and the float32 <-> float16 casts of the activation store. What
+stays with BLAS: the model's projections (matmul, matmul_tn,
 matmul_nt, inherited: numpy's multithreaded BLAS), the logits chunk and its two
 gradient products in the loss, the LARS range finder (QR, SVD); inside the
 attention kernels the tile products are BLAS calls too (np.dot, one thread per
@@ -38,7 +39,8 @@ _CAST_MIN_ELEMENTS = 1 << 15  # smaller casts: NumPy's loop beats starting the k
 _HALF = np.dtype(np.float16)
 _SINGLE = np.dtype(np.float32)
 # float32 bits of each of the 65536 float16 patterns, by NumPy's cast (256 KiB)
-_HALF_TO_SINGLE = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32).view(np.uint32)
+_HALF_TO_SINGLE = (np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16)
+                   .astype(np.float32).view(np.uint32))
 
 
 
