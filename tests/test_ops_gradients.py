@@ -3,12 +3,13 @@ gradient, over shapes that break code (Hypothesis)."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from gradcheck import check_gradients
 from minilars import ops
-from minilars.backends import get_backend
+from minilars.backends import available, get_backend
 
 be = get_backend("numpy")
 seeds = st.integers(0, 2**31 - 1)
@@ -103,13 +104,17 @@ def test_attention_equals_naive_softmax(t, tile, seed):
         np.testing.assert_allclose(o[0, :, head], np.exp(s - lse[:, None]) @ v[0, :, kv], rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("backend", [b for b in ("numpy", "numba") if b in available()])
 @given(n=st.integers(1, 9), f=st.integers(1, 16), seed=seeds)
-def test_swiglu(n, f, seed):
+def test_swiglu(backend, n, f, seed):
+    """numba reads [g | u] whole and writes [dg | du] in its own kernels
+    (swiglu_*_fused): checked against finite differences too, not only against numpy."""
+    sw = get_backend(backend)
     rng = np.random.default_rng(seed)
     gate_up, g = 2 * rng.standard_normal((n, 2 * f)), rng.standard_normal((n, f))
-    _, cache = ops.swiglu_forward(gate_up, be)
-    dgu = ops.swiglu_backward(g, cache, be)
-    check_gradients(contracted(lambda: ops.swiglu_forward(gate_up, be)[0], g), {"gate_up": dgu},
+    _, cache = ops.swiglu_forward(gate_up, sw)
+    dgu = ops.swiglu_backward(g, cache, sw)
+    check_gradients(contracted(lambda: ops.swiglu_forward(gate_up, sw)[0], g), {"gate_up": dgu},
                     {"gate_up": gate_up}, rng)
 
 

@@ -2,7 +2,7 @@
 
     with timed_backend(model.be) as profile:
         opt.step(model.backward(model.forward(tokens, targets)))
-    print_profile(profile, step_seconds)
+    print_table(profile.rows(step_seconds, top=15))   # minilars/bench/common.py
 
 Each public method of the backend object is wrapped (on the instance, undone on
 exit). A call made from inside another backend call (the numba backend's casts
