@@ -134,8 +134,10 @@ def swiglu_backward(dh: Array, cache: SwiGLUCache, be: Backend) -> Array:
 # ---------------------------------------------------------------- cross-entropy with the tied head
 @dataclass
 class CrossEntropyCache:
-    dx: Array | None  # (N, d) d(loss)/dx for dloss = 1
+    dx: Array | None  # (n, d) d(loss)/dx of the rows sent through the head, for dloss = 1
     dhead: Array | None  # (V, d) d(loss)/dhead for dloss = 1, only when the head trains
+    rows: Array | None = None  # (n,) indices of the labelled rows of x; None: every row (n = N)
+    n_rows: int = 0  # N, the rows of x
 
 
 def cross_entropy_forward(x: Array, head: Array, targets: Array, be: Backend, *, chunk: int = 256,
@@ -143,19 +145,40 @@ def cross_entropy_forward(x: Array, head: Array, targets: Array, be: Backend, *,
                           ) -> tuple[float, int, CrossEntropyCache]:
     """loss = mean over labelled n of logsumexp(x_n E^T) - x_n E[t_n]^T.
 
+    A row without a label (targets[n] == ignore_index: a prompt token, padding) adds
+    nothing to the loss and gets a zero gradient, so the labelled rows are gathered
+    first, x_l = x[rows] (n_l, d), and only they go through the head: its cost follows
+    the labelled tokens, not N (prompt-heavy chat data labels a small share of rows).
     The head is the loss's only consumer, so its gradient is formed here, chunk by
     chunk: a (chunk, V) logits block is the only vocabulary-sized array ever alive,
-    and the cache keeps dx (N, d), the same bytes as keeping x, with one vocabulary
-    matmul fewer than recomputing the logits in backward.
+    and the cache keeps dx_l (n_l, d), at most the bytes of keeping x, with one
+    vocabulary matmul fewer than recomputing the logits in backward.
     Returns (loss, n_labelled, cache)."""
+    n = x.shape[0]
+    rows = labelled_rows(targets, ignore_index, be)
+    if rows is not None:
+        x = be.embedding_forward(x, rows)  # gather: x_l = x[rows] (n_l, d)
+        targets = be.embedding_forward(targets, rows)  # t_l = t[rows] (n_l,)
     loss, n_valid, dx, dhead = be.cross_entropy_head(x, head, targets, chunk, ignore_index, need_dx, need_dhead)
-    return loss, n_valid, CrossEntropyCache(dx, dhead)
+    return loss, n_valid, CrossEntropyCache(dx, dhead, rows, n)
+
+
+def labelled_rows(targets: Array, ignore_index: int, be: Backend) -> Array | None:
+    """Indices (n_l,) int64 of the targets that carry a label; None when all do."""
+    labels = np.asarray(be.to_numpy(targets)) != ignore_index
+    if labels.all():
+        return None
+    return be.asarray(np.flatnonzero(labels), "int64")
 
 
 def cross_entropy_backward(dloss: float, cache: CrossEntropyCache, be: Backend) -> tuple[Array | None, Array | None]:
-    """Returns dx (N, d), dhead (V, d) scaled by the upstream dloss."""
+    """Returns dx (N, d), dhead (V, d) scaled by the upstream dloss; the rows of dx
+    that had no label are zero (the labelled rows are scattered back into place)."""
     if dloss != 1.0:
         for grad in (cache.dx, cache.dhead):
             if grad is not None:
                 be.scale_(grad, dloss)
-    return cache.dx, cache.dhead
+    dx = cache.dx
+    if dx is not None and cache.rows is not None:
+        dx = be.embedding_backward(dx, cache.rows, cache.n_rows)  # scatter: dx[rows] = dx_l, 0 elsewhere
+    return dx, cache.dhead

@@ -138,3 +138,44 @@ def test_cross_entropy_head(n, d, vocab, chunk, n_ignored, dloss, seed):
     assert n_valid == int(np.sum(targets != -100))
     np.testing.assert_allclose(loss, reference_loss(), rtol=1e-12, atol=1e-12)
     check_gradients(lambda: dloss * reference_loss(), {"x": dx, "head": dhead}, {"x": x, "head": head}, rng)
+
+
+@pytest.mark.parametrize("backend", available())
+def test_cross_entropy_head_sees_only_labelled_rows(backend):
+    """Prompt rows (target ignore_index) never reach the head: cross_entropy_head is
+    handed the n_l labelled rows alone, and the result (loss, dx with zero rows where
+    there is no label, dhead) equals the plain formula over all N rows."""
+    real = get_backend(backend)
+    seen = []
+
+    class Spy(type(real)):
+        def cross_entropy_head(self, x, head, targets, *args):
+            seen.append(tuple(x.shape))
+            return super().cross_entropy_head(x, head, targets, *args)
+
+    spy = Spy()
+    rng = np.random.default_rng(7)
+    n, d, vocab = 40, 6, 23
+    x, head = rng.standard_normal((n, d)), rng.standard_normal((vocab, d))
+    targets = np.full(n, -100)
+    labelled = np.sort(rng.permutation(n)[:9])
+    targets[labelled] = rng.integers(0, vocab, labelled.size)
+    dloss = 1.7
+    loss, n_valid, cache = ops.cross_entropy_forward(spy.asarray(x), spy.asarray(head), spy.asarray(targets),
+                                                     spy, chunk=4, need_dhead=True)
+    dx, dhead = (spy.to_numpy(g) for g in ops.cross_entropy_backward(dloss, cache, spy))
+    assert seen == [(labelled.size, d)]
+    assert n_valid == labelled.size
+
+    logits = x @ head.T  # reference over every row, by the formula
+    p = np.exp(logits - logits.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    dz = p.copy()
+    dz[labelled, targets[labelled]] -= 1.0
+    dz[targets == -100] = 0.0
+    dz *= dloss / labelled.size
+    ref_loss = float(np.mean(-np.log(p[labelled, targets[labelled]])))
+    np.testing.assert_allclose(loss, ref_loss, rtol=1e-10)
+    assert dx.shape == (n, d) and np.all(dx[targets == -100] == 0.0)
+    np.testing.assert_allclose(dx, dz @ head, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(dhead, dz.T @ x, rtol=1e-9, atol=1e-12)
