@@ -167,3 +167,24 @@ def test_finetune_weight_decay_reaches_the_optimizer(tmp_path):
     assert a_keys
     for key in a_keys:
         np.testing.assert_allclose(saved[wd][key], saved[0.0][key] * (1 - lr * wd), rtol=1e-6, atol=1e-9)
+
+
+def test_lars_takes_bases_calibrated_elsewhere():
+    """apply_method(..., bases=calibrate(...)) builds the same sites as calibrating
+    in place (a data-parallel run's ranks take rank 0's bases this way)."""
+    from minilars.calibrate import calibrate
+    from minilars.methods import apply_frozen
+
+    method = MethodConfig("lars", rank=4, storage=(("mlp.*", "subspace(3, calibration)"),), seed=1)
+    tokens = np.random.default_rng(2).integers(0, preset("tiny").vocab_size, (2, 12))
+    here = apply_method(Model.random(preset("tiny"), seed=0), method, tokens)
+    elsewhere = apply_frozen(Model.random(preset("tiny"), seed=0))
+    elsewhere.plan = method.kind.storage_plan()  # which storage fields calibration finds bases for
+    bases = calibrate(elsewhere, tokens, method.rank, seed=method.seed)
+    there = apply_method(Model.random(preset("tiny"), seed=0), method, bases=bases)
+    assert sorted(here.bases) == sorted(there.bases) and here.bases
+    for key in here.bases:
+        np.testing.assert_array_equal(here.bases[key], there.bases[key])
+    for a, b in zip(here.sites, there.sites):
+        for stream in a:
+            np.testing.assert_array_equal(a[stream].basis, b[stream].basis)

@@ -117,8 +117,9 @@ class Method:
         """How the activation store keeps what backward needs (exact by default)."""
         return StoragePlan()
 
-    def prepare(self, model: Model, calibration_tokens, calibration_mask) -> None:
-        """Anything to do before the sites are wrapped (LARS calibrates here)."""
+    def prepare(self, model: Model, calibration_tokens, calibration_mask, bases=None) -> None:
+        """Anything to do before the sites are wrapped (LARS calibrates here, or takes
+        `bases`, what a calibration elsewhere found)."""
 
     def wrap(self, site: LinearSite, where: SiteContext) -> LinearSite:
         """The site that replaces `site`: an adapter where the stream has targets."""

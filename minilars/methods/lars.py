@@ -53,14 +53,18 @@ class LARS(Method):
     def storage_plan(self):
         return StoragePlan.from_mapping(dict(self.config.storage))
 
-    def prepare(self, model, calibration_tokens, calibration_mask):
-        """Calibrate: P per stream (self.stream_bases) and the storage bases (model.bases)."""
-        if calibration_tokens is None:
+    def prepare(self, model, calibration_tokens, calibration_mask, bases=None):
+        """Calibrate: P per stream (self.stream_bases) and the storage bases (model.bases);
+        or take them from `bases` = (stream_bases, storage_bases), calibrated elsewhere."""
+        if calibration_tokens is None and bases is None:
             raise ValueError("LARS needs calibration tokens to find its activation subspaces")
         apply_frozen(model)
         c = self.config
-        self.stream_bases, model.bases = calibrate(model, calibration_tokens, c.rank, seed=c.seed,
-                                                   token_mask=calibration_mask)
+        if bases is not None:
+            self.stream_bases, model.bases = bases
+        else:
+            self.stream_bases, model.bases = calibrate(model, calibration_tokens, c.rank, seed=c.seed,
+                                                       token_mask=calibration_mask)
 
     def adapter(self, weight, where):
         basis = self.stream_bases[f"blocks.{where.block}.{where.stream}"]

@@ -114,10 +114,14 @@ class SiteContext:
     rng: np.random.Generator  # seeded by the config; shared by every site, in order
 
 
-def apply_method(model: Model, method: MethodConfig | str, calibration_tokens=None, calibration_mask=None) -> Model:
+def apply_method(model: Model, method: MethodConfig | str, calibration_tokens=None, calibration_mask=None,
+                 bases=None) -> Model:
     """Make `model` train with `method`. A method that calibrates (LARS) needs
     calibration tokens (B, T); calibration_mask (B, T) bool, optional, names the
-    positions whose activations count (the real tokens of padded rows; see calibrate)."""
+    positions whose activations count (the real tokens of padded rows; see calibrate).
+    bases, optional: what calibration found, found elsewhere (LARS: (stream_bases,
+    storage_bases) as calibrate returns them, e.g. by rank 0 of a data-parallel run);
+    no calibration runs."""
     if isinstance(method, str):
         method = MethodConfig(method)
     kind = method.kind
@@ -127,7 +131,7 @@ def apply_method(model: Model, method: MethodConfig | str, calibration_tokens=No
     targets = method.resolved_targets
     outputs = stream_outputs(model.cfg)
     rng = np.random.default_rng(method.seed)
-    kind.prepare(model, calibration_tokens, calibration_mask)
+    kind.prepare(model, calibration_tokens, calibration_mask, bases)
     for i, block in enumerate(model.sites):
         for stream, site in block.items():
             mine = [t for t in targets if PROJECTION_STREAM[t] == stream]
