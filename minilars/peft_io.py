@@ -12,7 +12,9 @@ it as they load any adapter:
     LARS: saved as the LoRA it equals (LARS.md Part 1.5): lora_A = P^T, lora_B = M^T,
           lora_alpha = r so the scaling is 1.
 
-`minilars_adapter.json` beside them records the method (so minilars reloads a LARS
+Each method's module (minilars/methods/<name>.py) names and shapes its own tensors
+(peft_tensors, load_site) and config fields (peft_config); this module reads and
+writes the files. `minilars_adapter.json` beside them records the method (so minilars reloads a LARS
 adapter as LARS) and a fingerprint of the base model, so an adapter is never loaded
 onto a model it was not trained for.
 """

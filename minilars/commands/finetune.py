@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from minilars.cli import CommandError
+from minilars.methods.base import positive_int as _positive_int  # the methods' --rank reads the same
 
 
 def _size(text) -> int:
@@ -32,13 +33,6 @@ def _size(text) -> int:
         raise argparse.ArgumentTypeError(f"cannot read size {text!r}; write e.g. 1GiB, 512MiB or 2G")
     number, prefix = match.groups()
     return int(float(number) * 1024 ** " kmgt".index(prefix.lower() or " "))
-
-
-def _positive_int(text) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
 
 
 def _count(text) -> int:

@@ -80,6 +80,7 @@ class Method:
     saves_adapter: ClassVar[bool] = False  # finetune saves a PEFT adapter directory
     saves_merged: ClassVar[bool] = False  # finetune saves merged weights (nothing smaller holds the result)
     typical_rank: ClassVar[int | None] = None  # rank `plan` and the benches assume when none is given
+    storage_to_try: ClassVar[tuple] = ()  # leaner storage recipes the planner suggests when a run does not fit
     study_lrs: ClassVar[tuple[float, ...]] = ()  # `minilars study` lr grid; empty: not studied
     peft_type: ClassVar[str | None] = None  # PEFT's name for the adapter format it saves as
     peft_default: ClassVar[bool] = False  # loads adapters of peft_type that minilars did not write

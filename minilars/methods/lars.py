@@ -19,6 +19,7 @@ from .base import RANK_HELP, TARGETS_HELP, Method, MethodOption, StudyRun, posit
 from .lora import lora_peft_config
 from .method_config import MethodConfig, apply_frozen
 from .registry import register
+from .storage import LARS_DEFAULT_STORAGE
 
 
 @register
@@ -36,6 +37,7 @@ class LARS(Method):
     needs_calibration = True
     saves_adapter = True
     typical_rank = 16
+    storage_to_try = (LARS_DEFAULT_STORAGE, (*LARS_DEFAULT_STORAGE, ("*", "half")))
     study_lrs = (3e-4, 1e-3, 3e-3)
     peft_type = "LORA"
     site_class = LARSSite
