@@ -146,17 +146,16 @@ def run_engine(args, be, cfg, params_np, method: str, seq_lens, started: float) 
     model = Model(cfg, params, backend=be, compute_dtype=args.dtype, attention_tile=args.tile,
                   loss_chunk=args.loss_chunk)
     try:
-        if method == "lars":
-            config = methods.MethodConfig.lars_default(rank=args.rank)
+        config = methods.MethodConfig.from_options(method, {"rank": args.rank})  # LARS: the default storage
+        calibration = None
+        if config.kind.needs_calibration:
             calibration_rng = np.random.default_rng(args.seed + 1)  # not the tokens' stream: same tokens for all
             calibration = calibration_rng.integers(0, cfg.vocab_size, (1, min(512, max(seq_lens))))
-        else:
-            config, calibration = methods.MethodConfig(method, rank=args.rank), None
         methods.apply_method(model, config, calibration_tokens=calibration)
         opt = AdamW(model.trainable(), be, AdamWConfig(lr=1e-4))
     except Exception as e:  # noqa: BLE001 - a method that is not ready is skipped, not fatal
         return [Row(name, t, f"skipped: {type(e).__name__}: {str(e)[:80]}") for t in seq_lens]
-    name = f"minilars {config.describe()}" if method != "full" else name
+    name = f"minilars {config.describe()}"
     print(f"[{name}] trainable {model.n_trainable():,} of {model.n_params():,} parameters", file=sys.stderr)
 
     def step(tokens, targets, row: Row):

@@ -91,7 +91,7 @@ class Model:
         self.train_embeddings = False
         self.train_norms = False
         self._rope_cache: tuple[int, Array, Array] | None = None
-        self.method = None  # the MethodConfig applied, see minilars/methods.py
+        self.method = None  # the MethodConfig applied, see minilars/methods/
 
     @classmethod
     def random(cls, cfg: ModelConfig, seed: int = 0, dtype=np.float32, **kwargs) -> "Model":

@@ -19,6 +19,8 @@ class AdamWConfig:
     def __post_init__(self) -> None:
         if self.lr < 0 or not 0 <= self.beta1 < 1 or not 0 <= self.beta2 < 1 or self.eps <= 0:
             raise ValueError(f"invalid AdamW settings: {self}")
+        if self.weight_decay < 0:
+            raise ValueError(f"weight decay must be >= 0, got {self.weight_decay}")
 
 
 class NonFiniteGradient(FloatingPointError):

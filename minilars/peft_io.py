@@ -12,7 +12,9 @@ it as they load any adapter:
     LARS: saved as the LoRA it equals (LARS.md Part 1.5): lora_A = P^T, lora_B = M^T,
           lora_alpha = r so the scaling is 1.
 
-`minilars_adapter.json` beside them records the method (so minilars reloads a LARS
+Each method's module (minilars/methods/<name>.py) names and shapes its own tensors
+(peft_tensors, load_site) and config fields (peft_config); this module reads and
+writes the files. `minilars_adapter.json` beside them records the method (so minilars reloads a LARS
 adapter as LARS) and a fingerprint of the base model, so an adapter is never loaded
 onto a model it was not trained for.
 """
@@ -22,14 +24,14 @@ import hashlib
 import json
 import os
 import tempfile
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 
-from .adapters import IA3Site, LARSSite, LoRASite
-from .methods import MethodConfig, apply_method
+from .methods import method_for_adapter
 from .model import Model
-from .weights import HF_MODULE, PROJECTION_STREAM
+from .weights import HF_MODULE
 
 PEFT_PREFIX = "base_model.model.model.layers"
 CONFIG_FILE = "adapter_config.json"
@@ -58,38 +60,19 @@ def _key(layer: int, proj: str, suffix: str) -> str:
 def adapter_tensors(model: Model) -> tuple[dict[str, np.ndarray], dict]:
     """(PEFT-named tensors, adapter_config) for the model's current adapters."""
     method = model.method
-    if method is None or method.name not in ("lora", "ia3", "lars"):
+    if method is None or not method.kind.saves_adapter:
         raise AdapterError(f"method {getattr(method, 'name', None)!r} has no adapter to save; "
                            "full fine-tuning is exported as merged weights")
-    be = model.be
+    kind = method.kind
     tensors: dict[str, np.ndarray] = {}
     for i, block in enumerate(model.sites):
         for site in block.values():
-            if isinstance(site, LoRASite):
-                for s in site.targets:
-                    tensors[_key(i, s, "lora_A.weight")] = be.to_numpy(site.A[s]).T
-                    tensors[_key(i, s, "lora_B.weight")] = be.to_numpy(site.B[s]).T
-            elif isinstance(site, LARSSite):
-                for s, (a, b) in site.as_lora().items():
-                    tensors[_key(i, s, "lora_A.weight")] = be.to_numpy(a)
-                    tensors[_key(i, s, "lora_B.weight")] = be.to_numpy(b)
-            elif isinstance(site, IA3Site):
-                for s in site.targets:
-                    if site.scale_input:
-                        tensors[_key(i, s, "ia3_l")] = be.to_numpy(site.scales["input"])[None, :]
-                    else:
-                        tensors[_key(i, s, "ia3_l")] = be.to_numpy(site.scales[s])[:, None]
+            if isinstance(site, kind.site_class):
+                tensors.update(kind.peft_tensors(site, partial(_key, i), model.be))
     modules = [HF_MODULE[t].split(".")[-1] for t in method.resolved_targets]
     common = {"base_model_name_or_path": getattr(model, "source", None), "task_type": "CAUSAL_LM",
               "inference_mode": True, "target_modules": modules, "fan_in_fan_out": False}
-    if method.name == "ia3":
-        config = {"peft_type": "IA3", **common, "init_ia3_weights": True,
-                  "feedforward_modules": [m for m in modules if m == "down_proj"]}
-    else:
-        r = method.rank
-        alpha = method.lora_alpha if method.name == "lora" else r  # LARS: scaling 1
-        config = {"peft_type": "LORA", **common, "r": r, "lora_alpha": alpha, "lora_dropout": 0.0,
-                  "bias": "none", "use_rslora": False, "init_lora_weights": True}
+    config = kind.peft_config(common)
     return {k: np.ascontiguousarray(v) for k, v in tensors.items()}, config  # the adapter's own dtype
 
 
@@ -145,62 +128,22 @@ def load_adapter(model: Model, directory: str | os.PathLike, calibration_tokens=
             raise AdapterError(f"{directory}: adapter was trained on a different base model "
                                f"(fingerprint {expected}, this model {model_fingerprint(model)})")
     peft_type = config.get("peft_type")
+    try:
+        kind = method_for_adapter(peft_type, info.get("method"))
+    except ValueError as exc:
+        raise AdapterError(f"{directory}: {exc}") from None
     module_to_proj = {module.split(".")[-1]: proj for proj, module in HF_MODULE.items()}
     try:
         targets = tuple(module_to_proj[m] for m in config["target_modules"])
     except KeyError as exc:
         raise AdapterError(f"{directory}: target module {exc} is not a LLaMA projection") from None
-    if peft_type == "IA3":
-        method = MethodConfig("ia3", targets=targets)
-    elif peft_type == "LORA":
-        name = "lars" if info.get("method") == "lars" else "lora"
-        storage = tuple(tuple(r) for r in info.get("storage", [])) if name == "lars" else ()
-        method = MethodConfig(name, rank=int(config["r"]), alpha=float(config["lora_alpha"]), targets=targets,
-                              storage=storage)
-    else:
-        raise AdapterError(f"{directory}: peft_type {peft_type!r} is not supported (LORA, IA3)")
-    _attach(model, method, tensors, directory)
+    method = kind.config_from_peft(config, info, targets)
+
+    def tensors_of(layer: int):
+        return lambda proj, suffix, shape: _get(tensors, _key(layer, proj, suffix), shape, directory)
+
+    method.kind.attach(model, tensors_of)
     return model
-
-
-def _attach(model: Model, method: MethodConfig, tensors: dict[str, np.ndarray], directory: Path) -> None:
-    be = model.be
-    dtype = model.compute_dtype
-    if method.name == "lars":
-        # The basis is stored: rebuild LARS sites around it without calibrating.
-        apply_method(model, MethodConfig("frozen"))
-        from .store import StoragePlan
-        model.plan = StoragePlan.from_mapping(dict(method.storage))
-        for i, block in enumerate(model.sites):
-            for stream, site in block.items():
-                mine = [t for t in method.resolved_targets if PROJECTION_STREAM[t] == stream]
-                if not mine:
-                    continue
-                basis = _get(tensors, _key(i, mine[0], "lora_A.weight"), (method.rank, site.d_in), directory).T
-                block[stream] = LARSSite(site.weight, site.outputs, mine, be.asarray(np.ascontiguousarray(basis)), be, dtype)
-        model.method = method
-    else:
-        apply_method(model, method)
-    for i, block in enumerate(model.sites):
-        for site in block.values():
-            if isinstance(site, LARSSite):
-                for s in site.targets:
-                    m = _get(tensors, _key(i, s, "lora_B.weight"), (site.outputs[s], site.rank), directory).T
-                    site.M[s][...] = be.asarray(np.ascontiguousarray(m, dtype=np.dtype(str(dtype).replace("torch.", ""))))
-            elif isinstance(site, LoRASite):
-                for s in site.targets:
-                    a = _get(tensors, _key(i, s, "lora_A.weight"), (site.rank, site.d_in), directory).T
-                    b = _get(tensors, _key(i, s, "lora_B.weight"), (site.outputs[s], site.rank), directory).T
-                    site.A[s][...] = be.asarray(np.ascontiguousarray(a))
-                    site.B[s][...] = be.asarray(np.ascontiguousarray(b))
-            elif isinstance(site, IA3Site):
-                for s in site.targets:
-                    if site.scale_input:
-                        vec = _get(tensors, _key(i, s, "ia3_l"), (1, site.d_in), directory)[0]
-                        site.scales["input"][...] = be.asarray(vec)
-                    else:
-                        vec = _get(tensors, _key(i, s, "ia3_l"), (site.outputs[s], 1), directory)[:, 0]
-                        site.scales[s][...] = be.asarray(vec)
 
 
 def _get(tensors: dict, key: str, shape: tuple, directory: Path) -> np.ndarray:

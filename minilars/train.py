@@ -61,8 +61,9 @@ class CheckpointError(ValueError):
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """The optimisation settings; every field shapes the loss trajectory, so every
-    field goes into the run's config hash."""
+    """The schedule and the batches; every field shapes the loss trajectory, so every
+    field goes into the run's config hash. The optimiser's own settings (weight decay,
+    gradient clipping) are AdamWConfig's (minilars/optim.py), the one place they act."""
 
     steps: int = 60  # optimizer steps
     batch_size: int = 4  # rows per step (B)
@@ -70,8 +71,6 @@ class TrainConfig:
     lr: float = 2e-3  # peak learning rate
     warmup: int = 0  # steps of linear warm-up from lr / warmup to lr
     min_lr_ratio: float = 0.1  # cosine decay from lr to lr * min_lr_ratio at the last step
-    weight_decay: float = 0.0
-    max_grad_norm: float | None = 1.0
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -80,8 +79,8 @@ class TrainConfig:
                 raise ValueError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"lr must be a positive number, got {self.lr}")
-        if self.warmup < 0 or not 0 <= self.min_lr_ratio <= 1 or self.weight_decay < 0:
-            raise ValueError("warmup must be >= 0, min_lr_ratio in [0, 1] and weight decay >= 0")
+        if self.warmup < 0 or not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError("warmup must be >= 0 and min_lr_ratio in [0, 1]")
 
     def lr_at(self, step: int) -> float:
         """Linear warm-up over `warmup` steps, then cosine from lr to lr * min_lr_ratio."""

@@ -79,8 +79,10 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m minilars.bench.memory_worker", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m", help="model name, .gguf, HF directory, or 'tiny' (random weights)")
-    p.add_argument("--method", default="lars", choices=("lars", "lora", "ia3", "full", "frozen"),
-                   help="training method; frozen = no-grad forward (default: %(default)s)")
+    # Not imported to list the choices: --baseline measures RSS without minilars.methods loaded.
+    p.add_argument("--method", default="lars",
+                   help="a registered training method (minilars/methods/); frozen = no-grad forward "
+                        "(default: %(default)s)")
     p.add_argument("--rank", type=int, default=16, help="LARS basis rank or LoRA rank (default: %(default)s)")
     p.add_argument("--storage", default="default",
                    help="LARS activation storage, e.g. default, exact, block=recompute,input.x=half (default: %(default)s)")
@@ -131,13 +133,9 @@ def _load(args, backend):
 
 
 def _method(args):
-    from minilars.methods import MethodConfig, parse_storage
+    from minilars.methods import MethodConfig
 
-    if args.method == "lars":
-        return MethodConfig("lars", rank=args.rank, storage=parse_storage(args.storage), seed=args.seed)
-    if args.method == "lora":
-        return MethodConfig("lora", rank=args.rank, seed=args.seed)
-    return MethodConfig(args.method, seed=args.seed)
+    return MethodConfig.from_options(args.method, {"rank": args.rank, "storage": args.storage}, seed=args.seed)
 
 
 def measure_baseline(args) -> dict:
@@ -195,13 +193,13 @@ def run(args) -> dict:
     vocab = model.cfg.vocab_size
     tokens = rng.integers(0, vocab, (args.batch_size, args.seq_len))
     targets = rng.integers(0, vocab, (args.batch_size, args.seq_len))
-    calibration = tokens[:, :args.calibration_tokens] if method.name == "lars" else None
+    calibration = tokens[:, :args.calibration_tokens] if method.kind.needs_calibration else None
     apply_method(model, method, calibration)
     result["method_described"] = method.describe()
-    result["storage"] = args.storage if method.name == "lars" else ""
-    result["rank"] = args.rank if method.name in ("lars", "lora") else None
+    result["storage"] = args.storage if method.kind.reads("storage") else ""
+    result["rank"] = args.rank if method.kind.has_rank else None
     result["n_trainable"] = model.n_trainable()
-    training = method.name != "frozen"
+    training = method.kind.trains
     optimizer = AdamW(model.trainable(), model.be) if training else None
     if optimizer is not None:  # zeros_like leaves m and v unmapped until the first update
         for state in (*optimizer.m.values(), *optimizer.v.values()):  # writes: resident, as

@@ -30,6 +30,9 @@ def add_arguments(parser) -> None:
                              "where its time went (minilars/bench/profile.py)")
 
 
+REFERENCE = "lora"  # the configuration whose step time the "step time / LoRA's" column divides by
+
+
 def matmul_gflops(seconds: float = 1.0) -> float:
     """This machine's float32 GEMM rate for an engine-shaped product (2048x576 @ 576x1536)."""
     a = np.random.default_rng(0).standard_normal((2048, 576)).astype(np.float32)
@@ -42,16 +45,20 @@ def matmul_gflops(seconds: float = 1.0) -> float:
     return 2 * 2048 * 576 * 1536 * count / (time.perf_counter() - start) / 1e9
 
 
-def step_flops(cfg, seq_len: int, method: str, recompute: bool, recompute_attention: bool = True) -> float:
-    """Matmul + attention FLOPs of one step at batch 1 (2 per multiply-add). recompute:
-    backward reruns each block's forward (but the down projection); recompute_attention
-    False: except the attention kernel as well (the attention output was kept)."""
+def step_flops(cfg, seq_len: int, method, recompute: bool, recompute_attention: bool = True) -> float:
+    """Matmul + attention FLOPs of one step at batch 1 (2 per multiply-add) under
+    `method` (a MethodConfig or a method's name). recompute: backward reruns each
+    block's forward (but the down projection); recompute_attention False: except the
+    attention kernel as well (the attention output was kept)."""
+    from minilars.methods import method_class
+
+    kind = method_class(method if isinstance(method, str) else method.name)
     n = seq_len
     proj = cfg.dim * (cfg.q_dim + 2 * cfg.kv_dim) + cfg.q_dim * cfg.dim + 3 * cfg.dim * cfg.ffn_dim
     attention = 2 * n * n * cfg.n_heads * cfg.head_dim  # causal half of QK^T and PV: 2 * (n^2/2) * 2
     forward = 2 * n * proj + attention
-    backward = (2 * n * proj) * (2 if method == "full" else 1) + 2.5 * attention
-    head = 2 * n * cfg.dim * cfg.vocab_size * (3 if method == "full" else 2)
+    backward = (2 * n * proj) * (2 if kind.weight_gradients else 1) + 2.5 * attention  # dx (+ dW)
+    head = 2 * n * cfg.dim * cfg.vocab_size * (3 if kind.trains_embeddings else 2)  # logits, dx (+ dE)
     recomputed = forward - 2 * n * cfg.ffn_dim * cfg.dim  # the recompute skips the frozen down projection
     if not recompute_attention:
         recomputed -= attention
@@ -110,15 +117,15 @@ def run(args) -> int:
                 seconds = float(np.median(times))
                 if args.profile:
                     _print_step_profile(model, opt, tokens, targets, f"T = {seq_len}, {method}, {name}")
-                flops = step_flops(model.cfg, seq_len, method, model.plan.recompute_blocks,
+                flops = step_flops(model.cfg, seq_len, configs[method], model.plan.recompute_blocks,
                                    recompute_attention=not model.plan.keeps_attention_output)
                 rows.append({"T": seq_len, "method": method, "backend": name, "step s": seconds,
                              "tokens/s": seq_len / seconds, "GFLOP/s": flops / seconds / 1e9,
                              "machine GFLOP/s": gflops_machine})
-                if method == "full":  # full fine-tuning rewrote the weights: reload for the next method
+                if configs[method].kind.weight_gradients:  # it rewrote the weights: reload for the next method
                     models[name] = load_model(args.model, backend=get_backend(name))
         base = {(r["T"], r["method"]): r["step s"] for r in rows if r["backend"] == "numpy"}
-        lora = {(r["T"], r["backend"]): r["step s"] for r in rows if r["method"] == "lora"}
+        lora = {(r["T"], r["backend"]): r["step s"] for r in rows if r["method"] == REFERENCE}
         for r in rows:
             if (r["T"], r["method"]) in base:
                 r["speed-up vs numpy"] = base[(r["T"], r["method"])] / r["step s"]

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from minilars.cli import CommandError
+from minilars.methods.base import positive_int as _positive_int  # the methods' --rank reads the same
 
 
 def _size(text) -> int:
@@ -32,13 +33,6 @@ def _size(text) -> int:
         raise argparse.ArgumentTypeError(f"cannot read size {text!r}; write e.g. 1GiB, 512MiB or 2G")
     number, prefix = match.groups()
     return int(float(number) * 1024 ** " kmgt".index(prefix.lower() or " "))
-
-
-def _positive_int(text) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
 
 
 def _count(text) -> int:
@@ -66,15 +60,8 @@ OPTIONS = (
            "tokenizer, for tests)"),
     Option("data", str, None, "training data: a .jsonl file ({prompt, completion}, {messages}, {text} per line), "
            "a .txt file, or a directory of them (default: the built-in personal_notes.jsonl)"),
-    Option("method", str, "lars", "what trains: lars (subspace adapters), lora, ia3 or full",
-           choices=("lars", "lora", "ia3", "full")),
-    Option("rank", _positive_int, 16, "adapter rank: the LARS basis rank or the LoRA r"),
-    Option("alpha", float, None, "LoRA scaling alpha (scaling alpha/r; default 2r)"),
-    Option("targets", str, None, "projections to adapt, comma-separated from q,k,v,o,gate,up,down "
-           "(default: all; ia3: k,v,down)"),
-    Option("storage", str, "default", "LARS activation-storage rules, e.g. 'block=recompute,input.x=half' (the "
-           "default recipe), 'fast' (the default plus attn.o=half: attention outputs kept, not recomputed), "
-           "'exact', or 'attn.*=subspace(32),mlp.*=half'"),
+    # --method and the methods' own options (rank, alpha, targets, storage, ...) come from the
+    # method registry: see all_options().
     Option("steps", _positive_int, 20, "optimizer steps", quick=3),
     Option("batch_size", _positive_int, 2, "rows per step", quick=1),
     Option("seq_len", _positive_int, 256, "tokens per row; longer examples are truncated, shorter ones packed "
@@ -119,14 +106,29 @@ OPTIONS = (
     Option("quick", bool, False, "a short run for CI: a few steps, two held-out questions (also MINILARS_QUICK=1)"),
     Option("progress", bool, True, "show the progress bar (--no-progress to hide it)"),
 )
-BY_NAME = {o.name: o for o in OPTIONS}
+
+
+def all_options() -> tuple[Option, ...]:
+    """OPTIONS with --method and every registered method's options after --data."""
+    from minilars.methods import DEFAULT_METHOD, method_class, method_options, registered
+
+    names = registered(trains=True)
+    method = Option("method", str, DEFAULT_METHOD, "what trains: " + ", ".join(
+        f"{name} ({method_class(name).summary})" for name in names), choices=names)
+    own = tuple(Option(o.name, o.type, o.default, o.help) for o in method_options(names))
+    at = next(i for i, o in enumerate(OPTIONS) if o.name == "data") + 1
+    return (*OPTIONS[:at], method, *own, *OPTIONS[at:])
+
+
+def options_by_name() -> dict[str, Option]:
+    return {o.name: o for o in all_options()}
 
 
 def add_parser(sub) -> None:
     parser = sub.add_parser(
         "finetune", help="fine-tune a model (LARS, LoRA, IA3, full); no arguments: the built-in demo job",
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for o in OPTIONS:
+    for o in all_options():
         flag = "--" + o.name.replace("_", "-")
         shown = "" if o.default in (None, False) else f" (default: {o.default}"
         if shown and o.quick is not None:
@@ -156,12 +158,13 @@ def read_config_file(path: str) -> dict:
     except tomllib.TOMLDecodeError as exc:
         raise CommandError(f"{path}: not valid TOML ({exc})") from None
     out = {}
-    unknown = [k for k in raw if k.replace("-", "_") not in BY_NAME]
+    by_name = options_by_name()
+    unknown = [k for k in raw if k.replace("-", "_") not in by_name]
     if unknown:
         raise CommandError(f"{path}: unknown option{'s' if len(unknown) > 1 else ''} {', '.join(unknown)} "
-                           f"(known: {', '.join(o.name.replace('_', '-') for o in OPTIONS)})")
+                           f"(known: {', '.join(o.replace('_', '-') for o in by_name)})")
     for key, value in raw.items():
-        o = BY_NAME[key.replace("-", "_")]
+        o = by_name[key.replace("-", "_")]
         if o.type is bool:
             if not isinstance(value, bool):
                 raise CommandError(f"{path}: {key} must be true or false, got {value!r}")
@@ -181,11 +184,12 @@ def read_config_file(path: str) -> dict:
 def resolve_options(args) -> argparse.Namespace:
     """defaults < --quick < TOML < flags."""
     from_file = read_config_file(args.config) if args.config else {}
-    given = {o.name: getattr(args, o.name) for o in OPTIONS if getattr(args, o.name) is not None}
+    options = all_options()
+    given = {o.name: getattr(args, o.name) for o in options if getattr(args, o.name, None) is not None}
     quick = given.get("quick", from_file.get("quick", os.environ.get("MINILARS_QUICK", "") not in ("", "0")))
-    values = {o.name: o.default for o in OPTIONS}
+    values = {o.name: o.default for o in options}
     if quick:
-        values.update({o.name: o.quick for o in OPTIONS if o.quick is not None})
+        values.update({o.name: o.quick for o in options if o.quick is not None})
     values.update(from_file)
     values.update(given)
     values["quick"] = bool(quick)
@@ -216,7 +220,7 @@ def _run(args) -> int:
     if opts.resume and opts.threads == 0:  # the thread count can change float sums: keep the run's
         opts.threads = train.read_checkpoint_meta(out / train.CHECKPOINT).get("run_config", {}).get("threads") or 0
 
-    if opts.calibration_data is not None and opts.method != "lars":
+    if opts.calibration_data is not None and not _method_class(opts).needs_calibration:
         raise CommandError(f"--calibration-data calibrates LARS's bases; --method {opts.method} has none")
     model, tokenizer, model_name = _load_model(opts)
     cfg = model.cfg
@@ -231,21 +235,24 @@ def _run(args) -> int:
     if opts.max_memory is not None:
         _check_budget(cfg, method, opts, model.be.name)
 
+    from minilars.optim import AdamW, AdamWConfig
+
     config = train.TrainConfig(steps=opts.steps, batch_size=opts.batch_size, seq_len=opts.seq_len, lr=opts.lr,
-                               warmup=opts.warmup, weight_decay=opts.weight_decay, seed=opts.seed)
+                               warmup=opts.warmup, seed=opts.seed)
+    optimizer = AdamWConfig(lr=opts.lr, weight_decay=opts.weight_decay)
     calibration = _calibration_rows(opts, rows, tokenizer, cfg.max_seq_len)
     _prepare_model(model, method, opts, calibration.tokens, calibration.real)
     method = model.method
 
-    from minilars.optim import AdamW, AdamWConfig
     from minilars.peft_io import model_fingerprint
 
-    opt = AdamW(model.trainable(), model.be, AdamWConfig(lr=opts.lr, weight_decay=opts.weight_decay))
+    opt = AdamW(model.trainable(), model.be, optimizer)
     run_config = {  # everything that shapes the loss trajectory; its hash guards --resume
         "model": opts.model, "model_fingerprint": model_fingerprint(model), "method": method.describe(),
         "method_seed": method.seed, "init_adapter": opts.init_adapter, "data": dataset.source,
         "data_rows": rows.digest(), "packing": opts.packing, "backend": model.be.name,
-        "threads": _threads(model.be), "weight_dtype": opts.weight_dtype, **config.__dict__}
+        "threads": _threads(model.be), "weight_dtype": opts.weight_dtype, **config.__dict__,
+        "weight_decay": optimizer.weight_decay, "max_grad_norm": optimizer.max_grad_norm}
     eval_set = _eval_subset(dataset.eval, opts)
     stop_ids = datasets.stop_ids_of(tokenizer)
 
@@ -441,13 +448,17 @@ def _load_model(opts):
     return model, tokenizer, name
 
 
-def _method(opts):
-    from minilars.methods import MethodConfig, parse_storage
+def _method_class(opts):
+    from minilars.methods import method_class
 
-    targets = tuple(t.strip() for t in opts.targets.split(",") if t.strip()) if opts.targets else None
-    storage = parse_storage(opts.storage) if opts.method == "lars" else ()
-    return MethodConfig(opts.method, rank=opts.rank, alpha=opts.alpha, targets=targets, storage=storage,
-                        seed=opts.seed)
+    return method_class(opts.method)
+
+
+def _method(opts):
+    """The MethodConfig of --method from the options it reads (minilars/methods/<name>.py)."""
+    from minilars.methods import MethodConfig
+
+    return MethodConfig.from_options(opts.method, vars(opts), seed=opts.seed)
 
 
 def _calibration_rows(opts, rows, tokenizer, max_seq_len: int):
@@ -525,7 +536,8 @@ def _print_header(opts, model_name, model, method, dataset, rows, expected, out,
                  + (f"; {rows.dropped} dropped (no answer token within --seq-len)" if rows.dropped else "")),
         *([("calibration", f"{len(calibration)} rows of {calibration.tokens.shape[1]} tokens from "
                            f"{opts.calibration_data or 'the training rows'}, {int(calibration.real.sum()):,} "
-                           f"tokens without padding")] if method.name == "lars" and not opts.init_adapter else []),
+                           f"tokens without padding")] if method.kind.needs_calibration and not opts.init_adapter
+          else []),
         ("activations", f"{_mib(expected)} expected in the activation store per step "
                         f"(batch {opts.batch_size} x {opts.seq_len} tokens)"),
         ("memory", _planned_peak(cfg, method, opts, model.be.name)),
@@ -567,10 +579,10 @@ def _save_result(model, tokenizer, method, opts, out: Path) -> dict:
     from minilars.peft_io import export_merged, save_adapter
 
     saved = {}
-    if model.method is not None and model.method.name in ("lora", "ia3", "lars"):
+    if model.method is not None and model.method.kind.saves_adapter:
         save_adapter(model, out)
         saved["adapter"] = str(out)
-    if opts.merge or model.method is None or model.method.name == "full":
+    if opts.merge or model.method is None or model.method.kind.saves_merged:
         export_merged(model, out / "merged", tokenizer=tokenizer)
         saved["merged"] = str(out / "merged")
     return saved

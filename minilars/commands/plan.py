@@ -16,15 +16,20 @@ def add_parser(sub) -> None:
     parser.add_argument("--model", default="smollm2-135m",
                         help="a preset name (smollm2-135m, tiny), a .gguf file or a Hugging Face directory "
                              "(only its config is read) (default: %(default)s)")
-    parser.add_argument("--method", default="lars", choices=("lars", "lora", "ia3", "full", "frozen"),
-                        help="training method; frozen plans the no-grad forward (default: %(default)s)")
-    parser.add_argument("--rank", type=int, default=None, help="LARS basis rank (default 16) or LoRA rank (default 8)")
-    parser.add_argument("--targets", default=None,
-                        help="comma-separated projections for LoRA/IA3/LARS, e.g. q,v (default: the method's)")
-    parser.add_argument("--storage", default="default",
-                        help="LARS activation storage: default (block=recompute,input.x=half), fast (the "
-                             "default plus attn.o=half), exact, or rules "
-                             "like 'attn.*=subspace(32),mlp.*=half' (default: %(default)s)")
+    from minilars.methods import DEFAULT_METHOD, method_class, method_options, registered
+
+    parser.add_argument("--method", default=DEFAULT_METHOD, choices=registered(),
+                        help="training method: " + ", ".join(f"{name} ({method_class(name).summary})"
+                                                             for name in registered())
+                             + "; frozen plans the no-grad forward (default: %(default)s)")
+    for option in method_options():
+        default = option.default
+        if option.name == "rank":  # each method's typical rank when none is given
+            default = None
+            option = option.with_help(option.help + "; default: " + ", ".join(
+                f"{name} {method_class(name).typical_rank}" for name in registered() if method_class(name).has_rank))
+        parser.add_argument("--" + option.name.replace("_", "-"), type=option.type, default=default,
+                            help=option.help + ("" if default is None else " (default: %(default)s)"))
     parser.add_argument("--seq-len", type=int, default=2048, help="tokens per row T (default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=1, help="rows per step B (default: %(default)s)")
     parser.add_argument("--weight-dtype", default="float32", choices=("float32", "float16"),
@@ -59,14 +64,12 @@ def _config(spec: str):
 
 
 def method_from_args(args):
-    from minilars.methods import MethodConfig, parse_storage
+    """The MethodConfig of --method, at the method's typical rank when --rank is not given."""
+    from minilars.methods import MethodConfig, method_class
 
-    targets = tuple(t.strip() for t in args.targets.split(",")) if args.targets else None
-    if args.method == "lars":
-        return MethodConfig("lars", rank=args.rank or 16, targets=targets, storage=parse_storage(args.storage))
-    if args.method == "lora":
-        return MethodConfig("lora", rank=args.rank or 8, targets=targets)
-    return MethodConfig(args.method, targets=targets)
+    values = dict(vars(args))
+    values["rank"] = args.rank or method_class(args.method).typical_rank
+    return MethodConfig.from_options(args.method, values)
 
 
 def run(args) -> int:

@@ -33,16 +33,12 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from minilars.cli import CommandError
+from minilars.methods import study_runs
 
-# name -> (finetune flags, lr grid). The grids bracket each method's usual range:
-# full fine-tuning moves every weight and wants ~100x smaller steps than adapters.
-METHODS = {
-    "full": (("--method", "full"), (1e-5, 3e-5, 1e-4)),
-    "lora": (("--method", "lora", "--rank", "8"), (3e-4, 1e-3, 3e-3)),
-    "ia3": (("--method", "ia3"), (1e-3, 3e-3, 1e-2)),
-    "lars": (("--method", "lars", "--rank", "16", "--storage", "default"), (3e-4, 1e-3, 3e-3)),  # lars_default()
-    "lars-exact": (("--method", "lars", "--rank", "16", "--storage", "exact"), (3e-4, 1e-3, 3e-3)),  # ("lars", rank=16)
-}
+# name -> StudyRun(finetune flags, lr grid, method class), from each registered method
+# (its study_lrs and study_runs, minilars/methods/). The grids bracket each method's
+# usual range: full fine-tuning moves every weight and wants ~100x smaller steps than adapters.
+METHODS = study_runs()
 MAX_NEW_TOKENS = {"personal": 24, "passkey": 16, "arithmetic": 64}
 
 
@@ -87,9 +83,12 @@ def add_parser(sub) -> None:
                      "--quick: 2)")
     acc.add_argument("--batch-size", type=int, default=None, help="examples per step, one per row (default: 8; "
                      "--quick: 2)")
+    grids: dict[str, list[str]] = {}  # lr grid -> the study runs that sweep it
+    for name, run in METHODS.items():
+        grids.setdefault(",".join(_lr_text(lr) for lr in run.lrs), []).append(name)
+    defaults = "; ".join(f"{', '.join(names)} {grid}" for grid, names in grids.items())
     acc.add_argument("--lrs", default=None, help="comma-separated learning rates swept for every method "
-                     "(default per method: full 1e-5,3e-5,1e-4; lora, lars, lars-exact 3e-4,1e-3,3e-3; "
-                     "ia3 1e-3,3e-3,1e-2; --quick: the middle one)")
+                     f"(default per method: {defaults}; --quick: the middle one)")
     acc.add_argument("--sweep-steps", type=int, default=None, help="steps of each sweep run (default: steps / 4; "
                      "equal to --steps: the best sweep run is the final run)")
     acc.add_argument("--eval-questions", type=int, default=None, help="held-out questions scored after training, "
@@ -200,6 +199,12 @@ def _seeds(text: str | None) -> tuple[int, ...]:
     if not seeds or len(set(seeds)) != len(seeds):
         raise CommandError(f"--seeds {text!r}: give one or more different seeds")
     return seeds
+
+
+def _lr_text(lr: float) -> str:
+    """3e-4 -> '3e-4' (where f'{lr:g}' gives 0.0003)."""
+    mantissa, exponent = f"{lr:e}".split("e")
+    return f"{float(mantissa):g}e{int(exponent)}"
 
 
 def settings_from(args) -> Settings:
@@ -384,7 +389,7 @@ def study_method(s: Settings, p: Prepared, method: str, base: dict, out: Path, c
         sweep = [train_run(s, p, method, lr, s.sweep_steps, "sweep", out, counter) for lr in grid]
         runs += sweep
         for r in sweep:
-            if method == "full" and not keep_weights:
+            if METHODS[method].method.saves_merged and not keep_weights:
                 shutil.rmtree(Path(r.out) / "merged", ignore_errors=True)
         good = [r for r in sweep if r.ok]
         if not good:
@@ -410,7 +415,7 @@ def study_method(s: Settings, p: Prepared, method: str, base: dict, out: Path, c
         return _row(s, p, method, failed, base, None, failed.error), runs
     afters = []
     for seed, run in zip(seeds, finals):
-        weights = Path(run.out) / "merged" if method == "full" else None
+        weights = Path(run.out) / "merged" if METHODS[method].method.saves_merged else None
         afters.append(evaluate_run(s, p, run, Path(run.out) / "eval.jsonl", weights))
         if weights is not None and not keep_weights:
             shutil.rmtree(weights, ignore_errors=True)

@@ -1,0 +1,113 @@
+"""LARS subspace adapters (docs/lars.md): y_s = x W_s + (x P) M_s on the target
+projections, P (d_in, r) an orthonormal basis of the stream's calibrated activation
+subspace, M_s trainable; plus an activation-storage recipe (minilars/methods/storage.py).
+
+Calibration (minilars/calibrate.py) finds P for every stream, and a basis for every
+storage field kept as subspace(r). Sites are LARSSite (minilars/adapters.py); saved
+as the LoRA it equals: lora_A = P^T, lora_B = M^T, lora_alpha = r (scaling 1), with
+minilars_adapter.json recording the method so it reloads as LARS.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ..adapters import LARSSite
+from ..calibrate import calibrate
+from ..store import StoragePlan
+from ..weights import PROJECTION_STREAM
+from .base import RANK_HELP, TARGETS_HELP, Method, MethodOption, StudyRun, positive_int
+from .lora import lora_peft_config
+from .method_config import MethodConfig, apply_frozen
+from .registry import register
+from .storage import LARS_DEFAULT_STORAGE
+
+
+@register
+class LARS(Method):
+    name = "lars"
+    summary = "subspace adapters"
+    options = (
+        MethodOption("rank", positive_int, 16, RANK_HELP, note="the basis rank"),
+        MethodOption("targets", str, None, TARGETS_HELP, note="default all"),
+        MethodOption("storage", str, "default", "activation-storage rules",
+                     note="e.g. 'block=recompute,input.x=half' (the default recipe), 'fast' (the default plus "
+                          "attn.o=half: attention outputs kept, not recomputed), 'exact', or "
+                          "'attn.*=subspace(32),mlp.*=half'"),
+    )
+    needs_calibration = True
+    saves_adapter = True
+    typical_rank = 16
+    storage_to_try = (LARS_DEFAULT_STORAGE, (*LARS_DEFAULT_STORAGE, ("*", "half")))
+    study_lrs = (3e-4, 1e-3, 3e-3)
+    peft_type = "LORA"
+    site_class = LARSSite
+
+    @classmethod
+    def study_runs(cls):
+        flags = ("--method", cls.name, "--rank", str(cls.typical_rank), "--storage")
+        return {cls.name: StudyRun((*flags, "default"), cls.study_lrs, cls),  # lars_default()
+                f"{cls.name}-exact": StudyRun((*flags, "exact"), cls.study_lrs, cls)}  # every activation exact
+
+    def describe(self):
+        c = self.config
+        return f"lars(r={c.rank}, targets={','.join(c.resolved_targets)}, storage: {self.storage_plan().describe()})"
+
+    def storage_plan(self):
+        return StoragePlan.from_mapping(dict(self.config.storage))
+
+    def prepare(self, model, calibration_tokens, calibration_mask, bases=None):
+        """Calibrate: P per stream (self.stream_bases) and the storage bases (model.bases);
+        or take them from `bases` = (stream_bases, storage_bases), calibrated elsewhere."""
+        if calibration_tokens is None and bases is None:
+            raise ValueError("LARS needs calibration tokens to find its activation subspaces")
+        apply_frozen(model)
+        c = self.config
+        if bases is not None:
+            self.stream_bases, model.bases = bases
+        else:
+            self.stream_bases, model.bases = calibrate(model, calibration_tokens, c.rank, seed=c.seed,
+                                                       token_mask=calibration_mask)
+
+    def adapter(self, weight, where):
+        basis = self.stream_bases[f"blocks.{where.block}.{where.stream}"]
+        return LARSSite(weight, where.outputs, where.targets, basis, where.be, where.dtype)
+
+    # ---------------------------------------------------------------- PEFT: the LoRA it equals
+    def peft_config(self, common):
+        return lora_peft_config(common, self.config.rank, self.config.rank)  # alpha = r: scaling 1
+
+    def peft_tensors(self, site, key, be):
+        tensors = {}
+        for s, (a, b) in site.as_lora().items():
+            tensors[key(s, "lora_A.weight")] = be.to_numpy(a)
+            tensors[key(s, "lora_B.weight")] = be.to_numpy(b)
+        return tensors
+
+    @classmethod
+    def config_from_peft(cls, peft_config, recorded, targets):
+        storage = tuple(tuple(rule) for rule in recorded.get("storage", []))
+        return MethodConfig(cls.name, rank=int(peft_config["r"]), alpha=float(peft_config["lora_alpha"]),
+                            targets=targets, storage=storage)
+
+    def attach(self, model, get):
+        """The basis is stored (lora_A = P^T): rebuild LARS sites around it without calibrating."""
+        c = self.config
+        model.plan, model.bases = self.storage_plan(), {}
+        apply_frozen(model)
+        be, dtype = model.be, model.compute_dtype
+        for i, block in enumerate(model.sites):
+            for stream, site in block.items():
+                mine = [t for t in c.resolved_targets if PROJECTION_STREAM[t] == stream]
+                if not mine:
+                    continue
+                basis = get(i)(mine[0], "lora_A.weight", (c.rank, site.d_in)).T
+                block[stream] = LARSSite(site.weight, site.outputs, mine, be.asarray(np.ascontiguousarray(basis)),
+                                         be, dtype)
+        model.method = c
+        self.load_sites(model, get)
+
+    def load_site(self, site, get, be, dtype):
+        numpy_dtype = np.dtype(str(dtype).replace("torch.", ""))
+        for s in site.targets:
+            m = get(s, "lora_B.weight", (site.outputs[s], site.rank)).T
+            site.M[s][...] = be.asarray(np.ascontiguousarray(m, dtype=numpy_dtype))
