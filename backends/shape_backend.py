@@ -11,7 +11,7 @@ Three pieces:
                   transpose give views of the same buffer (numpy's no-copy rules),
                   arithmetic gives a new buffer, or reuses a temporary operand as
                   numpy does (temporary elision); a buffer is freed when its last
-                  view is dropped (weakref.finalize: CPython frees at that moment)
+                  view is dropped (CPython's reference counting frees at that moment)
     ShapeBackend  the Backend interface (backends/base.py) on ShapeArrays. Each
                   kernel allocates the outputs the real kernel returns and, for a
                   moment, the work arrays it holds inside ("flavour": the numpy,
@@ -31,7 +31,6 @@ import functools
 import math
 import re
 import sys
-import weakref
 from typing import Callable
 
 import numpy as np
@@ -153,7 +152,7 @@ class ShapeArray:
     in the ledger. `tag` names the parameter an array is (or was computed from),
     so the backend can tell which block and projection a kernel is working on."""
 
-    __slots__ = ("shape", "dtype", "strides", "offset", "base", "ledger", "serial", "tag", "elide", "__weakref__")
+    __slots__ = ("shape", "dtype", "strides", "offset", "base", "ledger", "serial", "tag", "elide")
     __array_ufunc__ = None  # numpy operators defer to ours: np.float32(2) * a is a ShapeArray
 
     def __init__(self, shape, dtype, ledger: MemoryLedger, *, base: "ShapeArray | None" = None,
@@ -166,11 +165,13 @@ class ShapeArray:
         self.ledger = ledger
         self.tag = tag
         self.elide = elide
-        if base is None:  # a buffer of its own
-            self.serial = ledger.allocate(self.nbytes)
-            weakref.finalize(self, ledger.release, self.serial).atexit = False
-        else:
-            self.serial = base.serial
+        self.serial = ledger.allocate(self.nbytes) if base is None else base.serial
+
+    def __del__(self):
+        """CPython calls this the moment the last reference goes: a buffer is freed
+        with its last view (a view holds its base), as numpy's is."""
+        if self.base is None and self.ledger is not None:
+            self.ledger.release(self.serial)
 
     # ---------------------------------------------------------------- what numpy and torch both have
     @property

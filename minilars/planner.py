@@ -43,7 +43,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from .backends.shape_backend import ShapeArray, ShapeBackend
+from .backends.shape_backend import ShapeBackend
 from .config import ModelConfig
 from .methods import LARS_DEFAULT_STORAGE, MethodConfig, apply_method
 from .model import Model
@@ -217,8 +217,7 @@ def plan_memory(cfg: ModelConfig, method: MethodConfig | str, seq_len: int, batc
     inference=True, plans the no-grad forward (the inference floor). tokenizer:
     whether the process holds the model's tokenizer (default: yes, except for the
     random-weight `tiny` preset)."""
-    if isinstance(method, str):
-        method = MethodConfig.lars_default() if method == "lars" else MethodConfig(method)
+    method = _method_config(method)
     if seq_len < 1 or batch_size < 1:
         raise ValueError(f"seq_len and batch_size must be >= 1, got {seq_len}, {batch_size}")
     if seq_len > cfg.max_seq_len:
@@ -291,8 +290,7 @@ def check_budget(cfg: ModelConfig, method: MethodConfig | str, seq_len: int, bat
     """The plan when it fits in `budget_bytes`; otherwise ValueError saying what would
     fit: the longest sequence, a lower rank, another storage policy or method, float16
     weights, a smaller batch."""
-    if isinstance(method, str):
-        method = MethodConfig.lars_default() if method == "lars" else MethodConfig(method)
+    method = _method_config(method)
     budget = parse_size(budget_bytes)
     plan = plan_memory(cfg, method, seq_len, batch_size, weight_dtype, backend_name, **options)
     if plan.total <= budget:
@@ -307,19 +305,10 @@ def check_budget(cfg: ModelConfig, method: MethodConfig | str, seq_len: int, bat
         advice.append(f"--seq-len {longest} (the longest that fits)")
     else:
         advice.append("no sequence length fits with this method")
-    if method.name in ("lora", "lars") and method.rank > 1:
-        rank = next((r for r in _lower_ranks(method.rank) if fits(_with(method, rank=r))), None)
-        if rank is not None:
-            advice.append(f"--rank {rank}")
-    if method.name == "lars":
-        for storage in (LARS_DEFAULT_STORAGE, (("block", "recompute"), ("input.x", "half"), ("*", "half"))):
-            if tuple(method.storage) != storage and fits(_with(method, storage=storage)):
-                advice.append("--storage " + ",".join(f"{k}={v}" for k, v in storage))
-                break
-    elif method.name in ("full", "lora", "ia3"):
-        lars = MethodConfig.lars_default()
-        if fits(lars):
-            advice.append("--method lars (default storage: blocks recomputed, inputs kept in float16)")
+    for group in _alternatives(method):  # the first that fits in each group
+        flag = next((flag for flag, other in group if fits(other)), None)
+        if flag:
+            advice.append(flag)
     if weight_dtype == "float32" and fits(method, wd="float16"):
         advice.append("--weight-dtype float16")
     if batch_size > 1:
@@ -351,6 +340,33 @@ def largest_fitting_seq_len(cfg: ModelConfig, method: MethodConfig, batch_size: 
     return lo
 
 
+# ---------------------------------------------------------------- method names
+# The only places this module names methods: reading a name, and what to suggest
+# instead when a method does not fit (the method registry will own both).
+def _method_config(method: MethodConfig | str) -> MethodConfig:
+    """A method given by name: its default configuration (LARS: the default recipe)."""
+    if isinstance(method, str):
+        return MethodConfig.lars_default() if method == "lars" else MethodConfig(method)
+    return method
+
+
+def _alternatives(method: MethodConfig) -> list[list[tuple[str, MethodConfig]]]:
+    """Configurations to suggest when `method` does not fit, as groups of (flag,
+    configuration) in order of preference: lower ranks; leaner LARS storage; the
+    default LARS recipe for another method."""
+    groups = []
+    if method.name in ("lora", "lars") and method.rank > 1:
+        groups.append([(f"--rank {r}", replace(method, rank=r)) for r in _lower_ranks(method.rank)])
+    if method.name == "lars":
+        leaner = (LARS_DEFAULT_STORAGE, (("block", "recompute"), ("input.x", "half"), ("*", "half")))
+        groups.append([("--storage " + ",".join(f"{k}={v}" for k, v in storage), replace(method, storage=storage))
+                       for storage in leaner if tuple(method.storage) != storage])
+    elif method.name in ("full", "lora", "ia3"):
+        groups.append([("--method lars (default storage: blocks recomputed, inputs kept in float16)",
+                        MethodConfig.lars_default())])
+    return groups
+
+
 def _lower_ranks(rank: int) -> list[int]:
     """Ranks to try below `rank`, largest first: powers of two, then 1."""
     out, r = [], 1 << (rank - 1).bit_length() - 1
@@ -359,12 +375,6 @@ def _lower_ranks(rank: int) -> list[int]:
             out.append(r)
         r //= 2
     return out
-
-
-def _with(method: MethodConfig, **changes) -> MethodConfig:
-    from dataclasses import replace
-
-    return replace(method, **changes)
 
 
 __all__ = ["MemoryPlan", "RUNTIME_BASELINE", "TOKENIZER_BYTES_PER_TOKEN", "check_budget", "format_size", "largest_fitting_seq_len",
