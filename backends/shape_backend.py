@@ -370,11 +370,13 @@ _STREAM_WORDS = {"attn_in": "q/k/v", "attn_out": "o projection", "mlp_in": "gate
 _TAG_RE = re.compile(r"^blocks\.(\d+)\.(\w+?)(?:\.weight)?$")
 
 
-def _moment(what: str | None, forward: bool = False):
+def _moment(what: str | None, forward: bool = False, outside_blocks: bool = False):
     """Name the moment a kernel runs in: 'block 3 backward: SwiGLU' (see ShapeBackend.phase)."""
     def wrap(method):
         @functools.wraps(method)
         def run(self, *args, **kwargs):
+            if outside_blocks:
+                self._block = None
             self._enter(what, forward, args)
             return method(self, *args, **kwargs)
         return run
@@ -530,11 +532,11 @@ class ShapeBackend(Backend):
         return self.new((width, min(rank, sketch, n)), x.dtype)
 
     # ---------------------------------------------------------------- ops
-    @_moment("embedding")
+    @_moment("embedding", outside_blocks=True)
     def embedding_forward(self, table, tokens):
         return self.new((tokens.shape[0], table.shape[1]), table.dtype)
 
-    @_moment("embedding")
+    @_moment("embedding", outside_blocks=True)
     def embedding_backward(self, dy, tokens, vocab_size):
         return self.new((vocab_size, dy.shape[1]), dy.dtype)
 
@@ -652,7 +654,7 @@ class ShapeBackend(Backend):
         out = self.swiglu_backward_fused(dh, self.new((g.shape[0], 2 * g.shape[1]), g.dtype))
         return out[:, :g.shape[1]], out[:, g.shape[1]:]
 
-    @_moment("loss and head gradient")
+    @_moment("loss and head gradient", outside_blocks=True)
     def cross_entropy_head(self, x, head, targets, chunk, ignore_index, need_dx, need_dhead):
         """dx (N, d), dhead (V, d) as asked. numpy: the next chunk's logits (c, V) form
         while the previous are still bound (with a float16 head, matmul_nt's upcast
