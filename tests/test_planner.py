@@ -201,6 +201,19 @@ def test_persistent_parts_are_the_arrays_a_step_keeps():
                                                               8 * lora.n_trainable)
 
 
+def test_calibration_is_planned_apart():
+    """LARS's calibration forward (512 tokens, no grad, one block's inputs at a time)
+    is planned on shapes before the step: above the weights, below a step at T = 256.
+    LoRA applies no forward: its peak there is the weights (without the RoPE tables,
+    built by the first forward) and the new adapters."""
+    cfg = preset("smollm2-135m")
+    lars = plan_memory(cfg, MethodConfig.lars_default(), 256, 1, "float32", "numpy")
+    assert lars.baseline + lars.weights < lars.calibration_peak < lars.total
+    lora = plan_memory(cfg, MethodConfig("lora", rank=8), 256, 1, "float32", "numpy")
+    rope = 2 * 4096 * cfg.head_dim * 8
+    assert lora.calibration_peak == lora.baseline + lora.weights - rope + lora.trainable
+
+
 def test_moments_name_the_block_and_the_kernel():
     """The plan's moments come from the step as it runs: every block's forward and
     backward, in step order, and the peak is one of them."""
