@@ -7,6 +7,9 @@
    small model with SmolLM2's widths.
 3. check_budget refuses what does not fit and its advice fits.
 4. `minilars plan` and `minilars bench memory --quick` run end to end.
+5. The plan is one step of the real model on shapes: T = 8192 needs no data, the
+   persistent parts are the arrays a step keeps, the moments are the step's own,
+   calibration is planned apart.
 """
 from __future__ import annotations
 
