@@ -7,10 +7,14 @@
    small model with SmolLM2's widths.
 3. check_budget refuses what does not fit and its advice fits.
 4. `minilars plan` and `minilars bench memory --quick` run end to end.
+5. The plan is one step of the real model on shapes: T = 8192 needs no data, the
+   persistent parts are the arrays a step keeps, the moments are the step's own,
+   calibration is planned apart.
 """
 from __future__ import annotations
 
 import csv
+import math
 import re
 import tracemalloc
 
@@ -26,6 +30,7 @@ from minilars.optim import AdamW
 from minilars.planner import (MemoryPlan, check_budget, format_size, largest_fitting_seq_len, parse_size,
                               plan_memory)
 from minilars.store import Half, StoragePlan
+from minilars.weights import expected_shapes
 
 STORAGES = {
     "exact": (),
@@ -166,6 +171,63 @@ def test_lars_default_recipe_keeps_less_than_lora():
     attention = (577 + 2 * 576 + 2 * 192 + 9 + 2 * 16) * 4
     mlp_slice = 512 * (577 + 2 * 1536 + 2 * 16) * 4
     assert lars.store_peak == 2048 * (29 * 576 * 2 + attention) + mlp_slice
+
+
+def test_lars_default_at_8192_tokens_plans_on_shapes():
+    """T = 8192 on SmolLM2-135M: the shape backend holds no values, so this runs in
+    the planner's memory, not the step's; the store holds what the recipe says
+    (the formula of the test above at T = 8192; the MLP slice is still 512 rows)."""
+    cfg = preset("smollm2-135m")
+    plan = plan_memory(cfg, MethodConfig.lars_default(), 8192, 1, "float32", "numpy")
+    attention = (577 + 2 * 576 + 2 * 192 + 9 + 2 * 16) * 4
+    mlp_slice = 512 * (577 + 2 * 1536 + 2 * 16) * 4
+    assert plan.store_peak == 8192 * (29 * 576 * 2 + attention) + mlp_slice
+
+
+def test_persistent_parts_are_the_arrays_a_step_keeps():
+    """Weights, adapters and AdamW state from the shapes alone: full fine-tuning
+    trains every parameter in place (no separate trainable bytes, m and v as large
+    as the weights); LoRA r on every projection adds A (d_in, r) and B (r, d_out)."""
+    cfg = preset("smollm2-135m")
+    params = sum(math.prod(shape) for shape in expected_shapes(cfg).values())
+    rope = 2 * 4096 * cfg.head_dim * 8  # cos, sin (4096, hd) float64: Model._rope
+    full = plan_memory(cfg, MethodConfig("full"), 512, 1, "float32", "numpy")
+    assert (full.weights, full.trainable, full.optimizer) == (4 * params + rope, 0, 2 * 4 * params)
+    assert full.n_trainable == params
+
+    r = 8
+    lora = plan_memory(cfg, MethodConfig("lora", rank=r), 512, 1, "float32", "numpy")
+    d, q, k, f = cfg.dim, cfg.q_dim, cfg.kv_dim, cfg.ffn_dim
+    per_block = r * ((d + q) + 2 * (d + k) + (q + d) + 2 * (d + f) + (f + d))  # q k v o gate up down
+    assert lora.n_trainable == cfg.n_layers * per_block
+    assert (lora.weights, lora.trainable, lora.optimizer) == (4 * params + rope, 4 * lora.n_trainable,
+                                                              8 * lora.n_trainable)
+
+
+def test_calibration_is_planned_apart():
+    """LARS's calibration forward (512 tokens, no grad, one block's inputs at a time)
+    is planned on shapes before the step: above the weights, below a step at T = 256.
+    LoRA applies no forward: its peak there is the weights (without the RoPE tables,
+    built by the first forward) and the new adapters."""
+    cfg = preset("smollm2-135m")
+    lars = plan_memory(cfg, MethodConfig.lars_default(), 256, 1, "float32", "numpy")
+    assert lars.baseline + lars.weights < lars.calibration_peak < lars.total
+    lora = plan_memory(cfg, MethodConfig("lora", rank=8), 256, 1, "float32", "numpy")
+    rope = 2 * 4096 * cfg.head_dim * 8
+    assert lora.calibration_peak == lora.baseline + lora.weights - rope + lora.trainable
+
+
+def test_moments_name_the_block_and_the_kernel():
+    """The plan's moments come from the step as it runs: every block's forward and
+    backward, in step order, and the peak is one of them."""
+    cfg = preset("smollm2-135m").with_(n_layers=3, vocab_size=4096)
+    plan = plan_memory(cfg, MethodConfig("lora", rank=4), 256, 1, "float32", "numpy")
+    names = [name for name, _ in plan.phases]
+    for i in range(3):
+        assert f"block {i} forward: attention kernel" in names and f"block {i} backward: attention" in names
+    assert names.index("block 2 forward: SwiGLU") < names.index("block 2 backward: SwiGLU") \
+        < names.index("block 0 backward: SwiGLU") < names.index("optimizer step")
+    assert plan.peak_phase in names
 
 
 def test_float16_weights_halve_the_weights():
