@@ -19,6 +19,8 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from typing import Any
 
+import numpy as np
+
 Array = Any  # numpy.ndarray or torch.Tensor, depending on the backend
 
 
@@ -70,6 +72,12 @@ class Backend(ABC):
 
     @abstractmethod
     def nbytes(self, x: Array) -> int: ...
+
+    def labelled_rows(self, targets: Array, ignore_index: int) -> Array | None:
+        """Indices (n_l,) int64 of the targets that carry a label (!= ignore_index);
+        None when every one does. The loss sends only these rows through the head."""
+        labels = np.asarray(self.to_numpy(targets)) != ignore_index
+        return None if labels.all() else self.asarray(np.flatnonzero(labels), "int64")
 
     # ---------------------------------------------------------------- linear algebra
     @abstractmethod

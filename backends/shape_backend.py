@@ -441,6 +441,10 @@ class ShapeBackend(Backend):
     def to_numpy(self, x):
         raise TypeError("a ShapeArray holds no values (the shape backend plans memory, it computes nothing)")
 
+    def labelled_rows(self, targets, ignore_index):
+        """Targets carry no values here: plan the worst case, every row labelled."""
+        return None
+
     def zeros(self, shape, dtype):
         return self.new(shape, dtype)
 

@@ -155,20 +155,12 @@ def cross_entropy_forward(x: Array, head: Array, targets: Array, be: Backend, *,
     vocabulary matmul fewer than recomputing the logits in backward.
     Returns (loss, n_labelled, cache)."""
     n = x.shape[0]
-    rows = labelled_rows(targets, ignore_index, be)
+    rows = be.labelled_rows(targets, ignore_index)
     if rows is not None:
         x = be.embedding_forward(x, rows)  # gather: x_l = x[rows] (n_l, d)
         targets = be.embedding_forward(targets, rows)  # t_l = t[rows] (n_l,)
     loss, n_valid, dx, dhead = be.cross_entropy_head(x, head, targets, chunk, ignore_index, need_dx, need_dhead)
     return loss, n_valid, CrossEntropyCache(dx, dhead, rows, n)
-
-
-def labelled_rows(targets: Array, ignore_index: int, be: Backend) -> Array | None:
-    """Indices (n_l,) int64 of the targets that carry a label; None when all do."""
-    labels = np.asarray(be.to_numpy(targets)) != ignore_index
-    if labels.all():
-        return None
-    return be.asarray(np.flatnonzero(labels), "int64")
 
 
 def cross_entropy_backward(dloss: float, cache: CrossEntropyCache, be: Backend) -> tuple[Array | None, Array | None]:
