@@ -47,7 +47,7 @@ import numpy as np
 
 from .backends.shape_backend import ShapeBackend
 from .config import ModelConfig
-from .methods import LARS_DEFAULT_STORAGE, MethodConfig, apply_method
+from .methods import DEFAULT_METHOD, MethodConfig, apply_method, method_class
 from .model import Model
 from .optim import AdamW
 from .store import ActivationStore
@@ -346,30 +346,28 @@ def largest_fitting_seq_len(cfg: ModelConfig, method: MethodConfig, batch_size: 
     return lo
 
 
-# ---------------------------------------------------------------- method names
-# The only places this module names methods: reading a name, and what to suggest
-# instead when a method does not fit (the method registry will own both).
+# ---------------------------------------------------------------- methods
+# What a method is and what to try instead comes from its class in the registry
+# (minilars/methods/): this module names no method.
 def _method_config(method: MethodConfig | str) -> MethodConfig:
     """A method given by name: its default configuration (LARS: the default recipe)."""
-    if isinstance(method, str):
-        return MethodConfig.lars_default() if method == "lars" else MethodConfig(method)
-    return method
+    return MethodConfig.from_options(method, {}) if isinstance(method, str) else method
 
 
 def _alternatives(method: MethodConfig) -> list[list[tuple[str, MethodConfig]]]:
     """Configurations to suggest when `method` does not fit, as groups of (flag,
-    configuration) in order of preference: lower ranks; leaner LARS storage; the
-    default LARS recipe for another method."""
-    groups = []
-    if method.name in ("lora", "lars") and method.rank > 1:
+    configuration) in order of preference: lower ranks; the method's leaner storage
+    recipes; the default method (LARS) for a method that keeps its activations."""
+    kind, groups = method.kind, []
+    if kind.has_rank and method.rank > 1:
         groups.append([(f"--rank {r}", replace(method, rank=r)) for r in _lower_ranks(method.rank)])
-    if method.name == "lars":
-        leaner = (LARS_DEFAULT_STORAGE, (("block", "recompute"), ("input.x", "half"), ("*", "half")))
+    if kind.storage_to_try:
         groups.append([("--storage " + ",".join(f"{k}={v}" for k, v in storage), replace(method, storage=storage))
-                       for storage in leaner if tuple(method.storage) != storage])
-    elif method.name in ("full", "lora", "ia3"):
-        groups.append([("--method lars (default storage: blocks recomputed, inputs kept in float16)",
-                        MethodConfig.lars_default())])
+                       for storage in kind.storage_to_try if tuple(method.storage) != storage])
+    elif kind.trains:
+        default = MethodConfig.from_options(DEFAULT_METHOD, {})
+        groups.append([(f"--method {DEFAULT_METHOD} ({method_class(DEFAULT_METHOD).summary}, default storage: "
+                        "blocks recomputed, inputs kept in float16)", default)])
     return groups
 
 
