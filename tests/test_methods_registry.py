@@ -188,3 +188,22 @@ def test_lars_takes_bases_calibrated_elsewhere():
     for a, b in zip(here.sites, there.sites):
         for stream in a:
             np.testing.assert_array_equal(a[stream].basis, b[stream].basis)
+
+
+def test_bench_memory_runs_take_ranks_and_storage_from_the_registry():
+    """`minilars bench memory`'s menu: each method at its typical rank (LARS 16,
+    LoRA 8), storage recipes for the method that reads them, labels as the tables
+    in docs/memory.md print them; --rank overrides every method that has a rank."""
+    from types import SimpleNamespace
+
+    from minilars.bench.memory import build_runs, label_of
+    args = SimpleNamespace(methods="inference,lars,lora,ia3,full", seq_lens="64", other_seq_lens=None,
+                           max_seq_len_others=2048, storage=["default", "exact"], quick=False, rank=None)
+    runs = build_runs(args)
+    assert [(r["method"], r["rank"], r["storage"]) for r in runs] == [
+        ("frozen", None, None), ("lars", 16, "default"), ("lars", 16, "exact"), ("lora", 8, None),
+        ("ia3", None, None), ("full", None, None)]
+    assert [label_of(r) for r in runs] == ["inference (no grad)", "lars r16 [default]", "lars r16 [exact]",
+                                           "lora r8", "ia3", "full"]
+    args.rank = 4
+    assert [r["rank"] for r in build_runs(args)] == [None, 4, 4, 4, None, None]

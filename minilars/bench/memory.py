@@ -23,6 +23,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from minilars.methods import method_class
+
 MIB = 2**20
 ALL_METHODS = ("inference", "lars", "lora", "ia3", "full")
 LARS_SEQ_LENS = (256, 512, 1024, 2048, 4096, 8192)
@@ -46,8 +48,9 @@ def add_arguments(parser) -> None:
                         help="the other methods (and inference) run only the T up to this (default: %(default)s)")
     parser.add_argument("--other-seq-lens", default=None,
                         help="comma-separated T for the non-LARS methods, overriding --max-seq-len-others")
-    parser.add_argument("--rank", type=int, default=16, help="LARS basis rank (default: %(default)s)")
-    parser.add_argument("--lora-rank", type=int, default=8, help="LoRA rank, PEFT's default (default: %(default)s)")
+    parser.add_argument("--rank", type=int, default=None,
+                        help="rank of every method that has one (default: each method's typical rank, "
+                             "LARS 16, LoRA 8 as PEFT)")
     parser.add_argument("--storage", action="append", default=None,
                         help="LARS storage policy; repeat to compare several, e.g. --storage default --storage exact "
                              "(default: default = block=recompute,input.x=half)")
@@ -92,25 +95,23 @@ def build_runs(args) -> list[dict]:
     storages = args.storage or ["default"]
     runs = []
     for method in methods:
-        if method == "lars":
+        worker_method = "frozen" if method == "inference" else method
+        kind = method_class(worker_method)
+        rank = (args.rank or kind.typical_rank) if kind.has_rank else None
+        if kind.reads("storage"):
             for storage in storages:
-                runs += [{"method": "lars", "rank": args.rank, "storage": storage, "seq_len": t} for t in lars_lens]
+                runs += [{"method": worker_method, "rank": rank, "storage": storage, "seq_len": t} for t in lars_lens]
         else:
-            worker_method = "frozen" if method == "inference" else method
-            rank = args.lora_rank if method == "lora" else None
             runs += [{"method": worker_method, "rank": rank, "storage": None, "seq_len": t} for t in other_lens]
     # shortest T first, across methods: a long sweep has every method's short rows early
     return sorted(runs, key=lambda run: run["seq_len"])
 
 
 def label_of(run: dict) -> str:
-    if run["method"] == "frozen":
+    if not method_class(run["method"]).trains:
         return "inference (no grad)"
-    if run["method"] == "lars":
-        return f"lars r{run['rank']} [{run['storage']}]"
-    if run["method"] == "lora":
-        return f"lora r{run['rank']}"
-    return run["method"]
+    label = run["method"] + (f" r{run['rank']}" if run["rank"] else "")
+    return label + (f" [{run['storage']}]" if run["storage"] else "")
 
 
 def child_env(args) -> dict:
