@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from minilars.config import ModelConfig
+from minilars.files import atomic_write, write_text
 
 from .errors import ModelLoadError
 from .layout import LM_HEAD, expected_shapes
@@ -207,7 +208,8 @@ def _read_bf16(file: Path, offset: int, shape: tuple[int, ...], dtype: np.dtype)
 
 
 def save_hf_dir(path: str | Path, cfg: ModelConfig, state_dict: dict[str, np.ndarray], tokenizer=None) -> Path:
-    """Write config.json + model.safetensors (+ tokenizer files) that `load_hf_dir` reads back."""
+    """Write config.json + model.safetensors (+ tokenizer files) that `load_hf_dir` reads back, each
+    atomically (minilars/files.py: a failed write is one WriteError, the old file kept)."""
     from safetensors.numpy import save_file
 
     path = Path(path)
@@ -221,11 +223,13 @@ def save_hf_dir(path: str | Path, cfg: ModelConfig, state_dict: dict[str, np.nda
             raise ValueError(f"{name}: shape {tuple(state_dict[name].shape)}, config implies {shape}")
     dtypes = {np.dtype(a.dtype) for a in state_dict.values()}
     path.mkdir(parents=True, exist_ok=True)
-    save_file({n: np.ascontiguousarray(state_dict[n]) for n in shapes}, str(path / "model.safetensors"),
-              metadata={"format": "pt"})  # "pt" so transformers accepts the file
+    tensors = {n: np.ascontiguousarray(state_dict[n]) for n in shapes}
+    size = sum(t.nbytes for t in tensors.values()) + 256 * (len(tensors) + 1)
+    atomic_write(path / "model.safetensors", lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}),
+                 size)  # "pt" so transformers accepts the file
     conf = config_to_hf(cfg, dtype=dtypes.pop().name if len(dtypes) == 1 else "float32")
     if tokenizer is not None:
         conf.update(bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id)
         tokenizer.save(path)
-    (path / "config.json").write_text(json.dumps(conf, indent=2) + "\n", encoding="utf-8")
+    write_text(path / "config.json", json.dumps(conf, indent=2) + "\n")
     return path
