@@ -16,8 +16,8 @@ that gives an output directory to one run at a time.
 """
 from __future__ import annotations
 
-import errno
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Callable
@@ -27,6 +27,9 @@ LOCK_FILE = ".minilars.lock"
 
 class WriteError(OSError):
     """A file could not be written; the message names the path and the bytes needed."""
+
+    def __str__(self) -> str:  # the message, not OSError's "[Errno 28] None: path"
+        return str(self.args[0])
 
 
 class DirectoryBusy(RuntimeError):
@@ -42,14 +45,17 @@ def _free_bytes(directory: Path) -> int | None:
 
 def write_error(path: Path, exc: BaseException, size: int | None) -> WriteError:
     """One line: the path, why, the bytes needed and free, and that the old file is kept."""
-    reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).strip().splitlines()[-1]
+    reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).strip()
+    wrapped = re.search(r"([^:]+) \(os error (\d+)\)", reason)  # safetensors: "...: No space left on device (os error 28)"
+    if wrapped:
+        reason = wrapped.group(1).strip()
     free = _free_bytes(path.parent)
-    needs = [f"needs {size:,} bytes" if size is not None else None,
+    needs = [f"needs about {size:,} bytes" if size is not None else None,
              f"{free:,} free on that disk" if free is not None else None]
     needs = ", ".join(n for n in needs if n)
     kept = "the previous file is kept" if path.exists() else "nothing was written"
     err = WriteError(f"cannot write {path}: {reason}" + (f" ({needs})" if needs else "") + f"; {kept}")
-    err.errno = getattr(exc, "errno", None) or (errno.ENOSPC if free is not None and size and free < size else None)
+    err.errno = getattr(exc, "errno", None) or (int(wrapped.group(2)) if wrapped else None)
     err.filename = str(path)
     return err
 

@@ -199,14 +199,14 @@ def verify_tensors(path: Path, tensors: dict[str, np.ndarray], meta: dict) -> No
     """CheckpointError naming the file when its tensors are not the ones it was written
     with (the sha256 in its metadata), or hold a NaN or inf: a checkpoint is written only
     after every parameter was checked finite, so either means a damaged file."""
-    if tensors_sha256(tensors) != meta.get("tensors_sha256"):
-        raise CheckpointError(f"{path} is corrupt: its tensors do not match the sha256 recorded when it was "
-                              "written (changed on disk after the run saved it); it cannot be resumed. Restore a "
-                              "copy, or start over with --overwrite")
     for name, value in tensors.items():
         if value.dtype.kind == "f" and not np.isfinite(value).all():
             raise CheckpointError(f"{path} is corrupt: tensor {name} holds NaN or inf, which training never "
                                   "saves; it cannot be resumed. Restore a copy, or start over with --overwrite")
+    if tensors_sha256(tensors) != meta.get("tensors_sha256"):
+        raise CheckpointError(f"{path} is corrupt: its tensors do not match the sha256 recorded when it was "
+                              "written (changed on disk after the run saved it); it cannot be resumed. Restore a "
+                              "copy, or start over with --overwrite")
 
 
 def restore_checkpoint(path: Path, model: Model, opt: AdamW) -> dict:
