@@ -431,7 +431,8 @@ def test_a_huge_record_is_tokenized_only_as_far_as_seq_len_needs(tmp_path):
     assert rows.truncated == 1 and rows.dropped == 1  # reported as before: cut, no answer within --seq-len
 
 
-@pytest.mark.parametrize("text", ["word " * 50_000, "a" * 200_001, "x y\n" * 40_000 + "tail"])
+@pytest.mark.parametrize("text", ["word " * 50_000, "a" * 200_001, "x y\n" * 40_000 + "tail"],
+                         ids=["words", "no-space", "short-lines"])
 def test_encoding_in_pieces_equals_encoding_whole_with_the_character_tokenizer(text):
     from minilars import data
 
