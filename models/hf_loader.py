@@ -58,7 +58,7 @@ def config_from_hf(conf: dict, path: Path) -> ModelConfig:
         )
     except KeyError as e:
         raise ModelLoadError(f"config.json lacks {e.args[0]!r}", path) from None
-    except (TypeError, ValueError) as e:
+    except (TypeError, ValueError, OverflowError) as e:
         raise ModelLoadError(f"config.json does not make a valid config: {e}", path) from e
 
 
@@ -193,6 +193,8 @@ def load_hf_dir(path: str | Path, dtype=np.float32) -> tuple[ModelConfig, dict[s
                         state[name] = _read_bf16(file, start + info["data_offsets"][0], shapes[name], dtype)
                     else:
                         state[name] = f.get_tensor(name).astype(dtype, copy=False)
+                    if not np.isfinite(state[name]).all():  # no trained model holds them: damaged bytes
+                        raise ModelLoadError("holds NaN or inf values; the file is corrupt", file, name)
         except ModelLoadError:
             raise
         except Exception as e:  # SafetensorError and friends

@@ -154,8 +154,10 @@ def read_config_file(path: str) -> dict:
             raw = tomllib.load(f)
     except FileNotFoundError:
         raise CommandError(f"{path}: no such config file") from None
-    except tomllib.TOMLDecodeError as exc:
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:  # TOML is UTF-8 text
         raise CommandError(f"{path}: not valid TOML ({exc})") from None
+    except OSError as exc:
+        raise CommandError(f"{path}: cannot read the config file ({exc.strerror or exc})") from None
     out = {}
     unknown = [k for k in raw if k.replace("-", "_") not in BY_NAME]
     if unknown:
@@ -171,7 +173,7 @@ def read_config_file(path: str) -> dict:
                 raise CommandError(f"{path}: {key} has an unusable value {value!r}")
             try:
                 value = o.type(value) if o.type is not str else str(value)
-            except (ValueError, TypeError, argparse.ArgumentTypeError) as exc:
+            except (ValueError, TypeError, OverflowError, argparse.ArgumentTypeError) as exc:
                 raise CommandError(f"{path}: {key} = {value!r}: {exc}") from None
             if o.choices and value not in o.choices:
                 raise CommandError(f"{path}: {key} must be one of {', '.join(o.choices)}, got {value!r}")
