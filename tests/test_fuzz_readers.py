@@ -84,9 +84,43 @@ def damaged(draw, original: bytes, focus: int | None = None):
     return bytes(data)
 
 
-def write(path: Path, data: bytes) -> Path:
-    path.write_bytes(data)
-    return path
+def fuzz(original: bytes, path: Path, read, error: type[Exception], check=None, focus: int | None = None,
+         named: object = None) -> None:
+    """Write damaged copies of `original` to `path` and call read(): it must return a
+    result that check(result) accepts or raise `error` naming `named` (default: path)."""
+    named = str(path if named is None else named)
+
+    @FUZZ
+    @given(damaged(original, focus=focus))
+    def one(data):
+        path.write_bytes(data)
+        with guarded():
+            try:
+                result = read()
+            except error as exc:
+                assert named in str(exc), str(exc)
+                return
+            if check is not None:
+                check(result)
+
+    one()
+
+
+def _copy(source: Path, destination: Path) -> Path:
+    import shutil
+
+    shutil.copytree(source, destination)
+    return destination
+
+
+def _finite_weights_of_their_shapes(loaded) -> None:
+    from minilars.models.layout import expected_shapes
+
+    cfg, state, tok = loaded
+    assert {n: a.shape for n, a in state.items()} == expected_shapes(cfg)
+    assert all(np.isfinite(a).all() for a in state.values())
+    if tok is not None:
+        assert all(0 <= i < tok.vocab_size for i in tok.encode("hello world"))
 
 
 # ---------------------------------------------------------------- GGUF
@@ -101,27 +135,11 @@ def tiny_gguf(tmp_path_factory) -> bytes:
 
 
 def test_fuzz_gguf(tiny_gguf, tmp_path):
-    from minilars.models.layout import expected_shapes
-
-    cfg0, state0, _ = load_model_weights(write(tmp_path / "ok.gguf", tiny_gguf))  # the original loads
-
-    @FUZZ
-    @given(damaged(tiny_gguf, focus=6000))
-    def read(data):
-        path = write(tmp_path / "m.gguf", data)
-        with guarded():
-            try:
-                cfg, state, tok = load_model_weights(path)
-            except ModelLoadError as exc:
-                assert str(path) in str(exc)
-                return
-        shapes = expected_shapes(cfg)
-        assert {n: a.shape for n, a in state.items()} == shapes
-        assert all(np.isfinite(a).all() for a in state.values())
-        if tok is not None:
-            assert all(0 <= i < tok.vocab_size for i in tok.encode("hello world"))
-
-    read()
+    path = tmp_path / "m.gguf"
+    path.write_bytes(tiny_gguf)
+    _finite_weights_of_their_shapes(load_model_weights(path))  # the original loads
+    fuzz(tiny_gguf, path, lambda: load_model_weights(path), ModelLoadError, _finite_weights_of_their_shapes,
+         focus=6000)
 
 
 # ---------------------------------------------------------------- safetensors (HF directory)
@@ -138,28 +156,9 @@ def tiny_hf(tmp_path_factory) -> Path:
 
 @pytest.mark.parametrize("name, focus", [("model.safetensors", 4096), ("config.json", None)])
 def test_fuzz_hf_directory(tiny_hf, tmp_path, name, focus):
-    import shutil
-
-    from minilars.models.layout import expected_shapes
-
-    original = (tiny_hf / name).read_bytes()
-    directory = tmp_path / "hf"
-    shutil.copytree(tiny_hf, directory)
-
-    @FUZZ
-    @given(damaged(original, focus=focus))
-    def read(data):
-        write(directory / name, data)
-        with guarded():
-            try:
-                cfg, state, _ = load_model_weights(directory)
-            except ModelLoadError as exc:
-                assert str(directory) in str(exc)
-                return
-        assert {n: a.shape for n, a in state.items()} == expected_shapes(cfg)
-        assert all(np.isfinite(a).all() for a in state.values())
-
-    read()
+    directory = _copy(tiny_hf, tmp_path / "hf")
+    fuzz((tiny_hf / name).read_bytes(), directory / name, lambda: load_model_weights(directory), ModelLoadError,
+         _finite_weights_of_their_shapes, focus=focus, named=directory)
 
 
 # ---------------------------------------------------------------- tokenizer.json
@@ -167,34 +166,24 @@ def test_fuzz_hf_directory(tiny_hf, tmp_path, name, focus):
 def tokenizer_files(tmp_path_factory) -> Path:
     from test_loaders import gguf_tokenizer
 
-    directory = tmp_path_factory.mktemp("tok")
+    directory = tmp_path_factory.mktemp("tok") / "tok"
+    directory.mkdir()
     gguf_tokenizer(directory).save(directory)
     return directory
 
 
 @pytest.mark.parametrize("name", ["tokenizer.json", "tokenizer_config.json"])
 def test_fuzz_tokenizer_files(tokenizer_files, tmp_path, name):
-    import shutil
-
     from minilars.models import Tokenizer
 
-    original = (tokenizer_files / name).read_bytes()
-    for f in tokenizer_files.iterdir():
-        shutil.copy(f, tmp_path / f.name)
+    directory = _copy(tokenizer_files, tmp_path / "tok")
 
-    @FUZZ
-    @given(damaged(original))
-    def read(data):
-        write(tmp_path / name, data)
-        with guarded():
-            try:
-                tok = Tokenizer.from_file(tmp_path / "tokenizer.json", tmp_path / "tokenizer_config.json")
-            except ModelLoadError as exc:
-                assert name in str(exc)
-                return
-            assert all(0 <= i < tok.vocab_size for i in tok.encode("hello world <|im_end|>"))
+    def encodes(tok) -> None:
+        assert all(0 <= i < tok.vocab_size for i in tok.encode("hello world <|im_end|>"))
 
-    read()
+    fuzz((tokenizer_files / name).read_bytes(), directory / name,
+         lambda: Tokenizer.from_file(directory / "tokenizer.json", directory / "tokenizer_config.json"),
+         ModelLoadError, encodes)
 
 
 # ---------------------------------------------------------------- JSONL data
@@ -210,21 +199,13 @@ def test_fuzz_jsonl_data(tmp_path):
     from minilars import data
 
     tok = data.char_tokenizer()
+    path = tmp_path / "d.jsonl"
 
-    @FUZZ
-    @given(damaged(JSONL))
-    def read(content):
-        path = write(tmp_path / "d.jsonl", content)
-        with guarded():
-            try:
-                examples = [data.tokenize(r, tok, 66) for r in data.read_records(path)]
-            except data.DataError as exc:
-                assert str(exc).startswith(f"{path}:")
-                return
-        for ex in examples:
-            assert ex.ids.ndim == 1 and ex.ids.shape == ex.labelled.shape
+    def examples_of_matching_shapes(examples) -> None:
+        assert all(ex.ids.ndim == 1 and ex.ids.shape == ex.labelled.shape for ex in examples)
 
-    read()
+    fuzz(JSONL, path, lambda: [data.tokenize(r, tok, 66) for r in data.read_records(path)], data.DataError,
+         examples_of_matching_shapes, named=f"{path}:")
 
 
 # ---------------------------------------------------------------- the finetune TOML config
@@ -235,22 +216,15 @@ def test_fuzz_finetune_config(tmp_path):
     from minilars.cli import CommandError
     from minilars.commands.finetune import BY_NAME, read_config_file
 
-    @FUZZ
-    @given(damaged(TOML))
-    def read(content):
-        path = write(tmp_path / "c.toml", content)
-        with guarded():
-            try:
-                options = read_config_file(str(path))
-            except CommandError as exc:
-                assert str(path) in str(exc)
-                return
+    path = tmp_path / "c.toml"
+
+    def options_of_their_types(options) -> None:
         for key, value in options.items():
             option = BY_NAME[key]
             assert option.choices is None or value in option.choices
             assert isinstance(value, bool) if option.type is bool else not isinstance(value, (dict, list))
 
-    read()
+    fuzz(TOML, path, lambda: read_config_file(str(path)), CommandError, options_of_their_types)
 
 
 # ---------------------------------------------------------------- adapter directories
@@ -277,29 +251,16 @@ def adapter_dir(tmp_path_factory) -> Path:
 @pytest.mark.parametrize("name, focus", [("adapter_model.safetensors", 4096), ("adapter_config.json", None),
                                          ("minilars_adapter.json", None)])
 def test_fuzz_adapter_directory(adapter_dir, tmp_path, name, focus):
-    import shutil
-
     from minilars.peft_io import AdapterError, load_adapter
 
-    original = (adapter_dir / name).read_bytes()
-    directory = tmp_path / "a"
-    shutil.copytree(adapter_dir, directory)
+    directory = _copy(adapter_dir, tmp_path / "a")
 
-    @FUZZ
-    @given(damaged(original, focus=focus))
-    def read(data):
-        write(directory / name, data)
-        model = _tiny_model()
-        with guarded():
-            try:
-                load_adapter(model, directory)
-            except AdapterError as exc:
-                assert str(directory) in str(exc)
-                return
-        assert model.method is not None and all(np.isfinite(model.be.to_numpy(p)).all()
-                                                for p in model.trainable().values())
+    def attached_and_finite(model) -> None:
+        assert model.method is not None
+        assert all(np.isfinite(model.be.to_numpy(p)).all() for p in model.trainable().values())
 
-    read()
+    fuzz((adapter_dir / name).read_bytes(), directory / name, lambda: load_adapter(_tiny_model(), directory),
+         AdapterError, attached_and_finite, focus=focus, named=directory)
 
 
 # ---------------------------------------------------------------- checkpoints
@@ -328,22 +289,18 @@ def test_fuzz_checkpoint(checkpoint, tmp_path):
     from minilars import train
 
     original, params = checkpoint
+    path = tmp_path / train.CHECKPOINT
 
-    @FUZZ
-    @given(damaged(original, focus=4096))
-    def read(data):
-        path = write(tmp_path / train.CHECKPOINT, data)
+    def restore():
         model, opt = _lora_run()
-        with guarded():
-            try:
-                meta = train.read_checkpoint_meta(path)
-                meta = train.restore_checkpoint(path, model, opt)
-            except train.CheckpointError as exc:
-                assert str(path) in str(exc)
-                return
+        train.read_checkpoint_meta(path)
+        return train.restore_checkpoint(path, model, opt), model
+
+    def bitwise_the_saved_one(restored) -> None:
         # the checksums cover every tensor and the metadata: what loads is what was saved
+        meta, model = restored
         assert meta["step"] == 3
         for name, value in model.trainable().items():
             np.testing.assert_array_equal(model.be.to_numpy(value), params[name])
 
-    read()
+    fuzz(original, path, restore, train.CheckpointError, bitwise_the_saved_one, focus=4096)
