@@ -39,11 +39,12 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    from .files import WriteError
     from .models.errors import ModelLoadError
     from .peft_io import AdapterError
     try:
         return int(args.func(args) or 0)
-    except (CommandError, ModelLoadError, AdapterError, ValueError, FileNotFoundError) as exc:
+    except (CommandError, ModelLoadError, AdapterError, ValueError, FileNotFoundError, WriteError) as exc:
         print(f"minilars {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

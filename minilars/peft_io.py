@@ -23,12 +23,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from functools import partial
 from pathlib import Path
 
 import numpy as np
 
+from .files import atomic_write, write_text
 from .methods import method_for_adapter
 from .model import Model
 from .weights import HF_MODULE
@@ -76,18 +76,6 @@ def adapter_tensors(model: Model) -> tuple[dict[str, np.ndarray], dict]:
     return {k: np.ascontiguousarray(v) for k, v in tensors.items()}, config  # the adapter's own dtype
 
 
-def _atomic_write(path: Path, write) -> None:
-    """write(tmp_path) then rename over path: a reader never sees half a file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def save_adapter(model: Model, directory: str | os.PathLike) -> Path:
     """Write the model's adapter in PEFT format (atomically, file by file)."""
     from safetensors.numpy import save_file
@@ -99,9 +87,10 @@ def save_adapter(model: Model, directory: str | os.PathLike) -> Path:
     info = {"method": method.name, "rank": method.rank, "alpha": method.lora_alpha,
             "targets": list(method.resolved_targets), "storage": [list(r) for r in method.storage],
             "base_fingerprint": model_fingerprint(model), "config": model.cfg.__dict__}
-    _atomic_write(directory / WEIGHTS_FILE, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
-    _atomic_write(directory / CONFIG_FILE, lambda p: Path(p).write_text(json.dumps(config, indent=2)))
-    _atomic_write(directory / MINILARS_FILE, lambda p: Path(p).write_text(json.dumps(info, indent=2, default=str)))
+    size = sum(a.nbytes for a in tensors.values()) + 256 * (len(tensors) + 1)
+    atomic_write(directory / WEIGHTS_FILE, lambda p: save_file(tensors, p, metadata={"format": "pt"}), size)
+    write_text(directory / CONFIG_FILE, json.dumps(config, indent=2))
+    write_text(directory / MINILARS_FILE, json.dumps(info, indent=2, default=str))
     return directory
 
 
@@ -112,38 +101,65 @@ def load_adapter(model: Model, directory: str | os.PathLike, calibration_tokens=
     from safetensors.numpy import load_file
 
     directory = Path(directory)
+    if not directory.is_dir():
+        raise AdapterError(f"{directory}: no such adapter directory")
     for name in (CONFIG_FILE, WEIGHTS_FILE):
         if not (directory / name).is_file():
             raise AdapterError(f"{directory}: no {name}; is this a PEFT adapter directory?")
+    config = _read_json(directory / CONFIG_FILE)
     try:
-        config = json.loads((directory / CONFIG_FILE).read_text())
         tensors = load_file(str(directory / WEIGHTS_FILE))
-    except (json.JSONDecodeError, SafetensorError, OSError) as exc:
-        raise AdapterError(f"{directory}: unreadable adapter ({exc})") from None
-    info = {}
-    if (directory / MINILARS_FILE).is_file():
-        info = json.loads((directory / MINILARS_FILE).read_text())
-        expected = info.get("base_fingerprint")
-        if expected and expected != model_fingerprint(model):
-            raise AdapterError(f"{directory}: adapter was trained on a different base model "
-                               f"(fingerprint {expected}, this model {model_fingerprint(model)})")
-    peft_type = config.get("peft_type")
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise AdapterError(f"{directory / WEIGHTS_FILE}: unreadable adapter weights ({exc})") from None
+    for key, value in tensors.items():
+        if value.dtype.kind == "f" and not np.isfinite(value).all():
+            raise AdapterError(f"{directory / WEIGHTS_FILE}: tensor {key} holds NaN or inf; the file is corrupt")
+    info = _read_json(directory / MINILARS_FILE) if (directory / MINILARS_FILE).is_file() else {}
+    expected = info.get("base_fingerprint")
+    if expected and expected != model_fingerprint(model):
+        raise AdapterError(f"{directory}: adapter was trained on a different base model "
+                           f"(fingerprint {expected}, this model {model_fingerprint(model)})")
     try:
-        kind = method_for_adapter(peft_type, info.get("method"))
-    except ValueError as exc:
-        raise AdapterError(f"{directory}: {exc}") from None
-    module_to_proj = {module.split(".")[-1]: proj for proj, module in HF_MODULE.items()}
-    try:
-        targets = tuple(module_to_proj[m] for m in config["target_modules"])
-    except KeyError as exc:
-        raise AdapterError(f"{directory}: target module {exc} is not a LLaMA projection") from None
-    method = kind.config_from_peft(config, info, targets)
+        method = _method_of(config, info)
+    except (KeyError, TypeError, ValueError) as exc:  # a field missing, of the wrong type or out of range
+        raise AdapterError(f"{directory / CONFIG_FILE}: unusable adapter config ({type(exc).__name__}: "
+                           f"{exc})") from None
+    if method.kind.has_rank:  # before anything of rank r is allocated
+        wrong = [k for k, v in tensors.items() if k.endswith("lora_A.weight") and v.shape[:1] != (method.rank,)]
+        if wrong:
+            raise AdapterError(f"{directory}: {wrong[0]} has shape {tuple(tensors[wrong[0]].shape)}, but "
+                               f"adapter_config.json says r = {method.rank}")
 
     def tensors_of(layer: int):
         return lambda proj, suffix, shape: _get(tensors, _key(layer, proj, suffix), shape, directory)
 
     method.kind.attach(model, tensors_of)
     return model
+
+
+def _read_json(path: Path) -> dict:
+    """A JSON object from `path`; AdapterError naming it otherwise."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:  # ValueError: bad JSON or bytes that are not UTF-8
+        raise AdapterError(f"{path}: unreadable ({exc})") from None
+    if not isinstance(value, dict):
+        raise AdapterError(f"{path}: expected a JSON object, got {type(value).__name__}")
+    return value
+
+
+def _method_of(config: dict, info: dict):
+    """The MethodConfig an adapter_config.json (+ minilars_adapter.json) describes:
+    the registered method that reads this peft_type builds it."""
+    kind = method_for_adapter(config.get("peft_type"), info.get("method"))
+    module_to_proj = {module.split(".")[-1]: proj for proj, module in HF_MODULE.items()}
+    modules = config["target_modules"]
+    if not isinstance(modules, list) or not all(isinstance(m, str) for m in modules):
+        raise TypeError(f"target_modules must be a list of names, got {modules!r}")
+    unknown = [m for m in modules if m not in module_to_proj]
+    if unknown:
+        raise ValueError(f"target module {unknown[0]!r} is not a LLaMA projection")
+    return kind.config_from_peft(config, info, tuple(module_to_proj[m] for m in modules))
 
 
 def _get(tensors: dict, key: str, shape: tuple, directory: Path) -> np.ndarray:

@@ -11,17 +11,19 @@ changes (the trainable arrays, AdamW's m and v and its step count) plus the froz
 arrays that calibration chose (LARS bases), a run resumed from a checkpoint takes
 bitwise the same steps as the run that was never stopped.
 
-A checkpoint is one safetensors file; its metadata holds the step, the loss history
-and the run's configuration and hash. It is written to a temporary file, flushed to
-disk, then renamed over the old one (os.replace), so a kill at any moment leaves
-either the old checkpoint or the new one, never half of one.
+A checkpoint is one safetensors file; its metadata holds the step, the loss history,
+the run's configuration and its hash (which covers the data rows' digest), and the
+sha256 of its tensors, checked before a resume (a file changed on disk is refused,
+named, as is one holding NaN or inf). It is written to a temporary file, flushed to
+disk, then renamed over the old one (minilars/files.py), so a kill at any moment
+leaves either the old checkpoint or the new one, never half of one, and a full disk
+stops the run with one line naming the file while the old checkpoint stays.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import math
-import os
 import signal
 import sys
 import time
@@ -32,6 +34,7 @@ from typing import Callable
 
 import numpy as np
 
+from .files import append_line, atomic_write, write_text
 from .data import Example, Rows, batch_indices, contains_answer, exact_match, make_rows
 from .model import Model
 from .optim import AdamW, NonFiniteGradient
@@ -39,7 +42,7 @@ from .optim import AdamW, NonFiniteGradient
 CHECKPOINT = "checkpoint.safetensors"
 LOG = "log.jsonl"
 RESULT = "result.json"
-CHECKPOINT_FORMAT = 1
+CHECKPOINT_FORMAT = 2  # 2: the metadata carries tensors_sha256 and meta_sha256
 
 
 class TrainingDiverged(RuntimeError):
@@ -120,9 +123,21 @@ def _set_frozen(model: Model, name: str, value: np.ndarray) -> None:
     site.basis = be.cast(be.asarray(np.ascontiguousarray(value)), site.basis.dtype)
 
 
+def tensors_sha256(tensors: dict[str, np.ndarray]) -> str:
+    """sha256 over every tensor's name, dtype, shape and bytes, in name order: the
+    checksum a checkpoint carries, so a file changed after it was written is refused."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        array = np.ascontiguousarray(tensors[name])
+        digest.update(f"{name}|{array.dtype.str}|{array.shape}|".encode())
+        digest.update(array.reshape(-1).view(np.uint8))
+    return digest.hexdigest()
+
+
 def save_checkpoint(path: Path, model: Model, opt: AdamW, meta: dict) -> None:
-    """Trainable arrays, AdamW state and frozen arrays in one safetensors file, written
-    atomically: temporary file, fsync, os.replace, fsync of the directory."""
+    """Trainable arrays, AdamW state and frozen arrays in one safetensors file, with
+    the sha256 of its tensors in the metadata; written with files.atomic_write
+    (temporary file, fsync, os.replace), so a failed write keeps the old checkpoint."""
     from safetensors.numpy import save_file
 
     tensors = {f"param/{k}": np.ascontiguousarray(model.be.to_numpy(v)) for k, v in model.trainable().items()}
@@ -131,44 +146,38 @@ def save_checkpoint(path: Path, model: Model, opt: AdamW, meta: dict) -> None:
         tensors[f"adam_m/{name}"] = np.ascontiguousarray(state[f"m.{name}"])
         tensors[f"adam_v/{name}"] = np.ascontiguousarray(state[f"v.{name}"])
     tensors.update({f"frozen/{k}": np.ascontiguousarray(v) for k, v in frozen_arrays(model).items()})
-    meta = {**meta, "format": CHECKPOINT_FORMAT, "adam_step": opt.step_count}
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        save_file(tensors, str(tmp), metadata={"minilars": json.dumps(meta)})
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    _fsync_dir(path.parent)
+    meta = {**meta, "format": CHECKPOINT_FORMAT, "adam_step": opt.step_count, "tensors_sha256": tensors_sha256(tensors)}
+    meta["meta_sha256"] = meta_sha256(meta)
+    header = json.dumps(meta)
+    size = sum(a.nbytes for a in tensors.values()) + len(header) + 128 * (len(tensors) + 1)
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"minilars": header}), size)
 
 
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+def meta_sha256(meta: dict) -> str:
+    """sha256 of the metadata without its own checksum (canonical JSON)."""
+    rest = {k: v for k, v in meta.items() if k != "meta_sha256"}
+    return hashlib.sha256(json.dumps(rest, sort_keys=True).encode()).hexdigest()
 
 
 def read_checkpoint_meta(path: Path) -> dict:
-    """The metadata of a checkpoint, without reading its tensors."""
+    """The metadata of a checkpoint, without reading its tensors; CheckpointError
+    naming the file when it is unreadable, of another format or changed on disk."""
     from safetensors import safe_open
 
     try:
         with safe_open(str(path), framework="numpy") as f:
             meta = json.loads((f.metadata() or {})["minilars"])
     except Exception as exc:  # safetensors raises several types for a damaged file
-        raise CheckpointError(f"{path}: unreadable checkpoint ({exc})") from None
+        reason = f"no minilars metadata {exc}" if isinstance(exc, KeyError) else str(exc)
+        raise CheckpointError(f"{path}: unreadable checkpoint ({reason})") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path}: unreadable checkpoint (its metadata is not a JSON object)")
     if meta.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path}: checkpoint format {meta.get('format')!r}, "
                               f"this version reads {CHECKPOINT_FORMAT}")
+    if meta.get("meta_sha256") != meta_sha256(meta):
+        raise CheckpointError(f"{path} is corrupt: its metadata does not match the sha256 recorded when it was "
+                              "written; it cannot be resumed. Restore a copy, or start over with --overwrite")
     return meta
 
 
@@ -185,12 +194,30 @@ def check_resumable(meta: dict, run_config: dict, path: Path) -> None:
                           "or start over with --overwrite")
 
 
+def verify_tensors(path: Path, tensors: dict[str, np.ndarray], meta: dict) -> None:
+    """CheckpointError naming the file when its tensors are not the ones it was written
+    with (the sha256 in its metadata), or hold a NaN or inf: a checkpoint is written only
+    after every parameter was checked finite, so either means a damaged file."""
+    for name, value in tensors.items():
+        if value.dtype.kind == "f" and not np.isfinite(value).all():
+            raise CheckpointError(f"{path} is corrupt: tensor {name} holds NaN or inf, which training never "
+                                  "saves; it cannot be resumed. Restore a copy, or start over with --overwrite")
+    if tensors_sha256(tensors) != meta.get("tensors_sha256"):
+        raise CheckpointError(f"{path} is corrupt: its tensors do not match the sha256 recorded when it was "
+                              "written (changed on disk after the run saved it); it cannot be resumed. Restore a "
+                              "copy, or start over with --overwrite")
+
+
 def restore_checkpoint(path: Path, model: Model, opt: AdamW) -> dict:
     """Load every array of the checkpoint into model and optimizer; returns its metadata."""
     from safetensors.numpy import load_file
 
     meta = read_checkpoint_meta(path)
-    tensors = load_file(str(path))
+    try:
+        tensors = load_file(str(path))
+    except Exception as exc:  # SafetensorError, OSError: a damaged file
+        raise CheckpointError(f"{path}: unreadable checkpoint ({exc})") from None
+    verify_tensors(path, tensors, meta)
     be = model.be
     trainable = model.trainable()
     missing = [k for k in trainable if f"param/{k}" not in tensors]
@@ -213,9 +240,7 @@ def restore_checkpoint(path: Path, model: Model, opt: AdamW) -> dict:
 
 
 def write_json_atomic(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
+    write_text(path, json.dumps(obj, indent=2, default=str) + "\n")
 
 
 # ---------------------------------------------------------------- evaluation
@@ -378,6 +403,9 @@ class Trainer:
         meta = restore_checkpoint(self.checkpoint_path, self.model, self.opt)
         self.step = int(meta["step"])
         self.history = list(meta["history"])
+        # the steps already taken count towards the peak, or a resumed run that has
+        # nothing left to do would report a peak of 0
+        self.peak_bytes = max((h.get("activation_bytes", 0) for h in self.history), default=0)
         self._rewrite_log()
         return meta
 
@@ -474,13 +502,10 @@ class Trainer:
             self._diverged(f"parameter {bad[0]} is not finite after step {self.step}")
 
     def _append_log(self, entry: dict) -> None:
-        with open(self.out_dir / LOG, "a") as f:
-            f.write(json.dumps(entry) + "\n")
+        append_line(self.out_dir / LOG, json.dumps(entry))
 
     def _rewrite_log(self) -> None:
-        tmp = self.out_dir / f".{LOG}.tmp"
-        tmp.write_text("".join(json.dumps(e) + "\n" for e in self.history))
-        os.replace(tmp, self.out_dir / LOG)
+        write_text(self.out_dir / LOG, "".join(json.dumps(e) + "\n" for e in self.history))
 
 
 def expected_activation_bytes(model: Model, batch_size: int, seq_len: int, probe: tuple[int, int] = (8, 16)) -> int:

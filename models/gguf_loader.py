@@ -180,7 +180,11 @@ def field_value(reader: gguf.GGUFReader, key: str, default=None):
     field = reader.fields.get(key)
     if field is None:
         return default
-    value = field.contents()
+    try:
+        value = field.contents()
+    except (UnicodeDecodeError, ValueError, IndexError, TypeError) as e:  # damaged bytes inside a value
+        raise ModelLoadError(f"metadata {key!r} is unreadable ({type(e).__name__}: {e})",
+                             getattr(reader, "_path", None)) from None
     if field.types == [GGUFValueType.FLOAT32]:
         value = float(str(np.float32(value)))
     return value
@@ -229,7 +233,7 @@ def config_from_gguf(reader: gguf.GGUFReader, path: Path) -> ModelConfig:
             tie_embeddings="output.weight" not in names,
             head_dim=None if head_dim is None else int(head_dim),
         )
-    except (ValueError, TypeError) as e:
+    except (ValueError, TypeError, OverflowError) as e:
         raise ModelLoadError(f"metadata does not make a valid config: {e}", path) from e
 
 
@@ -260,6 +264,8 @@ def load_gguf(path: str | Path, dtype=np.float32, reader: gguf.GGUFReader | None
             raise ModelLoadError(f"shape {shape} does not match the config, which implies "
                                  f"{shapes[name]} for {name}", path, t.name)
         state[name] = _dequantize(t, shape, dtype, cfg, name)
+        if not np.isfinite(state[name]).all():  # no trained model holds them: damaged bytes
+            raise ModelLoadError("holds NaN or inf values; the file is corrupt", path, t.name)
     missing = [n for n in shapes if n not in state]
     if missing:
         raise ModelLoadError(f"{len(missing)} tensors missing, first {gguf_name(missing[0])!r} ({missing[0]})", path)

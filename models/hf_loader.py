@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from minilars.config import ModelConfig
+from minilars.files import atomic_write, write_text
 
 from .errors import ModelLoadError
 from .layout import LM_HEAD, expected_shapes
@@ -57,7 +58,7 @@ def config_from_hf(conf: dict, path: Path) -> ModelConfig:
         )
     except KeyError as e:
         raise ModelLoadError(f"config.json lacks {e.args[0]!r}", path) from None
-    except (TypeError, ValueError) as e:
+    except (TypeError, ValueError, OverflowError) as e:
         raise ModelLoadError(f"config.json does not make a valid config: {e}", path) from e
 
 
@@ -192,6 +193,8 @@ def load_hf_dir(path: str | Path, dtype=np.float32) -> tuple[ModelConfig, dict[s
                         state[name] = _read_bf16(file, start + info["data_offsets"][0], shapes[name], dtype)
                     else:
                         state[name] = f.get_tensor(name).astype(dtype, copy=False)
+                    if not np.isfinite(state[name]).all():  # no trained model holds them: damaged bytes
+                        raise ModelLoadError("holds NaN or inf values; the file is corrupt", file, name)
         except ModelLoadError:
             raise
         except Exception as e:  # SafetensorError and friends
@@ -207,7 +210,8 @@ def _read_bf16(file: Path, offset: int, shape: tuple[int, ...], dtype: np.dtype)
 
 
 def save_hf_dir(path: str | Path, cfg: ModelConfig, state_dict: dict[str, np.ndarray], tokenizer=None) -> Path:
-    """Write config.json + model.safetensors (+ tokenizer files) that `load_hf_dir` reads back."""
+    """Write config.json + model.safetensors (+ tokenizer files) that `load_hf_dir` reads back, each
+    atomically (minilars/files.py: a failed write is one WriteError, the old file kept)."""
     from safetensors.numpy import save_file
 
     path = Path(path)
@@ -221,11 +225,13 @@ def save_hf_dir(path: str | Path, cfg: ModelConfig, state_dict: dict[str, np.nda
             raise ValueError(f"{name}: shape {tuple(state_dict[name].shape)}, config implies {shape}")
     dtypes = {np.dtype(a.dtype) for a in state_dict.values()}
     path.mkdir(parents=True, exist_ok=True)
-    save_file({n: np.ascontiguousarray(state_dict[n]) for n in shapes}, str(path / "model.safetensors"),
-              metadata={"format": "pt"})  # "pt" so transformers accepts the file
+    tensors = {n: np.ascontiguousarray(state_dict[n]) for n in shapes}
+    size = sum(t.nbytes for t in tensors.values()) + 256 * (len(tensors) + 1)
+    atomic_write(path / "model.safetensors", lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}),
+                 size)  # "pt" so transformers accepts the file
     conf = config_to_hf(cfg, dtype=dtypes.pop().name if len(dtypes) == 1 else "float32")
     if tokenizer is not None:
         conf.update(bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id)
         tokenizer.save(path)
-    (path / "config.json").write_text(json.dumps(conf, indent=2) + "\n", encoding="utf-8")
+    write_text(path / "config.json", json.dumps(conf, indent=2) + "\n")
     return path

@@ -188,10 +188,12 @@ class Tokenizer:
 
     def save(self, directory: str | Path) -> None:
         """Write tokenizer.json and tokenizer_config.json into `directory`."""
+        from minilars.files import write_text
+
         directory = Path(directory)
-        (directory / "tokenizer.json").write_text(self.to_tokenizer_json(), encoding="utf-8")
-        (directory / "tokenizer_config.json").write_text(json.dumps(self.tokenizer_config(), indent=2,
-                                                                    ensure_ascii=False), encoding="utf-8")
+        write_text(directory / "tokenizer.json", self.to_tokenizer_json())
+        write_text(directory / "tokenizer_config.json", json.dumps(self.tokenizer_config(), indent=2,
+                                                                   ensure_ascii=False))
 
 
 def build_bpe(tokens: list[str], merges: list[str], types: list[int], split_digits: bool,

@@ -11,6 +11,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from contextlib import nullcontext
+
+from minilars.files import LineWriter
 
 from .common import add_model_options
 
@@ -53,18 +56,13 @@ def run(args) -> int:
         raise ValueError(f"{args.model} has no tokenizer")
     if args.adapter:
         load_adapter(model, args.adapter)
-    out = open(args.out, "w", encoding="utf-8") if args.out else None
-    try:
+    with LineWriter(args.out) if args.out else nullcontext() as out:  # a failed write: one line, old file kept
         def write(result):  # row by row, so an interrupted run keeps what it scored
             if out is not None:
-                out.write(json.dumps(result.row(), ensure_ascii=False) + "\n")
-                out.flush()
+                out.write(json.dumps(result.row(), ensure_ascii=False))
 
         results = evaluate.evaluate_items(items, evaluate.model_answerer(model, tokenizer, args.max_new_tokens),
                                           progress=args.progress, on_result=write)
-    finally:
-        if out is not None:
-            out.close()
     for r in results[:args.show]:
         print(f"Q: {_short(r.item.prompt)}")
         print(f"   reference: {r.item.reference}")

@@ -17,6 +17,7 @@ import re
 import shutil
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -97,7 +98,7 @@ OPTIONS = (
     Option("save_every", _count, 10, "write a checkpoint every N steps (also at the end and on Ctrl-C); 0: "
            "only then"),
     Option("max_memory", _size, None, "memory budget, e.g. 1GiB: refuse to start when the planner says the "
-           "run needs more"),
+           "run needs more (default: the memory available when the command starts, MemAvailable)"),
     Option("init_adapter", str, None, "start from a saved adapter directory (its method and rank are used)"),
     Option("output", str, None, "output directory (default: runs/finetune-<date>-<time>)"),
     Option("resume", bool, False, "continue the run in --output from its last checkpoint"),
@@ -155,8 +156,10 @@ def read_config_file(path: str) -> dict:
             raw = tomllib.load(f)
     except FileNotFoundError:
         raise CommandError(f"{path}: no such config file") from None
-    except tomllib.TOMLDecodeError as exc:
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:  # TOML is UTF-8 text
         raise CommandError(f"{path}: not valid TOML ({exc})") from None
+    except OSError as exc:
+        raise CommandError(f"{path}: cannot read the config file ({exc.strerror or exc})") from None
     out = {}
     by_name = options_by_name()
     unknown = [k for k in raw if k.replace("-", "_") not in by_name]
@@ -173,7 +176,7 @@ def read_config_file(path: str) -> dict:
                 raise CommandError(f"{path}: {key} has an unusable value {value!r}")
             try:
                 value = o.type(value) if o.type is not str else str(value)
-            except (ValueError, TypeError, argparse.ArgumentTypeError) as exc:
+            except (ValueError, TypeError, OverflowError, argparse.ArgumentTypeError) as exc:
                 raise CommandError(f"{path}: {key} = {value!r}: {exc}") from None
             if o.choices and value not in o.choices:
                 raise CommandError(f"{path}: {key} must be one of {', '.join(o.choices)}, got {value!r}")
@@ -210,10 +213,16 @@ def run(args) -> int:
 
 def _run(args) -> int:
     started = time.perf_counter()
+    available = available_memory()  # before this process loads anything
     opts = resolve_options(args)
+    _check_settings(opts)  # every setting that needs no model, before any work
     out = Path(opts.output) if opts.output else Path("runs") / time.strftime("finetune-%Y%m%d-%H%M%S")
-    _check_output(out, opts)
+    with _own_output(out):  # one run per output directory, for the run's whole life
+        _check_output(out, opts)
+        return _run_owning(opts, out, started, available)
 
+
+def _run_owning(opts, out: Path, started: float, available: int | None) -> int:
     from minilars import data as datasets
     from minilars import train
 
@@ -228,12 +237,13 @@ def _run(args) -> int:
         raise CommandError(f"--seq-len {opts.seq_len} is longer than the model's context ({cfg.max_seq_len} tokens)")
     if tokenizer is None:
         raise CommandError(f"{opts.model} has no tokenizer, so text cannot be turned into tokens")
-    dataset = datasets.load_dataset(opts.data, tokenizer, opts.eval_fraction, opts.seed)
+    method = _method(opts)
+    _check_rank(cfg, method, opts)
+    _check_budget(cfg, method, opts, model.be.name, available)  # before the data is read and tokenized
+    dataset = datasets.load_dataset(opts.data, tokenizer, opts.eval_fraction, opts.seed,
+                                    max_tokens=opts.seq_len + 2, eval_max_tokens=max(opts.seq_len, cfg.max_seq_len) + 2)
     pad_id = datasets.pad_id_of(tokenizer)
     rows = datasets.make_rows(dataset.train, opts.seq_len, pad_id, opts.packing, opts.seed)
-    method = _method(opts)
-    if opts.max_memory is not None:
-        _check_budget(cfg, method, opts, model.be.name)
 
     from minilars.optim import AdamW, AdamWConfig
 
@@ -340,6 +350,24 @@ def _eval_subset(examples, opts):
 # ---------------------------------------------------------------- output directory
 RUN_FILES = ("checkpoint.safetensors", "log.jsonl", "result.json", "adapter_config.json", "adapter_model.safetensors",
              "minilars_adapter.json")
+
+
+@contextmanager
+def _own_output(out: Path):
+    """Hold the output directory's lock (minilars/files.py) while the run lives: a
+    second run on it stops at once, naming this one's pid."""
+    from minilars.files import DirectoryBusy, DirectoryLock
+
+    if out.exists() and not out.is_dir():
+        raise CommandError(f"--output {out} is a file, not a directory")
+    try:
+        lock = DirectoryLock(out, what="minilars finetune").acquire()
+    except DirectoryBusy as exc:
+        raise CommandError(str(exc)) from None
+    try:
+        yield lock
+    finally:
+        lock.release()
 
 
 def _check_output(out: Path, opts) -> None:
@@ -491,14 +519,106 @@ def _prepare_model(model, method, opts, calibration, calibration_mask) -> None:
     apply_method(model, method, calibration, calibration_mask)  # only LARS reads the calibration
 
 
-def _check_budget(cfg, method, opts, backend_name: str) -> None:
+def _check_budget(cfg, method, opts, backend_name: str, available: int | None) -> None:
+    """Ask the planner before training: stop when the planned peak exceeds --max-memory,
+    or, without it, the memory this machine had available when the command started."""
+    from minilars.planner import check_budget, format_size
+
+    budget = opts.max_memory if opts.max_memory is not None else available
+    if budget is None:
+        return  # neither given nor known: nothing to compare with
     try:
-        from minilars.planner import check_budget
-    except ImportError:
-        raise CommandError("--max-memory needs the memory planner (minilars.planner), which this install does not "
-                           "have; run without --max-memory") from None
-    check_budget(cfg, method, opts.seq_len, opts.batch_size, opts.weight_dtype, opts.max_memory,
-                 backend_name=backend_name)  # ValueError with what would fit
+        check_budget(cfg, method, opts.seq_len, opts.batch_size, opts.weight_dtype, budget,
+                     backend_name=backend_name)
+    except ValueError as exc:  # the planned peak, and what would fit
+        where = ("--max-memory" if opts.max_memory is not None else
+                 f"the memory available on this machine ({format_size(available)}; --max-memory sets another "
+                 "budget)")
+        raise CommandError(f"not starting: {exc} The budget is {where}.") from None
+
+
+def available_memory() -> int | None:
+    """Bytes this machine can give a new process: MemAvailable from /proc/meminfo
+    (Linux), else free pages x page size; None when neither is known."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024  # the file counts kB
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+# ---------------------------------------------------------------- settings checked before any work
+def _check_settings(opts) -> None:
+    """CommandError for a setting that cannot work, found before anything is loaded:
+    storage rules naming fields that do not exist, targets that do not exist."""
+    if opts.targets is not None:
+        from minilars.methods import ALL_PROJECTIONS
+
+        targets = [t.strip() for t in opts.targets.split(",")]
+        unknown = [t for t in targets if t not in ALL_PROJECTIONS]
+        if unknown:
+            raise CommandError(f"--targets {opts.targets!r}: unknown target {unknown[0]!r}; projections are "
+                               f"{', '.join(ALL_PROJECTIONS)}")
+    if _method_class(opts).reads("storage"):
+        from minilars.methods import parse_storage
+
+        try:
+            rules = parse_storage(opts.storage)
+        except ValueError as exc:
+            raise CommandError(f"--storage {opts.storage!r}: {exc}") from None
+        fields = storage_fields()
+        unknown = [key for key, _ in rules if key not in fields]
+        if unknown:
+            raise CommandError(f"--storage {opts.storage!r}: no kept field is called {unknown[0]!r}; fields are "
+                               f"{', '.join(sorted(fields))} (or a named recipe: default, fast, exact)")
+    elif opts.storage != options_by_name()["storage"].default:
+        raise CommandError(f"--storage sets LARS's activation storage; --method {opts.method} has none")
+
+
+def storage_fields() -> set[str]:
+    """The keys a LARS storage rule may name: every field a training step keeps
+    (site kind . cache field, read from the cache dataclasses), each kind's wildcard
+    'kind.*', 'block' (recompute) and '*'."""
+    from dataclasses import fields
+
+    from minilars.adapters import LARSCache
+    from minilars.model import BlockInput
+    from minilars.ops import AttentionCache, CrossEntropyCache, EmbeddingCache, RMSNormCache, SwiGLUCache
+
+    caches = {"embed": EmbeddingCache, "input": BlockInput, "attn_norm": RMSNormCache, "attn": AttentionCache,
+              "mlp_norm": RMSNormCache, "mlp": SwiGLUCache, "final_norm": RMSNormCache, "head": CrossEntropyCache,
+              **{stream: LARSCache for stream in ("attn_in", "attn_out", "mlp_in", "mlp_out")}}
+    keys = {"block", "*"}
+    for kind, cache in caches.items():
+        keys |= {f"{kind}.*", *(f"{kind}.{f.name}" for f in fields(cache))}
+    return keys
+
+
+def _check_rank(cfg, method, opts) -> None:
+    """A rank above the width it is a rank of cannot be used (the method's rank_limit:
+    LARS's basis spans at most the stream's width d_in, LoRA's A B at most
+    min(d_in, d_out) of its projection)."""
+    if opts.init_adapter or method.kind.rank_limit(1, 1) is None:
+        return
+    from minilars.weights import PROJECTION_STREAM, stream_inputs, stream_outputs
+
+    ins, outs = stream_inputs(cfg), stream_outputs(cfg)
+    limits = {}
+    for target in method.resolved_targets:
+        stream = PROJECTION_STREAM[target]
+        limit, what = method.kind.rank_limit(ins[stream], outs[stream][target])
+        limits[target] = (limit, what.format(target=target, stream=stream))
+    target = min(limits, key=lambda t: limits[t][0])
+    limit, what = limits[target]
+    if method.rank > limit:
+        raise CommandError(f"--rank {method.rank} is above {what} ({limit}); the largest rank "
+                           f"{opts.method} can use on these targets of this model is {limit}")
 
 
 def _planned_peak(cfg, method, opts, backend_name: str) -> str:

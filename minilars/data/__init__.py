@@ -72,16 +72,41 @@ def read_records(path: str | Path) -> list[Record]:
     if not path.is_file():
         raise DataError(f"{path}: no such data file")
     if path.suffix == ".txt":
-        text = path.read_text(encoding="utf-8")
+        text = decode_text(_read_bytes(path), path)
         return [Record(f"{path}:1", text=text)] if text.strip() else []
     return [parse_record(obj, where) for where, obj in iter_jsonl(path)]
 
 
+def _read_bytes(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read ({exc.strerror or exc})") from None
+
+
+def decode_text(raw: bytes, path: str | Path, first_line: int = 1) -> str:
+    """UTF-8 bytes -> str (a leading byte-order mark dropped); DataError naming file,
+    line and column of the first byte that is not UTF-8."""
+    try:
+        return raw.decode("utf-8-sig" if first_line == 1 else "utf-8")
+    except UnicodeDecodeError as exc:
+        line = first_line + raw.count(b"\n", 0, exc.start)
+        column = exc.start - (raw.rfind(b"\n", 0, exc.start) + 1) + 1
+        raise DataError(f"{path}:{line}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at byte column {column}); "
+                        "is this a binary file? Data files must be UTF-8 text") from None
+
+
 def iter_jsonl(path: str | Path):
     """(where, object) for each non-blank line of a JSONL file, where = "file:line";
-    a line that is not JSON is a DataError naming file and line."""
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
+    a line that is not UTF-8 or not JSON is a DataError naming file and line (and the
+    column the JSON parser stopped at)."""
+    try:
+        f = open(path, "rb")
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    with f:
+        for number, raw in enumerate(f, 1):
+            line = decode_text(raw, path, number).rstrip("\r\n")  # the end of line is not part of the JSON
             if not line.strip():
                 continue
             where = f"{path}:{number}"
@@ -89,6 +114,8 @@ def iter_jsonl(path: str | Path):
                 yield where, json.loads(line)
             except json.JSONDecodeError as exc:
                 raise DataError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+            except RecursionError:
+                raise DataError(f"{where}: not usable JSON (nested too deeply)") from None
 
 
 def parse_record(obj, where: str) -> Record:
@@ -167,11 +194,54 @@ class Example:
     is_text: bool = False
 
 
-def tokenize(record: Record, tokenizer) -> Example:
+ENCODE_CHUNK = 1 << 16  # characters handed to the tokenizer at once (its memory grows with the text)
+CUT_MARGIN = 8  # ids beyond a limit tokenized before a cut: those near the cut may differ from the full text's
+
+
+def encode(tokenizer, text: str, limit: int | None = None, add_bos: bool | None = None) -> list[int]:
+    """tokenizer.encode(text, add_bos), tokenizing no more of `text` than `limit` ids
+    need: a prefix of the text that grows fourfold until it yields CUT_MARGIN ids more
+    than the limit; the first `limit` ids are kept. With no limit, a text longer than
+    ENCODE_CHUNK is tokenized in pieces cut before a space between words (where a
+    byte-level BPE pre-tokenizer would split anyway), so the tokenizer's memory stays
+    bounded whatever the length."""
+    if limit == 0:
+        return []
+    if limit is not None:
+        size = ENCODE_CHUNK
+        while size < len(text):
+            ids = tokenizer.encode(text[:size], add_bos=add_bos)
+            if len(ids) >= limit + CUT_MARGIN:
+                return ids[:limit]
+            size *= 4
+        return tokenizer.encode(text, add_bos=add_bos)[:limit]
+    if len(text) <= ENCODE_CHUNK:
+        return tokenizer.encode(text, add_bos=add_bos)
+    ids, start = [], 0
+    while start < len(text):
+        end = len(text) if len(text) - start <= ENCODE_CHUNK else _cut_point(text, start + ENCODE_CHUNK)
+        ids += tokenizer.encode(text[start:end], add_bos=add_bos if start == 0 else False)
+        start = end
+    return ids
+
+
+def _cut_point(text: str, end: int) -> int:
+    """The last space in text[end // 2 .. end] with a non-space on each side, else `end`."""
+    lo = max(1, end - ENCODE_CHUNK // 2)
+    at = text.rfind(" ", lo, end)
+    while at > lo and (text[at - 1].isspace() or text[at + 1].isspace()):
+        at = text.rfind(" ", lo, at)
+    return at if at > lo else end
+
+
+def tokenize(record: Record, tokenizer, max_tokens: int | None = None) -> Example:
     """Record -> Example. Chat records go through the tokenizer's chat template when it
-    has one; a prompt/completion record without a template is prompt + completion + eos."""
+    has one; a prompt/completion record without a template is prompt + completion + eos.
+    max_tokens: a chat or prompt/completion record is tokenized only as far as its first
+    max_tokens ids (the rest would be truncated away), so a huge record costs what the
+    row needs; a {text} record is used whole (it becomes several rows)."""
     if record.text is not None:
-        ids = tokenizer.encode(record.text)
+        ids = encode(tokenizer, record.text)
         if tokenizer.eos_id is not None:
             ids = ids + [tokenizer.eos_id]
         labelled = np.ones(len(ids), dtype=bool)
@@ -179,14 +249,18 @@ def tokenize(record: Record, tokenizer) -> Example:
         return Example(record.where, np.asarray(ids, np.int64), labelled, answer=record.answer, is_text=True)
     if tokenizer.chat_template:
         pieces = chat_pieces(record.messages, tokenizer, record.where)
-        encoded = [(tokenizer.encode(text, add_bos=False), is_target) for text, is_target in pieces]
         bos = tokenizer.bos_id
-        if tokenizer.add_bos and bos is not None and (not encoded or encoded[0][0][:1] != [bos]):
-            encoded.insert(0, ([bos], False))  # unless the template wrote it
+        prepend = tokenizer.add_bos and bos is not None
+        if prepend and pieces and encode(tokenizer, pieces[0][0], 1, add_bos=False) == [bos]:
+            prepend = False  # the template wrote it
+        encoded = [([bos], False)] if prepend else []
+        for text, is_target in pieces:
+            encoded.append((encode(tokenizer, text, _left(encoded, max_tokens), add_bos=False), is_target))
     elif record.from_prompt:
         (_, prompt), (_, completion) = record.messages
         end = [tokenizer.eos_id] if tokenizer.eos_id is not None else []
-        encoded = [(tokenizer.encode(prompt), False), (tokenizer.encode(completion, add_bos=False) + end, True)]
+        encoded = [(encode(tokenizer, prompt, max_tokens), False)]
+        encoded.append((encode(tokenizer, completion, _left(encoded, max_tokens), add_bos=False) + end, True))
     else:
         raise DataError(f"{record.where}: a 'messages' record needs a tokenizer with a chat template; "
                         "use {\"prompt\", \"completion\"} or {\"text\"} records with this model")
@@ -197,13 +271,21 @@ def tokenize(record: Record, tokenizer) -> Example:
             last_target_start = len(ids)
         ids += piece
         labelled += [is_target] * len(piece)
-    if not any(labelled):
+    cut = max_tokens is not None and len(ids) >= max_tokens
+    if cut:
+        ids, labelled = ids[:max_tokens], labelled[:max_tokens]
+    elif not any(labelled):
         raise DataError(f"{record.where}: the assistant turn encodes to no tokens")
     last = max(i for i, (role, _) in enumerate(record.messages) if role == "assistant")
     question = next((content for role, content in reversed(record.messages[:last]) if role == "user"), None)
     return Example(record.where, np.asarray(ids, np.int64), np.asarray(labelled, bool),
                    prompt_ids=tuple(ids[:last_target_start]), question=question,
                    reference=record.messages[last][1], answer=record.answer)
+
+
+def _left(encoded: list, max_tokens: int | None) -> int | None:
+    """Ids still wanted after the pieces encoded so far (at least 0)."""
+    return None if max_tokens is None else max(0, max_tokens - sum(len(p) for p, _ in encoded))
 
 
 def chat_pieces(messages, tokenizer, where: str = "") -> list[tuple[str, bool]]:
@@ -328,7 +410,8 @@ def calibration_rows(path: str | Path, tokenizer, seq_len: int, n: int, seed: in
     records = read_records(path)
     if not records:
         raise DataError(f"{path}: empty calibration data (no records)")
-    rows = make_rows([tokenize(r, tokenizer) for r in records], seq_len, pad_id_of(tokenizer), packing, seed)
+    rows = make_rows([tokenize(r, tokenizer, seq_len + 2) for r in records], seq_len, pad_id_of(tokenizer), packing,
+                     seed)
     return first_rows(rows, n, seed)
 
 
@@ -365,8 +448,11 @@ class Dataset:
         return f"{self.source}: {len(self.train)} train / {len(self.eval)} eval examples ({kinds})"
 
 
-def load_dataset(path: str | Path | None, tokenizer, eval_fraction: float = 0.1, seed: int = 0) -> Dataset:
-    """Read, split and tokenize a data file (None: the built-in personal_notes.jsonl)."""
+def load_dataset(path: str | Path | None, tokenizer, eval_fraction: float = 0.1, seed: int = 0,
+                 max_tokens: int | None = None, eval_max_tokens: int | None = None) -> Dataset:
+    """Read, split and tokenize a data file (None: the built-in personal_notes.jsonl);
+    train records are tokenized up to max_tokens ids, held-out ones up to
+    eval_max_tokens (see tokenize)."""
     path = Path(path) if path is not None else BUILTIN
     records = read_records(path)
     if not records:
@@ -374,8 +460,8 @@ def load_dataset(path: str | Path | None, tokenizer, eval_fraction: float = 0.1,
     train, held = split_records(records, eval_fraction, seed)
     if not train:
         raise DataError(f"{path}: every record is in the eval split; nothing to train on")
-    return Dataset(path.name if path == BUILTIN else str(path), [tokenize(r, tokenizer) for r in train],
-                   [tokenize(r, tokenizer) for r in held], any(r.split is not None for r in records))
+    return Dataset(path.name if path == BUILTIN else str(path), [tokenize(r, tokenizer, max_tokens) for r in train],
+                   [tokenize(r, tokenizer, eval_max_tokens) for r in held], any(r.split is not None for r in records))
 
 
 # ---------------------------------------------------------------- a tokenizer for the tiny preset

@@ -100,6 +100,13 @@ class Method:
         return any(o.name == option for o in cls.options)
 
     @classmethod
+    def rank_limit(cls, d_in: int, d_out: int) -> tuple[int, str] | None:
+        """(the largest rank this method can use on a projection d_in -> d_out, what
+        bounds it), for finetune to refuse a larger --rank before any work; None: no
+        rank, or no bound."""
+        return None
+
+    @classmethod
     def study_runs(cls) -> dict[str, StudyRun]:
         """name -> StudyRun: by default one run, at typical_rank when it has a rank."""
         if not cls.study_lrs:

@@ -48,6 +48,10 @@ class LARS(Method):
         return {cls.name: StudyRun((*flags, "default"), cls.study_lrs, cls),  # lars_default()
                 f"{cls.name}-exact": StudyRun((*flags, "exact"), cls.study_lrs, cls)}  # every activation exact
 
+    @classmethod
+    def rank_limit(cls, d_in, d_out):
+        return d_in, "the width of the {stream} stream"  # P (d_in, r) has orthonormal columns: r <= d_in
+
     def describe(self):
         c = self.config
         return f"lars(r={c.rank}, targets={','.join(c.resolved_targets)}, storage: {self.storage_plan().describe()})"

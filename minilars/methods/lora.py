@@ -35,6 +35,10 @@ class LoRA(Method):
     peft_default = True
     site_class = LoRASite
 
+    @classmethod
+    def rank_limit(cls, d_in, d_out):
+        return min(d_in, d_out), "min(d_in, d_out) of the {target} projection"  # A B has rank <= both
+
     def describe(self):
         c = self.config
         return f"lora(r={c.rank}, alpha={c.lora_alpha:g}, targets={','.join(c.resolved_targets)})"
