@@ -21,10 +21,10 @@ from minilars.cli import build_parser, main
 
 # ---------------------------------------------------------------- --backend auto
 # What auto must pick, from the measurement in docs/speed.md ("Which backend auto
-# picks"): on a CPU numba, else numpy; torch, slower there, only for another device.
+# picks"): on a CPU numba, else torch, else numpy; on cuda torch.
 AUTO = [  # (installed besides numpy, device, expected backend or None for "cannot run")
     ((), "cpu", "numpy"),
-    (("torch",), "cpu", "numpy"),
+    (("torch",), "cpu", "torch"),
     (("numba",), "cpu", "numba"),
     (("numba", "torch"), "cpu", "numba"),
     (("numba", "torch"), "cuda", "torch"),

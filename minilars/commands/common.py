@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import argparse
 
-BACKEND_HELP = ("kernel backend; auto: the fastest installed for the device (on a CPU numba, else numpy; with "
-                "--device cuda torch), as measured in docs/speed.md")
+BACKEND_HELP = ("kernel backend; auto: the fastest installed for the device (on a CPU numba, else torch, else "
+                "numpy; with --device cuda torch), as measured in docs/speed.md")
 
 
 def add_model_options(parser: argparse.ArgumentParser, default_model: str | None = "smollm2-135m") -> None:

@@ -31,7 +31,7 @@ def add_parser(sub) -> None:
                         help="dtype the frozen weights are kept in (default: %(default)s)")
     parser.add_argument("--backend", default="auto", choices=("auto", "numpy", "numba", "torch"),
                         help="kernel backend whose work arrays to plan for; auto: the one `minilars finetune "
-                             "--backend auto` runs on (on a CPU numba, else numpy) (default: %(default)s)")
+                             "--backend auto` runs on (on a CPU numba, else torch, else numpy) (default: %(default)s)")
     parser.add_argument("--max-memory", default=None,
                         help="a budget such as 1GiB or 800MiB: exit status 1 and advice when the plan exceeds it")
     parser.add_argument("--phases", action="store_true", help="also list every modelled moment of the step")
