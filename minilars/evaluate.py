@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Callable
 
 from .data import contains_answer, exact_match, normalize
+from .pretrained import load_model  # re-exported: the one loader ('tiny' is the model finetune --model tiny trains)
 
 _NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
 _INTEGER = re.compile(r"-?\d+")
@@ -227,31 +228,6 @@ def model_answerer(model, tokenizer, max_new_tokens: int = 32) -> Callable[[Eval
         return tokenizer.decode(out, skip_special_tokens=True)
 
     return answer
-
-
-def load_model(spec: str, backend=None, weight_dtype: str = "float32"):
-    """(Model, Tokenizer) for a model name, file or directory; 'tiny' is the random tiny
-    preset with the character tokenizer, the same model `minilars finetune --model
-    tiny` trains (weights from seed 0), so its adapters load onto it."""
-    if spec != "tiny":
-        from .pretrained import load_pretrained
-
-        return load_pretrained(spec, backend=backend, weight_dtype=weight_dtype)
-    import numpy as np
-
-    from .config import preset
-    from .data import char_tokenizer
-    from .model import Model
-    from .weights import random_params
-
-    cfg = preset("tiny")
-    params = random_params(cfg, 0, np.float32)
-    for name in params:
-        if not name.endswith("norm.weight"):
-            params[name] = params[name].astype(weight_dtype)
-    model = Model(cfg, params, backend=backend)
-    model.source = "tiny"
-    return model, char_tokenizer(cfg.vocab_size)
 
 
 def load_tokenizer(spec: str):

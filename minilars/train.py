@@ -289,38 +289,12 @@ def eval_loss(model: Model, examples: list[Example], seq_len: int, batch_size: i
 
 
 def generate_answers(model: Model, tokenizer, prompts: list, max_new_tokens: int, stop_ids: set[int]) -> list[str]:
-    """Greedy answers to token-id prompts. Prompts of the same length run as one batch
-    (prefill, then one token per step for every row against a shared KV cache): a
-    decode step reads every weight once whatever the batch, so a batch of B answers
-    costs little more than one. No padding is involved, so each row is what it would
-    be alone (up to float summation order)."""
-    be = model.be
-    answers: list[str | None] = [None] * len(prompts)
-    groups: dict[int, list[int]] = {}
-    for i, p in enumerate(prompts):
-        groups.setdefault(len(p), []).append(i)
-    for length, members in groups.items():
-        if length >= model.cfg.max_seq_len:
-            raise ValueError(f"a prompt of {length} tokens does not fit the model's context ({model.cfg.max_seq_len})")
-        tokens = np.asarray([list(prompts[i]) for i in members], dtype=np.int64)  # (B, L)
-        kv = model.new_kv_cache(len(members), min(length + max_new_tokens, model.cfg.max_seq_len))
-        logits = model.logits(tokens, kv, last_only=True)  # (B, V)
-        outputs: list[list[int]] = [[] for _ in members]
-        done = np.zeros(len(members), dtype=bool)
-        for _ in range(max_new_tokens):
-            next_ids = np.argmax(be.to_numpy(logits), axis=-1)  # (B,)
-            for row, token in enumerate(next_ids.tolist()):
-                if not done[row]:
-                    if token in stop_ids:
-                        done[row] = True
-                    else:
-                        outputs[row].append(token)
-            if done.all() or kv.length >= model.cfg.max_seq_len:
-                break
-            logits = model.logits(next_ids[:, None].astype(np.int64), kv, last_only=True)
-        for row, i in enumerate(members):
-            answers[i] = tokenizer.decode(outputs[row], skip_special_tokens=True)
-    return answers
+    """Greedy answers to token-id prompts, prompts of one length batched
+    (minilars.generate.generate_batch, the decoding loop every command uses)."""
+    from .generate import generate_batch
+
+    return [tokenizer.decode(ids, skip_special_tokens=True)
+            for ids in generate_batch(model, prompts, max_new_tokens, stop_ids=stop_ids)]
 
 
 def evaluate(model: Model, tokenizer, examples: list[Example], step: int, seq_len: int, batch_size: int,

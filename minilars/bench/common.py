@@ -13,16 +13,10 @@ def random_batch(vocab_size: int, batch: int, seq_len: int, seed: int = 0):
 
 
 def load_model(name: str, backend=None, weight_dtype: str = "float32", seed: int = 0, **options):
-    """A preset with random weights ('tiny') or a pretrained model (anything else)."""
-    from minilars.config import PRESETS
-    from minilars.model import Model
+    """The Model alone (minilars.pretrained.load_model): 'tiny' has random weights from `seed`."""
+    from minilars.pretrained import load_model as load
 
-    if name == "tiny":
-        return Model.random(PRESETS["tiny"], seed=seed, backend=backend, **options)
-    from minilars.pretrained import load_pretrained
-
-    model, _ = load_pretrained(name, backend=backend, weight_dtype=weight_dtype, **options)
-    return model
+    return load(name, backend, weight_dtype, seed=seed, **options)[0]
 
 
 def print_table(rows: list[dict], columns: list[str] | None = None, file=None) -> None:

@@ -12,13 +12,13 @@ from .common import print_table
 
 CHILD = r"""
 import json, resource, sys, time
-from minilars.pretrained import load_pretrained
+from minilars.pretrained import load_model
 from minilars.generate import generate_text
 spec, weight_dtype, backend, tokens = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 rss = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 base = rss()
 t0 = time.perf_counter()
-model, tok = load_pretrained(spec, backend=None if backend == "default" else backend, weight_dtype=weight_dtype)
+model, tok = load_model(spec, "auto" if backend == "default" else backend, weight_dtype)
 t1 = time.perf_counter()
 loaded = rss()
 text = generate_text(model, tok, "What is the capital of France?", max_new_tokens=tokens)
@@ -30,7 +30,7 @@ print(json.dumps({"python MiB": base, "after load MiB": loaded, "peak MiB": rss(
 
 def add_arguments(parser) -> None:
     parser.add_argument("--model", default="smollm2-135m", help="model (default: %(default)s)")
-    parser.add_argument("--backend", default="default", help="kernel backend (default: numba where it imports)")
+    parser.add_argument("--backend", default="default", help="kernel backend (default: auto, as every command picks it)")
     parser.add_argument("--tokens", type=int, default=32, help="tokens to generate (default: %(default)s)")
 
 

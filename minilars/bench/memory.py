@@ -241,7 +241,7 @@ def run(args) -> int:
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     if args.max_rss:
-        from minilars.planner import parse_size
+        from minilars.units import parse_size
 
         max_rss = parse_size(args.max_rss)
     else:

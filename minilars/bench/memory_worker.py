@@ -126,9 +126,9 @@ def _load(args, backend):
         model = Model.random(preset("tiny"), seed=args.seed, dtype=np.dtype(args.weight_dtype), backend=backend,
                              compute_dtype="float32")
         return model
-    from minilars.pretrained import load_pretrained
+    from minilars.pretrained import load_model
 
-    model, _tokenizer = load_pretrained(args.model, backend=backend, weight_dtype=args.weight_dtype)
+    model, _tokenizer = load_model(args.model, backend, args.weight_dtype)
     return model
 
 

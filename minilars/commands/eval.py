@@ -44,14 +44,14 @@ def run(args) -> int:
     from minilars import evaluate
     from minilars.peft_io import load_adapter
 
-    from .common import backend_from_args
+    from .common import load_model_from_args
 
     if args.max_new_tokens < 1:
         raise ValueError("--max-new-tokens must be >= 1")
     if args.limit is not None and args.limit < 1:
         raise ValueError("--limit must be >= 1")
     items = evaluate.read_items(args.data, args.split, args.limit)
-    model, tokenizer = evaluate.load_model(args.model, backend_from_args(args), args.weight_dtype)
+    model, tokenizer = load_model_from_args(args)
     if tokenizer is None:
         raise ValueError(f"{args.model} has no tokenizer")
     if args.adapter:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import shutil
 import sys
 import time
@@ -24,16 +23,17 @@ from pathlib import Path
 from minilars.cli import CommandError
 from minilars.methods.base import positive_int as _positive_int  # the methods' --rank reads the same
 
+from .common import BACKEND_HELP
+
 
 def _size(text) -> int:
-    """'1GiB', '512MiB', '2G', '1e9' -> bytes; binary units with or without 'i', as the planner reads them."""
-    if isinstance(text, int):
-        return text
-    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([kmgt]?)i?b?\s*", str(text), re.IGNORECASE)
-    if not match:
-        raise argparse.ArgumentTypeError(f"cannot read size {text!r}; write e.g. 1GiB, 512MiB or 2G")
-    number, prefix = match.groups()
-    return int(float(number) * 1024 ** " kmgt".index(prefix.lower() or " "))
+    """--max-memory: '1GiB', '512MiB', '2G', '1e9' -> bytes (minilars.units.parse_size)."""
+    from minilars.units import parse_size
+
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _count(text) -> int:
@@ -80,7 +80,7 @@ OPTIONS = (
            "model will be used at"),
     Option("calibration_seq_len", _positive_int, None, "LARS: tokens per --calibration-data row (default: "
            "--seq-len)"),
-    Option("backend", str, "auto", "kernel backend; auto picks torch where it imports, else numba, else numpy",
+    Option("backend", str, "auto", BACKEND_HELP,
            choices=("auto", "numpy", "numba", "torch")),
     Option("device", str, "cpu", "torch backend only: cpu or cuda"),
     Option("threads", _count, 0, "torch backend only: intra-op threads; 0 picks the cores that are idle at start "
@@ -407,21 +407,18 @@ def _clear_run_files(out: Path) -> None:
 
 # ---------------------------------------------------------------- model and method
 def _backend(opts):
-    from minilars.backends import get_backend
+    """--backend/--device (auto: backends.default_backend_name, as in every command)."""
+    from minilars.backends import resolve_backend
 
-    names = [opts.backend] if opts.backend != "auto" else ["torch", "numba", "numpy"]
-    for name in names:
-        try:
-            backend = get_backend(name, **({"device": opts.device} if name == "torch" else {}))
-        except ImportError as exc:
-            if opts.backend != "auto":
-                raise CommandError(f"the {name} backend is not available here ({exc})") from None
-            continue
-        if name == "torch":
-            import torch
+    try:
+        backend = resolve_backend(opts.backend, opts.device)
+    except ImportError as exc:
+        raise CommandError(f"the {opts.backend} backend is not available here ({exc})") from None
+    if backend.name == "torch":
+        import torch
 
-            torch.set_num_threads(opts.threads or idle_cores())
-        return backend
+        torch.set_num_threads(opts.threads or idle_cores())
+    return backend
 
 
 def idle_cores() -> int:
@@ -450,29 +447,11 @@ def _threads_text(backend) -> str:
 
 def _load_model(opts):
     """(Model, Tokenizer, a name to print)."""
-    import numpy as np
+    from minilars.pretrained import load_model
 
-    backend = _backend(opts)
-    if opts.model == "tiny":
-        from minilars.config import preset
-        from minilars.data import char_tokenizer
-        from minilars.model import Model
-        from minilars.weights import random_params
-
-        cfg = preset("tiny")
-        params = random_params(cfg, 0, np.float32)
-        for name in params:
-            if not name.endswith("norm.weight"):
-                params[name] = params[name].astype(opts.weight_dtype)
-        model = Model(cfg, params, backend=backend)
-        model.source = "tiny"
-        return model, char_tokenizer(cfg.vocab_size), "tiny (random weights, character tokenizer)"
-    from minilars.pretrained import load_pretrained
-
-    model, tokenizer = load_pretrained(opts.model, backend=backend, weight_dtype=opts.weight_dtype)
-    name = opts.model
-    if opts.model == "smollm2-135m":
-        name = "smollm2-135m (SmolLM2-135M-Instruct)"
+    model, tokenizer = load_model(opts.model, _backend(opts), opts.weight_dtype)
+    name = {"tiny": "tiny (random weights, character tokenizer)",
+            "smollm2-135m": "smollm2-135m (SmolLM2-135M-Instruct)"}.get(opts.model, opts.model)
     return model, tokenizer, name
 
 

@@ -34,8 +34,9 @@ def add_parser(sub) -> None:
     parser.add_argument("--batch-size", type=int, default=1, help="rows per step B (default: %(default)s)")
     parser.add_argument("--weight-dtype", default="float32", choices=("float32", "float16"),
                         help="dtype the frozen weights are kept in (default: %(default)s)")
-    parser.add_argument("--backend", default=None, choices=("numpy", "numba", "torch"),
-                        help="kernel backend whose work arrays to plan for (default: numba where installed)")
+    parser.add_argument("--backend", default="auto", choices=("auto", "numpy", "numba", "torch"),
+                        help="kernel backend whose work arrays to plan for; auto: the one `minilars finetune "
+                             "--backend auto` runs on (on a CPU numba, else torch, else numpy) (default: %(default)s)")
     parser.add_argument("--max-memory", default=None,
                         help="a budget such as 1GiB or 800MiB: exit status 1 and advice when the plan exceeds it")
     parser.add_argument("--phases", action="store_true", help="also list every modelled moment of the step")
@@ -73,12 +74,14 @@ def method_from_args(args):
 
 
 def run(args) -> int:
-    from minilars.planner import check_budget, format_size, parse_size, plan_memory
+    from minilars.backends import backend_name
+    from minilars.planner import check_budget, plan_memory
+    from minilars.units import format_size, parse_size
 
     cfg = _config(args.model)
     method = method_from_args(args)
-    plan = plan_memory(cfg, method, args.seq_len, args.batch_size, args.weight_dtype, args.backend,
-                       model_name=args.model)
+    backend = backend_name(args.backend)
+    plan = plan_memory(cfg, method, args.seq_len, args.batch_size, args.weight_dtype, backend, model_name=args.model)
     print(plan.describe())
     if args.phases:
         print("moments (total at each):")
@@ -87,7 +90,7 @@ def run(args) -> int:
     if args.max_memory is not None:
         budget = parse_size(args.max_memory)
         try:
-            check_budget(cfg, method, args.seq_len, args.batch_size, args.weight_dtype, budget, args.backend)
+            check_budget(cfg, method, args.seq_len, args.batch_size, args.weight_dtype, budget, backend)
         except ValueError as exc:
             print(f"does not fit in {format_size(budget)}: {exc}")
             return 1

@@ -67,7 +67,7 @@ def add_parser(sub) -> None:
                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     acc.add_argument("--out", required=True, help="output directory")
     acc.add_argument("--model", default=None, help="model to fine-tune (default: smollm2-135m; --quick: tiny)")
-    acc.add_argument("--backend", default="numpy", choices=("numpy", "numba", "torch"),
+    acc.add_argument("--backend", default="numpy", choices=("auto", "numpy", "numba", "torch"),
                      help="kernel backend of every process (default: %(default)s: on one free core of a 2-core CPU "
                           "it decoded 2x faster than torch and trained as fast; use torch --device cuda on a GPU)")
     acc.add_argument("--device", default="cpu", help="torch backend only: cpu or cuda (default: %(default)s)")
