@@ -113,10 +113,13 @@ class MethodConfig:
         return self.name
 
 
-def apply_method(model: Model, method: MethodConfig | str, calibration_tokens=None, calibration_mask=None) -> Model:
+def apply_method(model: Model, method: MethodConfig | str, calibration_tokens=None, calibration_mask=None,
+                 bases=None) -> Model:
     """Make `model` train with `method`. LARS needs calibration tokens (B, T);
     calibration_mask (B, T) bool, optional, names the positions whose activations
-    count (the real tokens of padded rows; see calibrate)."""
+    count (the real tokens of padded rows; see calibrate). bases, optional: LARS's
+    (stream_bases, storage_bases) as calibrate returns them, calibrated elsewhere (by
+    rank 0 of a data-parallel run, minilars/distributed.py); no calibration runs."""
     if isinstance(method, str):
         method = MethodConfig(method)
     be = model.be
@@ -129,12 +132,15 @@ def apply_method(model: Model, method: MethodConfig | str, calibration_tokens=No
     rng = np.random.default_rng(method.seed)
     stream_bases = {}
     if method.name == "lars":
-        if calibration_tokens is None:
+        if calibration_tokens is None and bases is None:
             raise ValueError("LARS needs calibration tokens to find its activation subspaces")
         apply_frozen(model)
-        from .calibrate import calibrate
-        stream_bases, model.bases = calibrate(model, calibration_tokens, method.rank, seed=method.seed,
-                                              token_mask=calibration_mask)
+        if bases is not None:
+            stream_bases, model.bases = bases
+        else:
+            from .calibrate import calibrate
+            stream_bases, model.bases = calibrate(model, calibration_tokens, method.rank, seed=method.seed,
+                                                  token_mask=calibration_mask)
     for i, block in enumerate(model.sites):
         for stream, site in block.items():
             weight = site.to_linear(be) if method.name == "full" else site.weight
