@@ -27,7 +27,7 @@ from minilars.data import Rows, batch_indices, first_rows
 from minilars.methods import MethodConfig
 from minilars.model import Model
 from minilars.optim import AdamW, AdamWConfig
-from minilars.train import CHECKPOINT, TrainConfig, Trainer, read_checkpoint_meta
+from minilars.train import CHECKPOINT, TrainConfig, Trainer, TrainingInterrupted, read_checkpoint_meta
 
 IGNORE = -100
 ROWS, SEQ_LEN, BATCH = 8, 16, 4
@@ -71,25 +71,35 @@ def checkpoint_params(path: Path) -> dict[str, np.ndarray]:
 
 
 # ---------------------------------------------------------------- the worker (one rank)
+# what a rank does to itself at the start of a step's forward (job["act"] = [rank, step, what])
+ACTIONS = {"kill": signal.SIGKILL,  # as the OOM killer would
+           "hang": signal.SIGSTOP,  # alive but silent: only the timeout can tell
+           "interrupt": signal.SIGINT}  # Ctrl-C reaching one rank only
+
+
 def worker(spec: dict) -> int:
     group = distributed.join()
     try:
         for job in spec["jobs"]:
             trainer = make_trainer(job["method"], job["backend"], job["steps"], Path(job["out"]), group,
                                    save_every=job.get("save_every", 0))
-            if group.rank == job.get("kill_rank") and job.get("kill_at_step"):
+            rank, at_step, what = job.get("act") or (None, None, None)
+            if group.rank == rank:
                 forward = trainer.model.forward
 
-                def forward_or_die(*args, _forward=forward, _trainer=trainer, _at=job["kill_at_step"], **kwargs):
-                    if _trainer.step + 1 == _at:
-                        os.kill(os.getpid(), signal.SIGKILL)  # as the OOM killer would
+                def forward_and_act(*args, _forward=forward, _trainer=trainer, **kwargs):
+                    if _trainer.step + 1 == at_step:
+                        os.kill(os.getpid(), ACTIONS[what])
                     return _forward(*args, **kwargs)
 
-                trainer.model.forward = forward_or_die
+                trainer.model.forward = forward_and_act
             trainer.run()
     except distributed.DistributedError as exc:
         print(f"DistributedError: {exc}", file=sys.stderr, flush=True)
         return 3
+    except TrainingInterrupted as exc:
+        print(f"TrainingInterrupted: {exc}", file=sys.stderr, flush=True)
+        return 130
     finally:
         distributed.leave()
     return 0
@@ -132,8 +142,15 @@ def wait_all(procs: list[subprocess.Popen], timeout: float) -> list[tuple[int, s
 
 
 # ---------------------------------------------------------------- the tests
-pytest.importorskip("torch")
-pytest.importorskip("torch.distributed")
+def _has_torch_distributed() -> bool:
+    try:
+        import torch.distributed
+    except ImportError:
+        return False
+    return torch.distributed.is_available()
+
+
+needs_torch = pytest.mark.skipif(not _has_torch_distributed(), reason="torch.distributed is not installed")
 
 
 def test_ranks_hold_uneven_labelled_tokens_in_every_step():
@@ -149,6 +166,7 @@ def test_ranks_hold_uneven_labelled_tokens_in_every_step():
 JOBS = [("lars", "numpy"), ("lora", "numpy"), ("full", "numpy"), ("lars", "torch")]
 
 
+@needs_torch
 def test_two_processes_take_the_steps_of_one(tmp_path):
     jobs = [{"method": m, "backend": b, "steps": 3, "out": str(tmp_path / f"two-{m}-{b}")} for m, b in JOBS]
     results = wait_all(launch({"jobs": jobs}, tmp_path), timeout=120)
@@ -172,10 +190,11 @@ def test_two_processes_take_the_steps_of_one(tmp_path):
         np.testing.assert_allclose([e["loss"] for e in logged], one.losses, rtol=1e-9)
 
 
+@needs_torch
 def test_a_killed_rank_stops_the_other_with_a_clear_error_and_a_loadable_checkpoint(tmp_path):
     out = tmp_path / "killed"
     job = {"method": "lars", "backend": "numpy", "steps": 6, "out": str(out), "save_every": 1,
-           "kill_rank": 1, "kill_at_step": 3}
+           "act": [1, 3, "kill"]}
     started = time.monotonic()
     (rc0, err0), (rc1, _) = wait_all(launch({"jobs": [job]}, tmp_path, timeout_s=20), timeout=60)
     assert rc1 == -signal.SIGKILL
@@ -194,6 +213,46 @@ def test_a_killed_rank_stops_the_other_with_a_clear_error_and_a_loadable_checkpo
     expected, got = checkpoint_params(straight.checkpoint_path), checkpoint_params(resumed.checkpoint_path)
     for name, value in expected.items():
         np.testing.assert_allclose(got[name], value, rtol=0, atol=1e-6, err_msg=name)
+
+
+@needs_torch
+def test_a_silent_rank_stops_the_other_at_the_timeout(tmp_path):
+    out = tmp_path / "hung"
+    job = {"method": "lora", "backend": "numpy", "steps": 4, "out": str(out), "save_every": 1,
+           "act": [1, 2, "hang"]}
+    started = time.monotonic()
+    procs = launch({"jobs": [job]}, tmp_path, timeout_s=4)
+    try:
+        _, err0 = procs[0].communicate(timeout=60)
+        waited = time.monotonic() - started
+    finally:
+        procs[1].kill()  # SIGKILL ends a stopped process too
+        procs[1].wait()
+    assert procs[0].returncode == 3, err0[-2000:]
+    assert "did not answer within 4 s" in err0, err0[-2000:]
+    assert waited < 45
+    assert read_checkpoint_meta(out / CHECKPOINT)["step"] == 1
+
+
+@needs_torch
+def test_a_signal_to_one_rank_stops_every_rank_after_the_same_step(tmp_path):
+    out = tmp_path / "interrupted"
+    job = {"method": "full", "backend": "numpy", "steps": 6, "out": str(out), "act": [1, 3, "interrupt"]}
+    results = wait_all(launch({"jobs": [job]}, tmp_path), timeout=60)
+    assert [rc for rc, _ in results] == [130, 130], [err[-2000:] for _, err in results]
+    assert "after step 3" in results[0][1] and "after step 3" in results[1][1]
+    assert read_checkpoint_meta(out / CHECKPOINT)["step"] == 3  # rank 0 saved the step every rank finished
+
+
+def test_without_torch_asking_for_several_processes_says_what_to_install(monkeypatch, capsys):
+    from minilars.cli import main
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setitem(sys.modules, "torch", None)  # import torch now raises ImportError
+    monkeypatch.setitem(sys.modules, "torch.distributed", None)
+    assert main(["finetune", "--model", "tiny", "--quick"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "pip install torch" in err[0] and "torchrun" in err[0], err
 
 
 def test_a_batch_that_does_not_divide_among_the_processes_is_refused():
