@@ -83,6 +83,10 @@ def worker(spec: dict) -> int:
         for job in spec["jobs"]:
             trainer = make_trainer(job["method"], job["backend"], job["steps"], Path(job["out"]), group,
                                    save_every=job.get("save_every", 0))
+            if job.get("resume"):  # rank 0 alone reads the checkpoint, as finetune does
+                if group.is_main:
+                    trainer.resume()
+                distributed.broadcast_state(group, trainer)
             rank, at_step, what = job.get("act") or (None, None, None)
             if group.rank == rank:
                 forward = trainer.model.forward
@@ -111,17 +115,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(spec: dict, tmp_path: Path, world_size: int = 2, timeout_s: float = 20) -> list[subprocess.Popen]:
-    """world_size worker processes on this machine, as torchrun would start them."""
+def launch(spec: dict, tmp_path: Path, world_size: int = 2, timeout_s: float = 20,
+           command: list[str] | None = None) -> list[subprocess.Popen]:
+    """world_size worker processes on this machine (or `python COMMAND...`), as torchrun
+    would start them."""
     spec_file = tmp_path / f"spec-{time.monotonic_ns()}.json"
     spec_file.write_text(json.dumps(spec))
+    command = command or [__file__, "worker", str(spec_file)]
     port = free_port()
     procs = []
     for rank in range(world_size):
         env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world_size),
                "LOCAL_WORLD_SIZE": str(world_size), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
                "OMP_NUM_THREADS": "1", distributed.TIMEOUT_ENV: str(timeout_s)}
-        procs.append(subprocess.Popen([sys.executable, __file__, "worker", str(spec_file)], env=env,
+        procs.append(subprocess.Popen([sys.executable, *command], env=env,
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     return procs
 
@@ -213,6 +220,48 @@ def test_a_killed_rank_stops_the_other_with_a_clear_error_and_a_loadable_checkpo
     expected, got = checkpoint_params(straight.checkpoint_path), checkpoint_params(resumed.checkpoint_path)
     for name, value in expected.items():
         np.testing.assert_allclose(got[name], value, rtol=0, atol=1e-6, err_msg=name)
+
+
+@needs_torch
+def test_two_processes_resume_a_one_process_checkpoint(tmp_path):
+    out = tmp_path / "resumed"
+    first = make_trainer("lora", "numpy", 5, out)
+    for _ in range(2):  # two of five steps, then a checkpoint, as a stopped run leaves it
+        first.history.append(first.train_step())
+    first.save()
+    job = {"method": "lora", "backend": "numpy", "steps": 5, "out": str(out), "resume": True}
+    results = wait_all(launch({"jobs": [job]}, tmp_path), timeout=60)
+    assert [rc for rc, _ in results] == [0, 0], [err[-2000:] for _, err in results]
+    straight = make_trainer("lora", "numpy", 5, tmp_path / "straight")
+    straight.run()
+    expected, got = checkpoint_params(straight.checkpoint_path), checkpoint_params(out / CHECKPOINT)
+    for name, value in expected.items():
+        np.testing.assert_allclose(got[name], value, rtol=0, atol=1e-6, err_msg=name)
+    assert read_checkpoint_meta(out / CHECKPOINT)["step"] == 5
+
+
+@needs_torch
+def test_finetune_command_on_two_processes(tmp_path):
+    """`minilars finetune` as torchrun starts it: rank 0 alone prints, evaluates and
+    saves; the losses are one process's (float32 tiny model)."""
+    data = tmp_path / "facts.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"Mira's {k}?", "completion": f"{v}."}) + "\n"
+                            for k, v in [("cat", "Pumpernickel"), ("tea", "Keemun"), ("bike", "mustard"),
+                                         ("street", "Vellacourt"), ("car", "teal"), ("dog", "Biscuit")]))
+    args = ["finetune", "--model", "tiny", "--backend", "numpy", "--data", str(data), "--steps", "3",
+            "--batch-size", "4", "--seq-len", "32", "--lr", "1e-2", "--warmup", "0", "--eval-fraction", "0.34",
+            "--eval-samples", "2", "--show", "1", "--max-new-tokens", "4", "--save-every", "1", "--no-progress"]
+    from minilars.cli import main
+
+    assert main([*args, "--output", str(tmp_path / "one")]) == 0
+    procs = launch({}, tmp_path, command=["-m", "minilars", *args, "--output", str(tmp_path / "two")])
+    outputs = [p.communicate(timeout=60) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [err[-2000:] for _, err in outputs]
+    assert "2 processes, 2 rows each" in outputs[0][0] and outputs[1][0] == ""  # rank 1 prints nothing
+    one, two = (json.loads((tmp_path / d / "result.json").read_text()) for d in ("one", "two"))
+    np.testing.assert_allclose(two["losses"], one["losses"], rtol=1e-5)
+    assert (tmp_path / "two" / "adapter_model.safetensors").is_file()
+    assert two["after"]["n"] == 2 and two["run_config"] == one["run_config"]
 
 
 @needs_torch
