@@ -70,6 +70,16 @@ def checkpoint_params(path: Path) -> dict[str, np.ndarray]:
     return {k: v for k, v in load_file(str(path)).items() if k.startswith("param/")}
 
 
+def assert_same_params(expected_checkpoint: Path, got_checkpoint: Path, what: str = "") -> dict[str, np.ndarray]:
+    """Every trainable array of two checkpoints equal to 1e-6 (float64); the expected ones."""
+    expected, got = checkpoint_params(expected_checkpoint), checkpoint_params(got_checkpoint)
+    assert sorted(got) == sorted(expected)
+    for name, value in expected.items():
+        assert got[name].shape == value.shape and got[name].dtype == np.float64, name
+        np.testing.assert_allclose(got[name], value, rtol=0, atol=1e-6, err_msg=f"{what}{name}")
+    return expected
+
+
 # ---------------------------------------------------------------- the worker (one rank)
 # what a rank does to itself at the start of a step's forward (job["act"] = [rank, step, what])
 ACTIONS = {"kill": signal.SIGKILL,  # as the OOM killer would
@@ -182,12 +192,8 @@ def test_two_processes_take_the_steps_of_one(tmp_path):
         one = make_trainer(method, backend, 3, tmp_path / f"one-{method}-{backend}")
         one.run()
         two = Path(job["out"])
-        expected, got = checkpoint_params(one.checkpoint_path), checkpoint_params(two / CHECKPOINT)
-        assert sorted(got) == sorted(expected)
+        expected = assert_same_params(one.checkpoint_path, two / CHECKPOINT, f"{method}/{backend}: ")
         start = make_trainer(method, backend, 3, tmp_path / "unused").model.trainable()
-        for name, value in expected.items():
-            assert got[name].shape == value.shape and got[name].dtype == np.float64, name
-            np.testing.assert_allclose(got[name], value, rtol=0, atol=1e-6, err_msg=f"{method}/{backend}: {name}")
         moved = max(float(np.abs(value - np.asarray(start[name[len("param/"):]])).max())
                     for name, value in expected.items())
         assert moved > 1e-3, f"{method}: the parameters barely moved, so equality says little"
@@ -217,9 +223,7 @@ def test_a_killed_rank_stops_the_other_with_a_clear_error_and_a_loadable_checkpo
     resumed.run()
     straight = make_trainer("lars", "numpy", 6, tmp_path / "straight")
     straight.run()
-    expected, got = checkpoint_params(straight.checkpoint_path), checkpoint_params(resumed.checkpoint_path)
-    for name, value in expected.items():
-        np.testing.assert_allclose(got[name], value, rtol=0, atol=1e-6, err_msg=name)
+    assert_same_params(straight.checkpoint_path, resumed.checkpoint_path)
 
 
 @needs_torch
@@ -234,9 +238,7 @@ def test_two_processes_resume_a_one_process_checkpoint(tmp_path):
     assert [rc for rc, _ in results] == [0, 0], [err[-2000:] for _, err in results]
     straight = make_trainer("lora", "numpy", 5, tmp_path / "straight")
     straight.run()
-    expected, got = checkpoint_params(straight.checkpoint_path), checkpoint_params(out / CHECKPOINT)
-    for name, value in expected.items():
-        np.testing.assert_allclose(got[name], value, rtol=0, atol=1e-6, err_msg=name)
+    assert_same_params(straight.checkpoint_path, out / CHECKPOINT)
     assert read_checkpoint_meta(out / CHECKPOINT)["step"] == 5
 
 
