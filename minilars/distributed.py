@@ -305,6 +305,27 @@ def _calibrated(model) -> dict[str, np.ndarray]:
     return frozen_arrays(model)
 
 
+def check_same_run(group: Group | None, run_config: dict, may_differ: tuple[str, ...] = ("threads",)) -> None:
+    """DistributedError on every rank unless every rank runs the same job: the same
+    model, data rows, method and options (run_config, as the checkpoint hash sees it;
+    the thread count may differ between machines). Each machine reads its own model
+    and data files, so a stale copy on one of them would otherwise train silently on
+    other rows."""
+    if group is None:
+        return
+    _, dist = group._torch()
+    mine = {k: v for k, v in run_config.items() if k not in may_differ}
+    everyone: list = [None] * group.world_size
+    group._collective("comparing the processes' configurations", dist.all_gather_object, everyone, mine)
+    for rank, theirs in enumerate(everyone[1:], start=1):
+        keys = sorted(k for k in set(theirs) | set(everyone[0]) if theirs.get(k) != everyone[0].get(k))
+        if keys:
+            shown = "; ".join(f"{k}: {everyone[0].get(k)!r} on rank 0, {theirs.get(k)!r} on rank {rank}"
+                              for k in keys[:3])
+            raise DistributedError(f"the processes are not running the same job ({shown}); every machine needs "
+                                   "the same model and data files and the same options")
+
+
 def broadcast_state(group: Group | None, trainer) -> None:
     """Make every rank's trainable arrays, AdamW state, frozen bases, step and history
     rank 0's: after rank 0 alone read a checkpoint (so a resumed run may use any

@@ -93,6 +93,9 @@ def worker(spec: dict) -> int:
         for job in spec["jobs"]:
             trainer = make_trainer(job["method"], job["backend"], job["steps"], Path(job["out"]), group,
                                    save_every=job.get("save_every", 0))
+            if "check_run" in job:  # rank 1 read other data
+                config = {**trainer.run_config, **(job["check_run"] if group.rank == 1 else {})}
+                distributed.check_same_run(group, config)
             if job.get("resume"):  # rank 0 alone reads the checkpoint, as finetune does
                 if group.is_main:
                     trainer.resume()
@@ -264,6 +267,17 @@ def test_finetune_command_on_two_processes(tmp_path):
     np.testing.assert_allclose(two["losses"], one["losses"], rtol=1e-5)
     assert (tmp_path / "two" / "adapter_model.safetensors").is_file()
     assert two["after"]["n"] == 2 and two["run_config"] == one["run_config"]
+
+
+@needs_torch
+def test_processes_that_read_different_data_refuse_to_start(tmp_path):
+    job = {"method": "lora", "backend": "numpy", "steps": 2, "out": str(tmp_path / "differ"),
+           "check_run": {"data_rows": "0123abcd", "threads": 7}}  # threads may differ, data may not
+    results = wait_all(launch({"jobs": [job]}, tmp_path), timeout=60)
+    assert [rc for rc, _ in results] == [3, 3], [err[-2000:] for _, err in results]
+    for _, err in results:
+        assert "not running the same job (data_rows: None on rank 0, '0123abcd' on rank 1)" in err, err[-2000:]
+    assert not (tmp_path / "differ" / CHECKPOINT).exists()
 
 
 @needs_torch

@@ -256,6 +256,7 @@ def _run(args, group=None) -> int:
         "method_seed": method.seed, "init_adapter": opts.init_adapter, "data": dataset.source,
         "data_rows": rows.digest(), "packing": opts.packing, "backend": model.be.name,
         "threads": _threads(model.be), "weight_dtype": opts.weight_dtype, **config.__dict__}
+    distributed.check_same_run(group, run_config)  # every machine read the same model and data
     eval_set = _eval_subset(dataset.eval, opts) if main else []
     stop_ids = datasets.stop_ids_of(tokenizer)
 
