@@ -281,11 +281,14 @@ def session():
 
 # ---------------------------------------------------------------- the same model on every rank
 def apply_method(group: Group | None, model, method, calibration_tokens, calibration_mask) -> None:
-    """methods.apply_method on every rank, with LARS calibrated once, on rank 0: its
-    bases are broadcast and the other ranks build their sites on them (the same P)."""
+    """methods.apply_method on every rank, with a method that calibrates (LARS)
+    calibrated once, on rank 0: its bases are broadcast and the other ranks build
+    their sites on them (the same P)."""
     from .methods import apply_method as apply
 
-    if group is None or method.name != "lars":
+    kind = getattr(method, "kind", None)  # the method's class where methods are a registry
+    calibrates = kind.needs_calibration if kind is not None else method.name == "lars"
+    if group is None or not calibrates:
         apply(model, method, calibration_tokens, calibration_mask)
         return
     if group.is_main:
