@@ -58,8 +58,7 @@ def make_trainer(method: str, backend: str, steps: int, out: Path, group=None, s
     calibration = first_rows(rows, BATCH, seed=0)
     distributed.apply_method(group, model, config, calibration.tokens, calibration.real)
     opt = AdamW(model.trainable(), model.be, AdamWConfig(lr=1e-2, max_grad_norm=MAX_GRAD_NORM))
-    train_config = TrainConfig(steps=steps, batch_size=BATCH, seq_len=SEQ_LEN, lr=1e-2, warmup=0, seed=0,
-                               max_grad_norm=MAX_GRAD_NORM)
+    train_config = TrainConfig(steps=steps, batch_size=BATCH, seq_len=SEQ_LEN, lr=1e-2, warmup=0, seed=0)
     return Trainer(model, opt, rows, train_config, out, run_config(method, backend), save_every=save_every,
                    progress=False, group=group)
 
