@@ -344,19 +344,26 @@ def stop_requests():
 class Trainer:
     """Runs steps [start, config.steps) of one run and keeps its output directory:
     checkpoint.safetensors (every save_every steps, at the end, on SIGINT/SIGTERM) and
-    log.jsonl (one line per step and per evaluation)."""
+    log.jsonl (one line per step and per evaluation).
+
+    With `group` (minilars/distributed.py) this process is one rank of a data-parallel
+    run: it trains on its share of every batch, gradients are summed across ranks
+    before the optimizer step, and only rank 0 writes files or shows progress."""
 
     def __init__(self, model: Model, opt: AdamW, rows: Rows, config: TrainConfig, out_dir: Path,
                  run_config: dict, save_every: int = 0, eval_every: int = 0,
-                 evaluate_fn: Callable[[int], EvalResult] | None = None, progress: bool = True):
+                 evaluate_fn: Callable[[int], EvalResult] | None = None, progress: bool = True, group=None):
         self.model, self.opt, self.rows, self.config = model, opt, rows, config
+        self.group = group  # minilars.distributed.Group, or None for one process
+        self.writes = group is None or group.is_main  # this process keeps the output directory
         self.out_dir = Path(out_dir)
-        self.out_dir.mkdir(parents=True, exist_ok=True)  # the checkpoint and log go here
+        if self.writes:
+            self.out_dir.mkdir(parents=True, exist_ok=True)  # the checkpoint and log go here
         self.run_config = run_config
         self.hash = config_hash(run_config)
         self.save_every, self.eval_every = save_every, eval_every
         self.evaluate_fn = evaluate_fn
-        self.progress = progress
+        self.progress = progress and self.writes
         self.step = 0  # steps done
         self.history: list[dict] = []  # one entry per step and per evaluation
         self.peak_bytes = 0
@@ -388,7 +395,9 @@ class Trainer:
         return self.rows.tokens[idx], self.rows.targets[idx]
 
     def save(self) -> None:
-        self._check_params_finite()
+        self._check_params_finite()  # on every rank: each holds the same parameters
+        if not self.writes:
+            return
         save_checkpoint(self.checkpoint_path, self.model, self.opt,
                         {"step": self.step, "config_hash": self.hash, "run_config": self.run_config,
                          "history": self.history})
@@ -404,12 +413,18 @@ class Trainer:
         s, cfg = self.step, self.config
         started = time.perf_counter()
         tokens, targets = self.batch(s)
+        if self.group is not None:
+            tokens, targets = self.group.shard(tokens, targets)  # this rank's rows of the batch
         tape = self.model.forward(tokens, targets)
         loss = float(tape.loss)
+        if self.group is not None:  # the whole batch's loss; this rank's weight n_r / N in it
+            loss, weight = self.group.global_loss(loss, tape.n_labelled)
         if not math.isfinite(loss):
             tape.store.clear()
             self._diverged(f"loss is {loss} at step {s + 1}")
         grads = self.model.backward(tape)
+        if self.group is not None:
+            grads = self.group.sum_gradients(grads, self.model.be, weight)  # the whole batch's gradient
         lr = cfg.lr_at(s)
         try:
             norm = self.opt.step(grads, lr=lr)
@@ -417,9 +432,12 @@ class Trainer:
             self._diverged(f"{exc} at step {s + 1}")
         self.step = s + 1
         self.peak_bytes = max(self.peak_bytes, tape.store.bytes_peak)
-        return {"step": self.step, "loss": loss, "lr": lr, "grad_norm": float(norm),
-                "tokens_per_s": cfg.batch_size * cfg.seq_len / (time.perf_counter() - started),
-                "activation_bytes": tape.store.bytes_peak}
+        entry = {"step": self.step, "loss": loss, "lr": lr, "grad_norm": float(norm),
+                 "tokens_per_s": cfg.batch_size * cfg.seq_len / (time.perf_counter() - started),
+                 "activation_bytes": tape.store.bytes_peak}
+        if self.group is not None:
+            entry["allreduce_s"] = self.group.last_reduce_s
+        return entry
 
     def run(self) -> list[float]:
         """Train to config.steps; returns every step's loss (resumed steps included)."""
@@ -448,9 +466,9 @@ class Trainer:
                         result = self.evaluate_fn(self.step)
                         self.record_eval(result)
                         say(f"step {self.step}: {result.summary()}")
-                    if stop["signal"]:
+                    if self._stop_agreed(stop["signal"]):
                         self.save()
-                        raise TrainingInterrupted(self.step, stop["signal"])
+                        raise TrainingInterrupted(self.step, stop["signal"] or "a signal to another rank")
                     if self.save_every and self.step % self.save_every == 0:
                         self.save()
                         last_saved = self.step
@@ -475,11 +493,17 @@ class Trainer:
         if bad:
             self._diverged(f"parameter {bad[0]} is not finite after step {self.step}")
 
+    def _stop_agreed(self, requested) -> bool:
+        """Stop after this step: every rank stops at the same step when any was signalled."""
+        return self.group.any(bool(requested)) if self.group is not None else bool(requested)
+
     def _append_log(self, entry: dict) -> None:
-        append_line(self.out_dir / LOG, json.dumps(entry))
+        if self.writes:
+            append_line(self.out_dir / LOG, json.dumps(entry))
 
     def _rewrite_log(self) -> None:
-        write_text(self.out_dir / LOG, "".join(json.dumps(e) + "\n" for e in self.history))
+        if self.writes:
+            write_text(self.out_dir / LOG, "".join(json.dumps(e) + "\n" for e in self.history))
 
 
 def expected_activation_bytes(model: Model, batch_size: int, seq_len: int, probe: tuple[int, int] = (8, 16)) -> int:

@@ -201,32 +201,45 @@ def resolve_options(args) -> argparse.Namespace:
 
 # ---------------------------------------------------------------- the job
 def run(args) -> int:
-    """The command; torch's process-wide thread count is put back afterwards."""
+    """The command; torch's process-wide thread count is put back afterwards. Under
+    torchrun (WORLD_SIZE > 1) this process is one rank of a data-parallel run
+    (minilars/distributed.py, docs/distributed.md)."""
+    from minilars import distributed
+
     torch = sys.modules.get("torch")
     threads = torch.get_num_threads() if torch is not None else None
     try:
-        return _run(args)
+        with distributed.session() as group:
+            return _run(args, group)
     finally:
         if threads is not None:
             torch.set_num_threads(threads)
 
 
-def _run(args) -> int:
+def _run(args, group=None) -> int:
     started = time.perf_counter()
     available = available_memory()  # before this process loads anything
     opts = resolve_options(args)
     _check_settings(opts)  # every setting that needs no model, before any work
     out = Path(opts.output) if opts.output else Path("runs") / time.strftime("finetune-%Y%m%d-%H%M%S")
+    from minilars import distributed
+
+    main = group is None or group.is_main  # rank 0 alone reads and writes --output, evaluates and prints
+    local_batch = distributed.local_batch_size(group, opts.batch_size)  # a clear error when it does not divide
+    if not main:
+        return _run_owning(opts, out, started, available, group, local_batch)
     with _own_output(out):  # one run per output directory, for the run's whole life
         _check_output(out, opts)
-        return _run_owning(opts, out, started, available)
+        return _run_owning(opts, out, started, available, group, local_batch)
 
 
-def _run_owning(opts, out: Path, started: float, available: int | None) -> int:
+def _run_owning(opts, out: Path, started: float, available: int | None, group=None, local_batch: int = 0) -> int:
     from minilars import data as datasets
-    from minilars import train
+    from minilars import distributed, train
 
-    if opts.resume and opts.threads == 0:  # the thread count can change float sums: keep the run's
+    main = group is None or group.is_main  # rank 0 alone reads and writes --output, evaluates and prints
+
+    if opts.resume and opts.threads == 0 and main:  # the thread count can change float sums: keep the run's
         opts.threads = train.read_checkpoint_meta(out / train.CHECKPOINT).get("run_config", {}).get("threads") or 0
 
     if opts.calibration_data is not None and not _method_class(opts).needs_calibration:
@@ -251,7 +264,7 @@ def _run_owning(opts, out: Path, started: float, available: int | None) -> int:
                                warmup=opts.warmup, seed=opts.seed)
     optimizer = AdamWConfig(lr=opts.lr, weight_decay=opts.weight_decay)
     calibration = _calibration_rows(opts, rows, tokenizer, cfg.max_seq_len)
-    _prepare_model(model, method, opts, calibration.tokens, calibration.real)
+    _prepare_model(model, method, opts, calibration.tokens, calibration.real, group)
     method = model.method
 
     from minilars.peft_io import model_fingerprint
@@ -263,7 +276,8 @@ def _run_owning(opts, out: Path, started: float, available: int | None) -> int:
         "data_rows": rows.digest(), "packing": opts.packing, "backend": model.be.name,
         "threads": _threads(model.be), "weight_dtype": opts.weight_dtype, **config.__dict__,
         "weight_decay": optimizer.weight_decay, "max_grad_norm": optimizer.max_grad_norm}
-    eval_set = _eval_subset(dataset.eval, opts)
+    distributed.check_same_run(group, run_config)  # every machine read the same model and data
+    eval_set = _eval_subset(dataset.eval, opts) if main else []
     stop_ids = datasets.stop_ids_of(tokenizer)
 
     def evaluate(step: int):
@@ -272,17 +286,19 @@ def _run_owning(opts, out: Path, started: float, available: int | None) -> int:
 
     trainer = train.Trainer(model, opt, rows, config, out, run_config, save_every=opts.save_every,
                             eval_every=opts.eval_every, evaluate_fn=evaluate if eval_set else None,
-                            progress=opts.progress)
-    if opts.resume:
-        meta = trainer.resume()  # CheckpointError when the configuration differs
-        note = f"resuming at step {meta['step']} of {opts.steps}"
-    else:
-        note = f"starting at step 0 of {opts.steps}"
-    expected = train.expected_activation_bytes(model, opts.batch_size, opts.seq_len)
+                            progress=opts.progress, group=group)
+    if opts.resume and main:
+        trainer.resume()  # CheckpointError when the configuration differs
+    distributed.broadcast_state(group, trainer)  # the other ranks start from rank 0's state
+    note = f"resuming at step {trainer.step} of {opts.steps}" if opts.resume else f"starting at step 0 of {opts.steps}"
+    if group is not None:
+        note += f"; {group.world_size} processes, {local_batch} row{'s' if local_batch > 1 else ''} each"
+    expected = train.expected_activation_bytes(model, local_batch, opts.seq_len)
     _print_header(opts, model_name, model, method, dataset, rows, expected, out, note, calibration)
 
-    out.mkdir(parents=True, exist_ok=True)
-    if not opts.resume:
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+    if not opts.resume and main:
         _clear_run_files(out)
     before = _history_eval(trainer.history, 0)
     if before is None and eval_set:
@@ -297,9 +313,12 @@ def _run_owning(opts, out: Path, started: float, available: int | None) -> int:
     except train.TrainingDiverged as exc:
         raise CommandError(str(exc)) from None
     except train.TrainingInterrupted as exc:
-        print(f"minilars finetune: {exc.signal_name} after step {exc.step}; checkpoint written to "
-              f"{out / train.CHECKPOINT}; continue with the same options and --resume", file=sys.stderr)
+        if main:
+            print(f"minilars finetune: {exc.signal_name} after step {exc.step}; checkpoint written to "
+                  f"{out / train.CHECKPOINT}; continue with the same options and --resume", file=sys.stderr)
         return 130
+    if not main:
+        return 0  # rank 0 evaluates and saves the result
 
     after = _history_eval(trainer.history, opts.steps)
     if after is None and eval_set:
@@ -417,7 +436,9 @@ def _backend(opts):
     if backend.name == "torch":
         import torch
 
-        torch.set_num_threads(opts.threads or idle_cores())
+        from minilars.distributed import threads_per_process
+
+        torch.set_num_threads(opts.threads or threads_per_process(idle_cores()))
     return backend
 
 
@@ -485,17 +506,18 @@ def _calibration_rows(opts, rows, tokenizer, max_seq_len: int):
     return datasets.calibration_rows(opts.calibration_data, tokenizer, seq_len, n, opts.seed, opts.packing)
 
 
-def _prepare_model(model, method, opts, calibration, calibration_mask) -> None:
+def _prepare_model(model, method, opts, calibration, calibration_mask, group=None) -> None:
     """Apply the method (LARS calibrates on `calibration`, the first batch, at the
-    positions `calibration_mask` keeps) or load --init-adapter."""
-    from minilars.methods import apply_method
+    positions `calibration_mask` keeps; in a data-parallel run on rank 0 only) or load
+    --init-adapter."""
+    from minilars.distributed import apply_method
 
     if opts.init_adapter:
         from minilars.peft_io import load_adapter
 
         load_adapter(model, opts.init_adapter)  # AdapterError for another base model
         return
-    apply_method(model, method, calibration, calibration_mask)  # only LARS reads the calibration
+    apply_method(group, model, method, calibration, calibration_mask)  # only LARS reads the calibration
 
 
 def _check_budget(cfg, method, opts, backend_name: str, available: int | None) -> None:
