@@ -86,9 +86,9 @@ def test_auto_is_the_default_of_every_command():
     parser = build_parser()
     for argv in (["generate", "hi"], ["eval", "--data", "x.jsonl"], ["plan"]):
         assert parser.parse_args(argv).backend == "auto", argv
-    from minilars.commands.finetune import BY_NAME
+    from minilars.commands.finetune import options_by_name
 
-    assert BY_NAME["backend"].default == "auto"
+    assert options_by_name()["backend"].default == "auto"
 
 
 @pytest.mark.parametrize("others, device, expected", [a for a in AUTO if a[1] == "cpu"])
