@@ -22,6 +22,7 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 TUTORIALS = REPO / "tutorials"
 REAL_MODEL = {"04_lars.py", "05_finetune_in_1gib.py"}  # load_pretrained("smollm2-135m")
+NEEDS = {"07_lars_on_transformers.py": ("torch", "transformers", "peft")}  # minilars[hf]; skipped without
 TIMEOUT_S = 900  # generous: CI machines are shared; quick mode is meant to take well under this
 
 
@@ -59,6 +60,8 @@ def test_tutorial_is_a_percent_notebook_that_ends_in_a_check(path):
 
 @pytest.mark.parametrize("path", params())
 def test_tutorial_runs_and_its_check_passes(path, tmp_path, request):
+    for module in NEEDS.get(path.name, ()):
+        pytest.importorskip(module)
     if path.name in REAL_MODEL:
         request.getfixturevalue("smollm2_path")  # pulled into the cache once per session
     env = {**os.environ, "MINILARS_QUICK": "1", "MINILARS_TUTORIAL_OUT": str(tmp_path), "MPLBACKEND": "Agg"}

@@ -1,0 +1,46 @@
+"""LarsConfig: what `get_lars_model` adapts and how (a dataclass with a help text per
+field, in the shape of peft's LoraConfig)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+LAYER_STORAGE = ("half", "exact", "none")
+
+
+@dataclass(frozen=True)
+class LarsConfig:
+    r: int = field(default=16, metadata={"help": "LARS rank: columns of each stream's basis P (d_in, r) and rows of "
+                                                 "each target's trainable M (r, d_out)."})
+    target_modules: str | tuple[str, ...] = field(
+        default="all-linear",
+        metadata={"help": "'all-linear' (every nn.Linear but the output head) or module names; a name matches a "
+                          "module whose qualified name equals it or ends in '.' + name, as in peft."})
+    layer_storage: str = field(
+        default="half",
+        metadata={"help": "What each decoder layer keeps for backward. 'half': its input only, in float16 (as is "
+                          "when already 16-bit), the layer rerun in backward (minilars's default recipe, "
+                          "docs/lars.md); 'exact': its input in its own dtype, rerun in backward; 'none': plain "
+                          "autograd (every frozen activation kept)."})
+    loss_chunk: int = field(default=256, metadata={"help": "Tokens per slice of the chunked logits and loss: at most "
+                                                           "(loss_chunk, V) float32 logits exist at once."})
+    calibration_seed: int = field(default=0, metadata={"help": "Seed of the randomized range finder; layer i uses "
+                                                               "seed + i, as the engine's calibrate() does."})
+    autocast_adapter_dtype: bool = field(
+        default=True,
+        metadata={"help": "Keep P and M in float32 when the base weights are 16-bit (as peft does for LoRA), so "
+                          "the optimizer updates M in full precision."})
+
+    def __post_init__(self):
+        if isinstance(self.target_modules, list):  # frozen: normalise lists to tuples
+            object.__setattr__(self, "target_modules", tuple(self.target_modules))
+        if not isinstance(self.r, int) or self.r < 1:
+            raise ValueError(f"LarsConfig.r must be a positive integer, got {self.r!r}")
+        if self.target_modules != "all-linear" and (
+                isinstance(self.target_modules, str) or not self.target_modules
+                or not all(isinstance(t, str) and t for t in self.target_modules)):
+            raise ValueError("LarsConfig.target_modules must be 'all-linear' or a non-empty list of module names, "
+                             f"got {self.target_modules!r}")
+        if self.layer_storage not in LAYER_STORAGE:
+            raise ValueError(f"LarsConfig.layer_storage must be one of {LAYER_STORAGE}, got {self.layer_storage!r}")
+        if not isinstance(self.loss_chunk, int) or self.loss_chunk < 1:
+            raise ValueError(f"LarsConfig.loss_chunk must be a positive integer, got {self.loss_chunk!r}")

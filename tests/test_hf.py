@@ -1,0 +1,352 @@
+"""minilars.hf: LARS on transformers models (issue 24).
+
+Tiny random LlamaForCausalLM and Qwen2ForCausalLM built from their configs, float64
+where the comparison is exact. References are computed by other routes: torch
+autograd of the unfactored weight W + (P M)^T, peft's own LoRA with A = P^T frozen
+and B = M^T, and the engine's calibrate() for the bases.
+"""
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+
+from minilars.hf import LarsConfig, LarsLinear, LarsLinearFunction, get_lars_model  # noqa: E402
+from minilars.hf.loss import lars_causal_lm_loss  # noqa: E402
+
+PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+VOCAB = 61
+TOL = {torch.float64: dict(rtol=1e-9, atol=1e-11), torch.float32: dict(rtol=1e-4, atol=1e-6)}
+
+
+def tiny_model(kind: str, dtype=torch.float64, seed: int = 0):
+    torch.manual_seed(seed)
+    common = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=64, attn_implementation="eager")
+    if kind == "llama":
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**common, tie_word_embeddings=True))
+    else:  # qwen2: biases on q, k, v and an untied head
+        model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**common, tie_word_embeddings=False))
+    return model.to(dtype).eval()
+
+
+def tokens(rows=2, seq_len=12, seed=1):
+    return torch.from_numpy(np.random.default_rng(seed).integers(0, VOCAB, (rows, seq_len)))
+
+
+def randomize_m(lars_model, seed=2):
+    """M off zero, so every term of the adapter counts in the comparisons."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in lars_model.lars_layers().values():
+            layer.lars_M.copy_(0.3 * torch.randn(layer.lars_M.shape, generator=gen, dtype=layer.lars_M.dtype))
+
+
+def reference_loss(logits, labels):
+    """transformers' causal-LM loss, in the logits' own dtype (HF upcasts to float32)."""
+    return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
+                                             ignore_index=-100)
+
+
+def equivalent_lora(base, lars_model):
+    """peft LoRA on `base` with lora_A = P^T (frozen), lora_B = M^T, scaling 1."""
+    r = lars_model.lars_config.r
+    model = peft.get_peft_model(base, peft.LoraConfig(r=r, lora_alpha=r, lora_dropout=0.0,
+                                                      target_modules=PROJECTIONS))
+    modules = dict(model.named_modules())
+    for name, layer in lars_model.lars_layers().items():
+        lora = modules[f"base_model.model.{name}"]
+        with torch.no_grad():
+            lora.lora_A["default"].weight.copy_(layer.lars_P.T)
+            lora.lora_B["default"].weight.copy_(layer.lars_M.T)
+        lora.lora_A["default"].weight.requires_grad_(False)
+    return model
+
+
+# ---------------------------------------------------------------- the LARS linear
+@pytest.mark.parametrize("bias", [False, True])
+def test_lars_linear_dm_and_dx_match_autograd_of_the_unfactored_weight(bias):
+    gen = torch.Generator().manual_seed(0)
+    B, T, d_in, d_out, r = 2, 5, 7, 6, 3
+    x = torch.randn(B, T, d_in, generator=gen, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(d_out, d_in, generator=gen, dtype=torch.float64)
+    b = torch.randn(d_out, generator=gen, dtype=torch.float64) if bias else None
+    p, _ = torch.linalg.qr(torch.randn(d_in, r, generator=gen, dtype=torch.float64))
+    m = torch.randn(r, d_out, generator=gen, dtype=torch.float64, requires_grad=True)
+    dy = torch.randn(B, T, d_out, generator=gen, dtype=torch.float64)  # random upstream gradient
+
+    y = LarsLinearFunction.apply(x, w, b, p, m)
+    saved = y.grad_fn.saved_tensors
+    dx, dm = torch.autograd.grad(y, (x, m), dy)
+
+    x_ref = x.detach().clone().requires_grad_(True)
+    m_ref = m.detach().clone().requires_grad_(True)
+    w_eff = w + (p @ m_ref).T  # the unfactored weight (d_out, d_in)
+    y_ref = torch.nn.functional.linear(x_ref, w_eff, b)
+    dx_ref, dm_ref = torch.autograd.grad(y_ref, (x_ref, m_ref), dy)
+
+    assert y.shape == y_ref.shape and dm.shape == (r, d_out)
+    torch.testing.assert_close(y, y_ref, **TOL[torch.float64])
+    torch.testing.assert_close(dm, dm_ref, **TOL[torch.float64])
+    torch.testing.assert_close(dx, dx_ref, **TOL[torch.float64])
+    activations = [t for t in saved if t.shape[:2] == (B, T)]
+    assert [tuple(t.shape) for t in activations] == [(B, T, r)], "only z = x P is kept, never x"
+
+
+# ---------------------------------------------------------------- whole model against peft LoRA
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+@pytest.mark.parametrize("storage", ["exact", "none"])
+def test_whole_model_equals_peft_lora_with_a_fixed_at_p(kind, storage):
+    base = tiny_model(kind)
+    ids = tokens()
+    lars = get_lars_model(copy.deepcopy(base), LarsConfig(r=4, layer_storage=storage), ids)
+    randomize_m(lars)
+    lora = equivalent_lora(copy.deepcopy(base), lars)
+    labels = ids.clone()
+    labels[0, :3] = -100  # ignored positions count in neither
+
+    lars.train()
+    loss = lars(input_ids=ids, labels=labels).loss
+    loss.backward()
+    logits = lora(input_ids=ids).logits
+    loss_ref = reference_loss(logits, labels)
+    loss_ref.backward()
+
+    torch.testing.assert_close(loss, loss_ref, **TOL[torch.float64])
+    peft_modules = dict(lora.named_modules())
+    for name, layer in lars.lars_layers().items():
+        b_grad = peft_modules[f"base_model.model.{name}"].lora_B["default"].weight.grad  # (d_out, r)
+        assert layer.lars_M.grad.shape == b_grad.T.shape
+        torch.testing.assert_close(layer.lars_M.grad, b_grad.T, **TOL[torch.float64], msg=name)
+    frozen = [n for n, p in lars.named_parameters() if p.grad is not None and "lars_M" not in n]
+    assert not frozen, f"frozen weights got gradients: {frozen[:3]}"
+
+
+def test_half_layer_storage_keeps_float16_layer_inputs_and_nothing_that_grows_with_width():
+    """The default recipe's graph: per decoder layer its float16 input; no (T, f), (T, V) tensor."""
+    base = tiny_model("llama", torch.float32)
+    ids = tokens(rows=1, seq_len=16)
+    lars = get_lars_model(copy.deepcopy(base), LarsConfig(r=4), ids)  # layer_storage="half"
+    randomize_m(lars)
+    lars.train()
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        loss = lars(input_ids=ids, labels=ids).loss
+    per_token = [t for t in saved if t.dim() >= 2 and t.shape[-2] == 16 or t.dim() >= 1 and t.shape[0] == 16]
+    d = base.config.hidden_size
+    assert max(t.numel() for t in per_token) <= 16 * d, [tuple(t.shape) for t in per_token]
+    halves = [t for t in per_token if t.dtype == torch.float16]
+    assert len(halves) == base.config.num_hidden_layers
+
+    loss.backward()
+    grads = {n: layer.lars_M.grad.clone() for n, layer in lars.lars_layers().items()}
+    exact = get_lars_model(copy.deepcopy(base), LarsConfig(r=4, layer_storage="exact"), ids)
+    randomize_m(exact)
+    exact.train()
+    exact(input_ids=ids, labels=ids).loss.backward()
+    for name, layer in exact.lars_layers().items():
+        err = (grads[name] - layer.lars_M.grad).norm() / layer.lars_M.grad.norm()
+        assert err < 1e-2, (name, float(err))  # float16 rounding of the kept input, as the engine's `half`
+
+
+# ---------------------------------------------------------------- export
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_saved_adapter_reloads_in_peft_with_the_same_logits(kind, tmp_path):
+    base = tiny_model(kind)
+    ids = tokens()
+    lars = get_lars_model(copy.deepcopy(base), LarsConfig(r=4), ids)
+    randomize_m(lars)
+    with torch.no_grad():
+        logits = lars(input_ids=ids).logits
+        base_logits = base(input_ids=ids).logits
+    lars.save_pretrained(tmp_path)
+    reloaded = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path)
+    with torch.no_grad():
+        peft_logits = reloaded(input_ids=ids).logits
+    torch.testing.assert_close(peft_logits, logits, **TOL[torch.float64])
+    assert (logits - base_logits).abs().max() > 1e-3, "the adapter changes the model"
+
+
+def test_merge_and_unload_gives_a_plain_model_with_the_same_logits():
+    base = tiny_model("llama")
+    ids = tokens()
+    lars = get_lars_model(copy.deepcopy(base), LarsConfig(r=4), ids)
+    with torch.no_grad():
+        torch.testing.assert_close(lars(input_ids=ids).logits, base(input_ids=ids).logits, **TOL[torch.float64])
+    randomize_m(lars)
+    with torch.no_grad():
+        logits = lars(input_ids=ids).logits
+    merged = lars.merge_and_unload()
+    assert not any(isinstance(m, LarsLinear) for m in merged.modules())
+    assert type(merged) is type(base) and "forward" not in merged.model.layers[0].__dict__
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=ids).logits, logits, **TOL[torch.float64])
+
+
+# ---------------------------------------------------------------- calibration
+def test_bases_equal_the_engines_calibration():
+    """Same tokens, same weights: minilars.hf's P spans what minilars.calibrate's does."""
+    from minilars.calibrate import calibrate
+    from minilars.config import preset
+    from minilars.model import Model
+    from minilars.weights import random_params, to_hf
+
+    cfg = preset("tiny")
+    params = random_params(cfg, seed=0, dtype=np.float32)
+    ids = np.random.default_rng(3).integers(0, cfg.vocab_size, (2, 16))
+    engine_bases, _ = calibrate(Model(cfg, {k: v.copy() for k, v in params.items()}), ids, rank=4)
+
+    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.dim, intermediate_size=cfg.ffn_dim, num_hidden_layers=cfg.n_layers,
+        num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_kv_heads, head_dim=cfg.head_dim,
+        rope_theta=cfg.rope_theta, rms_norm_eps=cfg.rms_eps, tie_word_embeddings=cfg.tie_embeddings,
+        max_position_embeddings=64, attn_implementation="eager"))
+    hf.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in to_hf(cfg, params).items()},
+                       strict=False)
+    hf.tie_weights()
+    lars = get_lars_model(hf, LarsConfig(r=4), torch.from_numpy(ids))
+    layers = lars.lars_layers()
+    module = {"attn_in": "self_attn.q_proj", "attn_out": "self_attn.o_proj", "mlp_in": "mlp.gate_proj",
+              "mlp_out": "mlp.down_proj"}
+    for key, engine_p in engine_bases.items():
+        _, i, stream = key.split(".")
+        p = layers[f"model.layers.{i}.{module[stream]}"].lars_P.double().numpy()
+        overlap = np.linalg.norm(p.T @ engine_p.astype(np.float64)) ** 2 / 4
+        assert overlap > 1 - 1e-4, (key, overlap)
+    assert layers["model.layers.0.self_attn.q_proj"].lars_P is layers["model.layers.0.self_attn.v_proj"].lars_P
+    assert len(lars.streams) == 4 * cfg.n_layers
+
+
+def test_padding_is_left_out_of_calibration():
+    base = tiny_model("llama")
+    ids = tokens(rows=2, seq_len=12)
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0
+    padded = ids.clone()
+    padded[1, 6:] = 0  # pad token repeated: would pull directions if it counted
+    a = get_lars_model(copy.deepcopy(base), LarsConfig(r=4), [{"input_ids": padded, "attention_mask": mask}])
+    b = get_lars_model(copy.deepcopy(base), LarsConfig(r=4), [ids[:1], ids[1:, :6]])
+    for name, layer in a.lars_layers().items():
+        other = b.lars_layers()[name].lars_P
+        overlap = float(torch.linalg.matrix_norm(layer.lars_P.T @ other) ** 2 / 4)
+        assert overlap > 1 - 1e-6, (name, overlap)
+
+
+def test_any_module_whose_targets_are_linear():
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.out = torch.nn.Linear(8, 8), torch.nn.Linear(8, 8), torch.nn.Linear(8, 8)
+
+        def forward(self, x):
+            return x + self.out(torch.tanh(self.a(x)) * self.b(x))
+
+    class Toy(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = torch.nn.Embedding(VOCAB, 8)
+            self.blocks = torch.nn.ModuleList([Block(), Block()])
+
+        def forward(self, ids):
+            x = self.embed(ids)
+            for block in self.blocks:
+                x = block(x)
+            return x
+
+    torch.manual_seed(0)
+    toy = Toy().double()
+    ids = tokens()
+    lars = get_lars_model(copy.deepcopy(toy), LarsConfig(r=3, layer_storage="exact"), ids)
+    assert sorted(map(sorted, lars.streams)) == [["blocks.0.a", "blocks.0.b"], ["blocks.0.out"],
+                                                 ["blocks.1.a", "blocks.1.b"], ["blocks.1.out"]]
+    randomize_m(lars)
+    dy = torch.randn(2, 12, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    lars.train()
+    torch.autograd.backward(lars.base_model(ids), dy)
+    merged = copy.deepcopy(lars).merge_and_unload()  # the unfactored reference: W + (P M)^T as leaves
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids), lars.base_model(ids), **TOL[torch.float64])
+    layers = lars.lars_layers()
+    for name, layer in layers.items():
+        linear = merged.get_submodule(name)
+        linear.weight.requires_grad_(True)
+    torch.autograd.backward(merged(ids), dy)
+    for name, layer in layers.items():
+        dw = merged.get_submodule(name).weight.grad  # (d_out, d_in)
+        torch.testing.assert_close(layer.lars_M.grad, layer.lars_P.T @ dw.T, **TOL[torch.float64], msg=name)
+
+
+# ---------------------------------------------------------------- loss, dtypes, Trainer
+def test_chunked_loss_equals_the_whole_logits_loss():
+    gen = torch.Generator().manual_seed(0)
+    head = torch.nn.Linear(8, VOCAB, bias=False).double()
+    hidden = torch.randn(2, 13, 8, generator=gen, dtype=torch.float64, requires_grad=True)
+    labels = tokens(2, 13)
+    labels[1, 4:] = -100
+    dloss = 0.7
+    loss = lars_causal_lm_loss(hidden, labels, head, chunk=5)
+    (dh,) = torch.autograd.grad(loss * dloss, hidden)
+    ref = reference_loss(head(hidden), labels)
+    (dh_ref,) = torch.autograd.grad(ref * dloss, hidden)
+    torch.testing.assert_close(loss, ref, **TOL[torch.float64])
+    torch.testing.assert_close(dh, dh_ref, **TOL[torch.float64])
+
+
+def test_bfloat16_trains_with_float32_adapters():
+    base = tiny_model("qwen2", torch.float32)
+    ids = tokens()
+    ref = get_lars_model(copy.deepcopy(base), LarsConfig(r=4), ids)
+    randomize_m(ref)
+    low = get_lars_model(copy.deepcopy(base).to(torch.bfloat16), LarsConfig(r=4), ids)
+    with torch.no_grad():
+        for (_, a), (_, b) in zip(sorted(low.lars_layers().items()), sorted(ref.lars_layers().items())):
+            assert a.lars_M.dtype == torch.float32 and a.lars_P.dtype == torch.float32
+            a.lars_M.copy_(b.lars_M)
+    for model in (ref, low):
+        model.train()
+        model(input_ids=ids, labels=ids).loss.backward()
+    loss_ref = ref(input_ids=ids, labels=ids).loss
+    loss_low = low(input_ids=ids, labels=ids).loss
+    assert abs(float(loss_low.detach()) - float(loss_ref.detach())) < 0.05
+    g_ref = torch.cat([m.lars_M.grad.reshape(-1) for _, m in sorted(ref.lars_layers().items())])
+    g_low = torch.cat([m.lars_M.grad.reshape(-1) for _, m in sorted(low.lars_layers().items())])
+    assert torch.nn.functional.cosine_similarity(g_ref, g_low, dim=0) > 0.99
+
+
+def test_trainer_runs_steps_and_saves_the_adapter(tmp_path):
+    base = tiny_model("llama", torch.float32)
+    ids = tokens(rows=8, seq_len=12)
+    lars = get_lars_model(base, LarsConfig(r=4), ids[:2])
+    data = [{"input_ids": row, "labels": row} for row in ids]
+    args = transformers.TrainingArguments(output_dir=str(tmp_path / "run"), max_steps=3, per_device_train_batch_size=2,
+                                          learning_rate=1e-2, report_to=[], save_strategy="no", use_cpu=True,
+                                          logging_steps=1, disable_tqdm=True)
+    from minilars.hf.trainer import LarsTrainer
+
+    trainer = LarsTrainer(model=lars, args=args, train_dataset=data)  # transformers.Trainer, saving the adapter
+    result = trainer.train()
+    assert np.isfinite(result.training_loss)
+    assert all(float(m.lars_M.abs().max()) > 0 for m in lars.lars_layers().values()), "every M moved"
+    trainer.save_model(str(tmp_path / "adapter"))
+    reloaded = peft.PeftModel.from_pretrained(tiny_model("llama", torch.float32), tmp_path / "adapter")
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=ids).logits, lars(input_ids=ids).logits, **TOL[torch.float32])
+
+
+def test_bad_input_is_named():
+    base = tiny_model("llama")
+    with pytest.raises(TypeError, match="integer token ids"):
+        get_lars_model(copy.deepcopy(base), LarsConfig(r=4), torch.rand(2, 8))
+    with pytest.raises(ValueError, match="no module matches"):
+        get_lars_model(copy.deepcopy(base), LarsConfig(r=4, target_modules=["nope"]), tokens())
+    with pytest.raises(ValueError, match="larger than"):
+        get_lars_model(copy.deepcopy(base), LarsConfig(r=33), tokens())
+    with pytest.raises(ValueError, match="fewer than"):
+        get_lars_model(copy.deepcopy(base), LarsConfig(r=8), tokens(rows=1, seq_len=4))
+    with pytest.raises(ValueError, match="layer_storage"):
+        LarsConfig(layer_storage="quarter")
