@@ -605,7 +605,7 @@ def single_to_half(x_bits, out_bits):
 def half_to_single(h_bits, table, out_bits):
     """out = float32(h), elementwise, exact (every float16 is a float32): out_bits[i]
     = table[h_bits[i]], with table (65536,) uint32 the float32 bits of every float16
-    pattern (numba_backend builds it with NumPy's own cast). (n,) uint16 -> (n,) uint32."""
+    pattern (numba_backend.half_to_single_table). (n,) uint16 -> (n,) uint32."""
     n = h_bits.size
     for chunk in prange((n + _CAST_CHUNK - 1) // _CAST_CHUNK):
         for i in range(chunk * _CAST_CHUNK, min(n, (chunk + 1) * _CAST_CHUNK)):
