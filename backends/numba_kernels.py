@@ -35,9 +35,37 @@ import warnings
 # Read when libgomp loads, so this only acts if nothing loaded it before numba.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+
+def kernel_cache_dir(source_dir: str = os.path.dirname(os.path.abspath(__file__))) -> str | None:
+    """Where numba keeps the compiled kernels: $NUMBA_CACHE_DIR when set (numba's
+    own variable wins); None, numba's default, beside the source
+    (backends/__pycache__) when that is writable; else the user's cache,
+    models.cache.cache_dir()/numba (~/.cache/minilars/numba), as for a package
+    installed read-only (system site-packages, a shared venv)."""
+    if os.environ.get("NUMBA_CACHE_DIR"):
+        return os.environ["NUMBA_CACHE_DIR"]
+    pycache = os.path.join(source_dir, "__pycache__")
+    if os.access(pycache if os.path.isdir(pycache) else source_dir, os.W_OK):
+        return None
+    from minilars.models.cache import cache_dir
+
+    return str(cache_dir() / "numba")
+
+
+# numba reads the directory when a @njit(cache=True) function is decorated (below),
+# and its environment variable when it is first imported: set both, so that child
+# processes agree and an earlier import of numba does not matter.
+CACHE_DIR = kernel_cache_dir()
+if CACHE_DIR is not None:
+    os.environ["NUMBA_CACHE_DIR"] = CACHE_DIR
+
 import numpy as np  # noqa: E402
 import scipy.linalg.cython_blas  # noqa: E402, F401  the BLAS numba's np.dot calls: no scipy, no numba backend
+import numba  # noqa: E402
 from numba import njit, prange  # noqa: E402
+
+if CACHE_DIR is not None:
+    numba.config.CACHE_DIR = CACHE_DIR
 
 
 def _one_thread_for_kernel_blas() -> str | None:

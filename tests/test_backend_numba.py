@@ -440,6 +440,50 @@ assert after == before, {n: (before[n], after[n]) for n in after if after[n] != 
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
+def test_kernel_cache_goes_to_the_user_cache_when_the_package_is_read_only(tmp_path, monkeypatch):
+    """NUMBA_CACHE_DIR wins; else beside the source when writable (numba's default);
+    else the user's cache, $MINILARS_CACHE or $XDG_CACHE_HOME/minilars, + /numba."""
+    from minilars.backends.numba_kernels import kernel_cache_dir
+
+    source = tmp_path / "site-packages" / "backends"
+    source.mkdir(parents=True)
+    monkeypatch.delenv("NUMBA_CACHE_DIR", raising=False)
+    monkeypatch.delenv("MINILARS_CACHE", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert kernel_cache_dir(str(source)) is None
+    monkeypatch.setattr("os.access", lambda path, mode: False)  # as for a user who may not write there
+    assert kernel_cache_dir(str(source)) == str(tmp_path / "xdg" / "minilars" / "numba")
+    monkeypatch.setenv("MINILARS_CACHE", str(tmp_path / "mine"))
+    assert kernel_cache_dir(str(source)) == str(tmp_path / "mine" / "numba")
+    monkeypatch.setenv("NUMBA_CACHE_DIR", str(tmp_path / "numba-own"))
+    assert kernel_cache_dir(str(source)) == str(tmp_path / "numba-own")
+
+
+@pytest.mark.skipif(__import__("os").environ.get("NUMBA_DISABLE_JIT") == "1", reason="nothing compiled")
+def test_a_read_only_package_compiles_into_the_user_cache(tmp_path):
+    """In a fresh process where the package directory may not be written, a kernel's
+    machine code lands under $MINILARS_CACHE/numba, and numba was told before it
+    compiled anything."""
+    code = f"""
+import os
+real_access = os.access
+os.access = lambda path, mode: False if "backends" in str(path) else real_access(path, mode)
+import numpy as np
+from minilars.backends import numba_kernels as K
+os.access = real_access
+import numba
+assert K.CACHE_DIR == numba.config.CACHE_DIR == os.environ["NUMBA_CACHE_DIR"] == {str(tmp_path / "numba")!r}
+x = np.ones((1, 2, 4, 3), np.float32)
+out = np.empty((1, 2, 2, 3), np.float32)
+K.reduce_kv_heads(x, out)
+assert (out == 2).all()
+"""
+    env = {k: v for k, v in __import__("os").environ.items() if k != "NUMBA_CACHE_DIR"}
+    subprocess.run([sys.executable, "-c", code], check=True, env={**env, "MINILARS_CACHE": str(tmp_path)})
+    cached = [p.name for p in (tmp_path / "numba").rglob("*") if p.suffix in (".nbi", ".nbc")]
+    assert any(name.startswith("numba_kernels.reduce_kv_heads") for name in cached), cached
+
+
 def test_numpy_path_does_not_import_numba():
     code = ("import sys, minilars, minilars.model, minilars.backends\n"
             "from minilars.backends import get_backend\n"
