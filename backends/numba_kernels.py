@@ -27,6 +27,8 @@ import ctypes
 import glob
 import math
 import os
+import sys
+import time
 import warnings
 
 # numba's OpenMP threads spin after each parallel kernel by default; between the
@@ -66,6 +68,57 @@ from numba import njit, prange  # noqa: E402
 
 if CACHE_DIR is not None:
     numba.config.CACHE_DIR = CACHE_DIR
+
+
+# ---------------------------------------------------------------- first-run notice
+# CPU seconds to compile every float32 kernel from an empty cache on this project's
+# x86 machine (benchmarks/arm64_check.sh's docs/raspberry-pi.md gives the figures),
+# and how much slower a machine compiles: LLVM runs on one core, and a Raspberry Pi
+# 4's core is several times slower than a desktop's.
+_COMPILE_SECONDS_X86 = 40.0
+_COMPILE_SLOWDOWN = {"aarch64": 5.0, "arm64": 5.0, "armv7l": 8.0}
+
+
+class _CompileNotice(numba.core.event.Listener):
+    """On the first kernel numba compiles (a cache miss, not a load from the cache),
+    says once on stderr what is happening and for about how long, then one line per
+    kernel with its seconds: a first run on a slow board otherwise sits silent for
+    minutes. Callees compile inside their kernel (nested events) and are not listed."""
+
+    def __init__(self):
+        self.depth = 0
+        self.count = 0
+        self.started = 0.0
+
+    @staticmethod
+    def _ours(event) -> bool:
+        return getattr(event.data["dispatcher"], "py_func", None) in _KERNELS
+
+    def on_start(self, event):
+        self.depth += 1
+        if self.depth != 1 or not self._ours(event):
+            return
+        if self.count == 0:
+            import platform
+
+            minutes = _COMPILE_SECONDS_X86 * _COMPILE_SLOWDOWN.get(platform.machine(), 1.0) / 60
+            where = CACHE_DIR or os.path.join(os.path.dirname(os.path.abspath(__file__)), "__pycache__")
+            print(f"minilars: compiling kernels for this CPU (one time, about {max(1, round(minutes))} min at most; "
+                  f"cached in {where})", file=sys.stderr, flush=True)
+        self.count += 1
+        dtypes = sorted({str(a.dtype) for a in event.data["args"] if isinstance(a, numba.types.Array)})
+        print(f"  [{self.count}] {event.data['dispatcher'].py_func.__name__} ({', '.join(dtypes)}) ...",
+              end="", file=sys.stderr, flush=True)
+        self.started = time.perf_counter()
+
+    def on_end(self, event):
+        self.depth -= 1
+        if self.depth == 0 and self._ours(event):
+            print(f" {time.perf_counter() - self.started:.0f} s", file=sys.stderr, flush=True)
+
+
+_KERNELS: set = set()  # the Python functions of the kernels below (filled at the end of the module)
+numba.core.event.register("numba:compile", _CompileNotice())
 
 
 def _one_thread_for_kernel_blas() -> str | None:
@@ -656,3 +709,6 @@ def adamw_update(p, g, m, v, lr, beta1, beta2, eps, weight_decay, bias1, bias2):
         m[i] = beta1 * m[i] + (1.0 - beta1) * gi
         v[i] = beta2 * v[i] + (1.0 - beta2) * (gi * gi)
         p[i] = p[i] * decay - step_size * (m[i] / (math.sqrt(v[i]) / sqrt_bias2 + eps))
+
+
+_KERNELS.update(f.py_func for f in list(globals().values()) if isinstance(f, numba.core.registry.CPUDispatcher))
