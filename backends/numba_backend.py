@@ -133,6 +133,7 @@ class NumbaBackend(NumpyBackend):
                 or cos.shape != (x.shape[1], x.shape[3])):
             return None
         half = x.shape[-1] // 2
+        x = np.ascontiguousarray(x)  # q/k arrive as column slices, dq/dk contiguous: one compiled layout
         # the reference rotates by the first half of the tables, cast to x's dtype
         c = np.ascontiguousarray(cos[:, :half], dtype=x.dtype)  # (T, hd/2)
         s = np.ascontiguousarray(sin[:, :half], dtype=x.dtype)
@@ -161,6 +162,11 @@ class NumbaBackend(NumpyBackend):
         lse = np.empty((b, tq, n_heads), dtype=q.dtype)
         if q.size:
             tile = max(1, min(int(tile), max(tq, k.shape[1])))  # a tile past T changes nothing
+            # one compiled layout (C) for training, where v is a column slice of the fused
+            # projection, and decoding, where k/v are a KV-cache prefix: a second layout
+            # is a second compile of the costliest kernel; the copy is O(T) against
+            # attention's O(T^2), and only made for the arrays that are not contiguous
+            q, k, v = (np.ascontiguousarray(a) for a in (q, k, v))
             K.attention_forward(q, k, v, tile, int(q_offset), o, lse)
         return o, lse
 
@@ -177,6 +183,9 @@ class NumbaBackend(NumpyBackend):
         if q.size == 0:
             return dq, dk, dv
         tile = max(1, min(int(tile), t))
+        # one compiled layout (C), as in attention_forward: v is a column slice when the
+        # block is recomputed, contiguous when it comes from the activation store
+        do, q, k, v, o, lse = (np.ascontiguousarray(a) for a in (do, q, k, v, o, lse))
         if n_kv == n_heads:  # one query head per kv head: its contributions are the gradient
             K.attention_backward(do, q, k, v, o, lse, tile, dq, dk, dv)
             return dq, dk, dv

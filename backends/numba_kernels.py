@@ -64,6 +64,7 @@ if CACHE_DIR is not None:
 import numpy as np  # noqa: E402
 import scipy.linalg.cython_blas  # noqa: E402, F401  the BLAS numba's np.dot calls: no scipy, no numba backend
 import numba  # noqa: E402
+import numba.extending  # noqa: E402
 from numba import njit, prange  # noqa: E402
 
 if CACHE_DIR is not None:
@@ -228,17 +229,30 @@ def _exp_block_f64(x, n, scale, shift, bits):
         x[c] = x[c] * factor[c] * 2.0
 
 
+def _exp_block(x, n, scale, shift, bits):
+    """_exp_block_f32 or _exp_block_f64 by x's dtype. As plain Python (NUMBA_DISABLE_JIT)
+    this runs; compiled, the overload below picks the one for the dtype while typing,
+    so a float32 kernel does not also compile (and optimise) the float64 code."""
+    if x.itemsize == 4:
+        _exp_block_f32(x, n, np.float32(scale), np.float32(shift), bits)
+    else:
+        _exp_block_f64(x, n, scale, shift, bits)
+
+
+@numba.extending.overload(_exp_block)
+def _exp_block_typed(x, n, scale, shift, bits):
+    if x.dtype == numba.types.float32:
+        return lambda x, n, scale, shift, bits: _exp_block_f32(x, n, np.float32(scale), np.float32(shift), bits)
+    return lambda x, n, scale, shift, bits: _exp_block_f64(x, n, scale, shift, bits)
+
+
 @njit(cache=True)
 def _exp_inplace(x, n, scale, shift, bits):
     """x[c] <- exp(scale * x[c] - shift) for c < n, in x's dtype, in blocks of
     len(bits) (an int64 scratch)."""
     block = bits.shape[0]
     for c0 in range(0, n, block):
-        m = min(block, n - c0)
-        if x.itemsize == 4:
-            _exp_block_f32(x[c0:], m, np.float32(scale), np.float32(shift), bits)
-        else:
-            _exp_block_f64(x[c0:], m, scale, shift, bits)
+        _exp_block(x[c0:], min(block, n - c0), scale, shift, bits)
 
 
 @njit(cache=True)
