@@ -34,8 +34,43 @@ import warnings
 # numba's OpenMP threads spin after each parallel kernel by default; between the
 # model's numpy matmuls and on a shared machine that spinning starves the next
 # kernel's threads (measured on 2 busy cores: rmsnorm forward 16 ms instead of 0.8).
-# Read when libgomp loads, so this only acts if nothing loaded it before numba.
+# Read when libgomp loads, so this only acts if nothing loaded it before numba, and
+# only on the OpenMP layer (threading_layer below); the workqueue layer's threads
+# sleep on a condition variable between kernels, with nothing to set. The thread
+# count (NUMBA_NUM_THREADS, numba.set_num_threads) works on every layer.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
+def threading_layer() -> str:
+    """The threading layer numba will load for the prange kernels, found as numba
+    finds it (NUMBA_THREADING_LAYER, else the first of tbb, omp, workqueue whose
+    library loads) without starting any thread: "tbb", "omp" or "workqueue". A
+    minimal image has no libgomp.so.1 (OpenMP) and gets workqueue, which runs the
+    kernels as well on this project's coarse work items."""
+    import importlib
+
+    wanted = os.environ.get("NUMBA_THREADING_LAYER", "default").lower()
+    names = {"default": ("tbb", "omp", "workqueue"), "safe": ("tbb",), "threadsafe": ("tbb", "omp"),
+             "forksafe": ("tbb", "omp", "workqueue")}.get(wanted, (wanted,))
+    for name in names:
+        try:
+            importlib.import_module(f"numba.np.ufunc.{name}pool" if name != "workqueue" else "numba.np.ufunc.workqueue")
+        except ImportError:
+            continue
+        return name
+    return "workqueue"
+
+
+def threads_note() -> str:
+    """One line on the kernels' threads: how many, by which layer, and what to
+    install when OpenMP is missing."""
+    import numba as nb
+
+    layer = threading_layer()
+    note = f"{nb.config.NUMBA_NUM_THREADS} threads ({layer} layer"
+    if layer == "workqueue" and os.environ.get("NUMBA_THREADING_LAYER", "default") == "default":
+        note += "; OpenMP's libgomp.so.1 was not found: `sudo apt install libgomp1` for the omp layer"
+    return note + ")"
 
 
 def kernel_cache_dir(source_dir: str = os.path.dirname(os.path.abspath(__file__))) -> str | None:
@@ -105,7 +140,7 @@ class _CompileNotice(numba.core.event.Listener):
             minutes = _COMPILE_SECONDS_X86 * _COMPILE_SLOWDOWN.get(platform.machine(), 1.0) / 60
             where = CACHE_DIR or os.path.join(os.path.dirname(os.path.abspath(__file__)), "__pycache__")
             print(f"minilars: compiling kernels for this CPU (one time, about {max(1, round(minutes))} min at most; "
-                  f"cached in {where})", file=sys.stderr, flush=True)
+                  f"cached in {where}; {threads_note()})", file=sys.stderr, flush=True)
         self.count += 1
         dtypes = sorted({str(a.dtype) for a in event.data["args"] if isinstance(a, numba.types.Array)})
         print(f"  [{self.count}] {event.data['dispatcher'].py_func.__name__} ({', '.join(dtypes)}) ...",

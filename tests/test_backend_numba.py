@@ -484,6 +484,34 @@ assert (out == 2).all()
     assert any(name.startswith("numba_kernels.reduce_kv_heads") for name in cached), cached
 
 
+@pytest.mark.skipif(__import__("os").environ.get("NUMBA_DISABLE_JIT") == "1", reason="no threads without the JIT")
+def test_kernels_run_threaded_without_openmp_and_say_what_to_install():
+    """A minimal image without libgomp.so.1 (OpenMP) and without TBB, simulated by
+    making both pool modules fail to import: numba falls back to its workqueue
+    layer, the project's threads_note says so and names the package, and threaded
+    kernels give the reference's results with 1 and 2 threads."""
+    code = """
+import sys
+sys.modules["numba.np.ufunc.omppool"] = None  # import fails, as with libgomp.so.1 missing
+sys.modules["numba.np.ufunc.tbbpool"] = None
+import numba, numpy as np
+from minilars.backends import numba_kernels as K
+from minilars.backends.numba_backend import NumbaBackend
+from minilars.backends.numpy_backend import NumpyBackend
+assert K.threading_layer() == "workqueue"
+assert "sudo apt install libgomp1" in K.threads_note(), K.threads_note()
+x = np.random.default_rng(0).standard_normal((70, 9)).astype(np.float32)
+w = np.linspace(0.5, 1.5, 9, dtype=np.float32)
+reference = NumpyBackend().rmsnorm_forward(x, w, 1e-5)[0]
+for threads in (1, 2):
+    numba.set_num_threads(threads)
+    assert np.allclose(NumbaBackend().rmsnorm_forward(x, w, 1e-5)[0], reference, rtol=1e-6, atol=1e-6)
+assert numba.threading_layer() == "workqueue", numba.threading_layer()
+"""
+    env = {k: v for k, v in __import__("os").environ.items() if k != "NUMBA_THREADING_LAYER"}
+    subprocess.run([sys.executable, "-c", code], check=True, env={**env, "NUMBA_NUM_THREADS": "2"})
+
+
 def test_numpy_path_does_not_import_numba():
     code = ("import sys, minilars, minilars.model, minilars.backends\n"
             "from minilars.backends import get_backend\n"
