@@ -38,10 +38,37 @@ _COLS_PER_PART = 32  # embedding backward: columns per thread-owned slice
 _CAST_MIN_ELEMENTS = 1 << 15  # smaller casts: NumPy's loop beats starting the kernel's threads
 _HALF = np.dtype(np.float16)
 _SINGLE = np.dtype(np.float32)
-# float32 bits of each of the 65536 float16 patterns, by NumPy's cast (256 KiB)
-_HALF_TO_SINGLE = (np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16)
-                   .astype(np.float32).view(np.uint32))
 
+
+def half_to_single_table() -> np.ndarray:
+    """The float32 bit pattern of each of the 65536 float16 patterns, (65536,) uint32
+    (256 KiB), by the exact IEEE 754 widening binary16 -> binary32, built from the
+    bits so that it reads the same on every CPU. With s the sign, e the 5-bit
+    exponent and m the 10-bit significand of h:
+    - e = 0, m = 0: signed zero, s << 31;
+    - e = 0, m > 0: the subnormal m 2^-24 = 2^(p-24) (m / 2^p), p = floor(log2 m), is
+      a normal float32: exponent p - 24 + 127, significand m << (23 - p) without
+      its leading bit;
+    - 0 < e < 31: exponent rebiased, e - 15 + 127, significand m << 13;
+    - e = 31: inf (m = 0) or NaN keeping its payload, 0x7F800000 | m << 13, a
+      signalling NaN left signalling, as NumPy's cast gives on x86.
+    NumPy's own cast goes through the CPU's conversion instruction on ARM, which
+    quiets signalling NaNs and raises the invalid flag ("RuntimeWarning: invalid
+    value encountered in cast")."""
+    h = np.arange(1 << 16, dtype=np.uint32)
+    sign = (h & 0x8000) << 16
+    e = (h >> 10) & 0x1F
+    m = h & 0x3FF
+    p = np.zeros_like(m)  # floor(log2 m) for m > 0 (0 for m = 0, masked below)
+    for bit in range(1, 10):
+        p += (m >> bit) > 0
+    subnormal = np.where(m == 0, 0, ((p + 103) << 23) | ((m << (23 - p)) & 0x7FFFFF))
+    normal = ((e + 112) << 23) | (m << 13)
+    inf_nan = 0x7F800000 | (m << 13)
+    return (sign | np.where(e == 0, subnormal, np.where(e == 31, inf_nan, normal))).astype(np.uint32)
+
+
+_HALF_TO_SINGLE = half_to_single_table()
 
 
 def _jittable(*arrays) -> bool:
@@ -55,9 +82,13 @@ class NumbaBackend(NumpyBackend):
 
     def cast(self, x, dtype):
         """float32 <-> float16 of contiguous arrays by the jitted bit-pattern kernels
-        (NumPy's results, bit for bit, several times faster); other casts as NumPy."""
+        (NumPy's results on x86, bit for bit, several times faster); other casts as
+        NumPy, except float16 -> float32 of small or strided arrays, which reads the
+        same table (NumPy's cast quiets NaN payloads on ARM)."""
         dtype = np.dtype(dtype)
         pair = (x.dtype, dtype) if isinstance(x, np.ndarray) else None
+        if pair == (_HALF, _SINGLE) and (not x.flags.c_contiguous or x.size < _CAST_MIN_ELEMENTS):
+            return _HALF_TO_SINGLE[x.view(np.uint16)].view(np.float32)
         if (pair not in ((_SINGLE, _HALF), (_HALF, _SINGLE)) or not x.flags.c_contiguous
                 or x.size < _CAST_MIN_ELEMENTS):
             return super().cast(x, dtype)
@@ -102,6 +133,7 @@ class NumbaBackend(NumpyBackend):
                 or cos.shape != (x.shape[1], x.shape[3])):
             return None
         half = x.shape[-1] // 2
+        x = np.ascontiguousarray(x)  # q/k arrive as column slices, dq/dk contiguous: one compiled layout
         # the reference rotates by the first half of the tables, cast to x's dtype
         c = np.ascontiguousarray(cos[:, :half], dtype=x.dtype)  # (T, hd/2)
         s = np.ascontiguousarray(sin[:, :half], dtype=x.dtype)
@@ -130,6 +162,11 @@ class NumbaBackend(NumpyBackend):
         lse = np.empty((b, tq, n_heads), dtype=q.dtype)
         if q.size:
             tile = max(1, min(int(tile), max(tq, k.shape[1])))  # a tile past T changes nothing
+            # one compiled layout (C) for training, where v is a column slice of the fused
+            # projection, and decoding, where k/v are a KV-cache prefix: a second layout
+            # is a second compile of the costliest kernel; the copy is O(T) against
+            # attention's O(T^2), and only made for the arrays that are not contiguous
+            q, k, v = (np.ascontiguousarray(a) for a in (q, k, v))
             K.attention_forward(q, k, v, tile, int(q_offset), o, lse)
         return o, lse
 
@@ -146,6 +183,9 @@ class NumbaBackend(NumpyBackend):
         if q.size == 0:
             return dq, dk, dv
         tile = max(1, min(int(tile), t))
+        # one compiled layout (C), as in attention_forward: v is a column slice when the
+        # block is recomputed, contiguous when it comes from the activation store
+        do, q, k, v, o, lse = (np.ascontiguousarray(a) for a in (do, q, k, v, o, lse))
         if n_kv == n_heads:  # one query head per kv head: its contributions are the gradient
             K.attention_backward(do, q, k, v, o, lse, tile, dq, dk, dv)
             return dq, dk, dv

@@ -27,17 +27,134 @@ import ctypes
 import glob
 import math
 import os
+import sys
+import time
 import warnings
 
 # numba's OpenMP threads spin after each parallel kernel by default; between the
 # model's numpy matmuls and on a shared machine that spinning starves the next
 # kernel's threads (measured on 2 busy cores: rmsnorm forward 16 ms instead of 0.8).
-# Read when libgomp loads, so this only acts if nothing loaded it before numba.
+# Read when libgomp loads, so this only acts if nothing loaded it before numba, and
+# only on the OpenMP layer (threading_layer below); the workqueue layer's threads
+# sleep on a condition variable between kernels, with nothing to set. The thread
+# count (NUMBA_NUM_THREADS, numba.set_num_threads) works on every layer.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
+def threading_layer() -> str:
+    """The threading layer numba will load for the prange kernels, found as numba
+    finds it (NUMBA_THREADING_LAYER, else the first of tbb, omp, workqueue whose
+    library loads) without starting any thread: "tbb", "omp" or "workqueue". A
+    minimal image has no libgomp.so.1 (OpenMP) and gets workqueue, which runs the
+    kernels as well on this project's coarse work items."""
+    import importlib
+
+    wanted = os.environ.get("NUMBA_THREADING_LAYER", "default").lower()
+    names = {"default": ("tbb", "omp", "workqueue"), "safe": ("tbb",), "threadsafe": ("tbb", "omp"),
+             "forksafe": ("tbb", "omp", "workqueue")}.get(wanted, (wanted,))
+    for name in names:
+        try:
+            importlib.import_module(f"numba.np.ufunc.{name}pool" if name != "workqueue" else "numba.np.ufunc.workqueue")
+        except ImportError:
+            continue
+        return name
+    return "workqueue"
+
+
+def threads_note() -> str:
+    """One line on the kernels' threads: how many, by which layer, and what to
+    install when OpenMP is missing."""
+    import numba as nb
+
+    layer = threading_layer()
+    note = f"{nb.config.NUMBA_NUM_THREADS} threads ({layer} layer"
+    if layer == "workqueue" and os.environ.get("NUMBA_THREADING_LAYER", "default") == "default":
+        note += "; OpenMP's libgomp.so.1 was not found: `sudo apt install libgomp1` for the omp layer"
+    return note + ")"
+
+
+def kernel_cache_dir(source_dir: str = os.path.dirname(os.path.abspath(__file__))) -> str | None:
+    """Where numba keeps the compiled kernels: $NUMBA_CACHE_DIR when set (numba's
+    own variable wins); None, numba's default, beside the source
+    (backends/__pycache__) when that is writable; else the user's cache,
+    models.cache.cache_dir()/numba (~/.cache/minilars/numba), as for a package
+    installed read-only (system site-packages, a shared venv)."""
+    if os.environ.get("NUMBA_CACHE_DIR"):
+        return os.environ["NUMBA_CACHE_DIR"]
+    pycache = os.path.join(source_dir, "__pycache__")
+    if os.access(pycache if os.path.isdir(pycache) else source_dir, os.W_OK):
+        return None
+    from minilars.models.cache import cache_dir
+
+    return str(cache_dir() / "numba")
+
+
+# numba reads the directory when a @njit(cache=True) function is decorated (below),
+# and its environment variable when it is first imported: set both, so that child
+# processes agree and an earlier import of numba does not matter.
+CACHE_DIR = kernel_cache_dir()
+if CACHE_DIR is not None:
+    os.environ["NUMBA_CACHE_DIR"] = CACHE_DIR
 
 import numpy as np  # noqa: E402
 import scipy.linalg.cython_blas  # noqa: E402, F401  the BLAS numba's np.dot calls: no scipy, no numba backend
+import numba  # noqa: E402
+import numba.extending  # noqa: E402
 from numba import njit, prange  # noqa: E402
+
+if CACHE_DIR is not None:
+    numba.config.CACHE_DIR = CACHE_DIR
+
+
+# ---------------------------------------------------------------- first-run notice
+# CPU seconds to compile every float32 kernel from an empty cache on this project's
+# x86 machine (benchmarks/arm64_check.sh's docs/raspberry-pi.md gives the figures),
+# and how much slower a machine compiles: LLVM runs on one core, and a Raspberry Pi
+# 4's core is several times slower than a desktop's.
+_COMPILE_SECONDS_X86 = 40.0
+_COMPILE_SLOWDOWN = {"aarch64": 5.0, "arm64": 5.0, "armv7l": 8.0}
+
+
+class _CompileNotice(numba.core.event.Listener):
+    """On the first kernel numba compiles (a cache miss, not a load from the cache),
+    says once on stderr what is happening and for about how long, then one line per
+    kernel with its seconds: a first run on a slow board otherwise sits silent for
+    minutes. Callees compile inside their kernel (nested events) and are not listed."""
+
+    def __init__(self):
+        self.depth = 0
+        self.count = 0
+        self.started = 0.0
+
+    @staticmethod
+    def _ours(event) -> bool:
+        return getattr(event.data["dispatcher"], "py_func", None) in _KERNELS
+
+    def on_start(self, event):
+        self.depth += 1
+        if self.depth != 1 or not self._ours(event):
+            return
+        if self.count == 0:
+            import platform
+
+            minutes = _COMPILE_SECONDS_X86 * _COMPILE_SLOWDOWN.get(platform.machine(), 1.0) / 60
+            where = CACHE_DIR or os.path.join(os.path.dirname(os.path.abspath(__file__)), "__pycache__")
+            print(f"minilars: compiling kernels for this CPU (one time, about {max(1, round(minutes))} min at most; "
+                  f"cached in {where}; {threads_note()})", file=sys.stderr, flush=True)
+        self.count += 1
+        dtypes = sorted({str(a.dtype) for a in event.data["args"] if isinstance(a, numba.types.Array)})
+        print(f"  [{self.count}] {event.data['dispatcher'].py_func.__name__} ({', '.join(dtypes)}) ...",
+              end="", file=sys.stderr, flush=True)
+        self.started = time.perf_counter()
+
+    def on_end(self, event):
+        self.depth -= 1
+        if self.depth == 0 and self._ours(event):
+            print(f" {time.perf_counter() - self.started:.0f} s", file=sys.stderr, flush=True)
+
+
+_KERNELS: set = set()  # the Python functions of the kernels below (filled at the end of the module)
+numba.core.event.register("numba:compile", _CompileNotice())
 
 
 def _one_thread_for_kernel_blas() -> str | None:
@@ -147,17 +264,30 @@ def _exp_block_f64(x, n, scale, shift, bits):
         x[c] = x[c] * factor[c] * 2.0
 
 
+def _exp_block(x, n, scale, shift, bits):
+    """_exp_block_f32 or _exp_block_f64 by x's dtype. As plain Python (NUMBA_DISABLE_JIT)
+    this runs; compiled, the overload below picks the one for the dtype while typing,
+    so a float32 kernel does not also compile (and optimise) the float64 code."""
+    if x.itemsize == 4:
+        _exp_block_f32(x, n, np.float32(scale), np.float32(shift), bits)
+    else:
+        _exp_block_f64(x, n, scale, shift, bits)
+
+
+@numba.extending.overload(_exp_block)
+def _exp_block_typed(x, n, scale, shift, bits):
+    if x.dtype == numba.types.float32:
+        return lambda x, n, scale, shift, bits: _exp_block_f32(x, n, np.float32(scale), np.float32(shift), bits)
+    return lambda x, n, scale, shift, bits: _exp_block_f64(x, n, scale, shift, bits)
+
+
 @njit(cache=True)
 def _exp_inplace(x, n, scale, shift, bits):
     """x[c] <- exp(scale * x[c] - shift) for c < n, in x's dtype, in blocks of
     len(bits) (an int64 scratch)."""
     block = bits.shape[0]
     for c0 in range(0, n, block):
-        m = min(block, n - c0)
-        if x.itemsize == 4:
-            _exp_block_f32(x[c0:], m, np.float32(scale), np.float32(shift), bits)
-        else:
-            _exp_block_f64(x[c0:], m, scale, shift, bits)
+        _exp_block(x[c0:], min(block, n - c0), scale, shift, bits)
 
 
 @njit(cache=True)
@@ -605,7 +735,7 @@ def single_to_half(x_bits, out_bits):
 def half_to_single(h_bits, table, out_bits):
     """out = float32(h), elementwise, exact (every float16 is a float32): out_bits[i]
     = table[h_bits[i]], with table (65536,) uint32 the float32 bits of every float16
-    pattern (numba_backend builds it with NumPy's own cast). (n,) uint16 -> (n,) uint32."""
+    pattern (numba_backend.half_to_single_table). (n,) uint16 -> (n,) uint32."""
     n = h_bits.size
     for chunk in prange((n + _CAST_CHUNK - 1) // _CAST_CHUNK):
         for i in range(chunk * _CAST_CHUNK, min(n, (chunk + 1) * _CAST_CHUNK)):
@@ -628,3 +758,6 @@ def adamw_update(p, g, m, v, lr, beta1, beta2, eps, weight_decay, bias1, bias2):
         m[i] = beta1 * m[i] + (1.0 - beta1) * gi
         v[i] = beta2 * v[i] + (1.0 - beta2) * (gi * gi)
         p[i] = p[i] * decay - step_size * (m[i] / (math.sqrt(v[i]) / sqrt_bias2 + eps))
+
+
+_KERNELS.update(f.py_func for f in list(globals().values()) if isinstance(f, numba.core.registry.CPUDispatcher))

@@ -294,7 +294,62 @@ def test_float16_casts_match_numpy_across_the_float32_bit_patterns():
     every_half = np.arange(2 ** 16, dtype=np.uint32).astype(np.uint16).view(np.float16)
     got, ref = kernel_cast(every_half, np.float32), every_half.astype(np.float32)
     assert got.dtype == np.float32
-    assert np.array_equal(got.view(np.uint32), ref.view(np.uint32))
+    nan = np.isnan(ref)  # NumPy's NaN payloads differ by CPU (see the test below)
+    assert np.array_equal(np.isnan(got), nan)
+    assert np.array_equal(got[~nan].view(np.uint32), ref[~nan].view(np.uint32))
+
+
+# float16 -> float32 bits by class, written out by hand: (float16 bits, float32 bits)
+WIDENED_BY_HAND = [
+    (0x0000, 0x00000000), (0x8000, 0x80000000),  # signed zeros
+    (0x0001, 0x33800000), (0x8001, 0xB3800000),  # smallest subnormal, 2^-24
+    (0x0003, 0x34400000), (0x0200, 0x38000000),  # 3 * 2^-24; 2^-15
+    (0x03FF, 0x387FC000),  # largest subnormal, 1023 * 2^-24
+    (0x0400, 0x38800000), (0x3C00, 0x3F800000), (0xC000, 0xC0000000),  # 2^-14, 1, -2
+    (0x7BFF, 0x477FE000),  # 65504, the largest float16
+    (0x7C00, 0x7F800000), (0xFC00, 0xFF800000),  # infinities
+    (0x7C01, 0x7F802000), (0x7D00, 0x7FA00000),  # signalling NaNs: payload kept, not quieted
+    (0x7E00, 0x7FC00000), (0xFE01, 0xFFC02000), (0x7FFF, 0x7FFFE000),  # quiet NaNs with payloads
+]
+
+
+def widened_bits(h: int) -> int:
+    """The float32 bits of float16 pattern h by the IEEE 754 widening, worked out
+    apart from the code under test: for numbers, CPython's own binary16 decoding and
+    binary32 encoding (struct 'e' and 'f'; exact, every float16 is a float32); for
+    NaN, the sign, an all-ones exponent and the 10 payload bits on top of the 23
+    (what NumPy's cast gives on x86; Python floats do not keep NaN payloads)."""
+    import struct
+
+    if h & 0x7C00 == 0x7C00 and h & 0x3FF:
+        return (h & 0x8000) << 16 | 0x7F800000 | (h & 0x3FF) << 13
+    return struct.unpack("<I", struct.pack("<f", struct.unpack("<e", struct.pack("<H", h))[0]))[0]
+
+
+def test_float16_to_float32_reads_the_same_bits_on_every_cpu_with_no_warning():
+    """The table behind the numba backend's float16 -> float32 cast, and the cast on
+    every path (kernel, small array, strided view), against the widening worked
+    out above, all 65536 patterns, NaN payloads included; no warning on the way
+    (NumPy's cast raises "invalid value encountered in cast" on ARM for them)."""
+    import warnings
+
+    from minilars.backends.numba_backend import half_to_single_table
+
+    assert [widened_bits(h) for h, _ in WIDENED_BY_HAND] == [f for _, f in WIDENED_BY_HAND]
+    expected = np.array([widened_bits(h) for h in range(1 << 16)], dtype=np.uint32)
+    every_half = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        table = half_to_single_table()
+        casts = {"kernel": kernel_cast(every_half, np.float32), "whole": NB.cast(every_half, np.float32),
+                 "small": np.concatenate([NB.cast(part, np.float32) for part in np.split(every_half, 64)]),
+                 "strided": NB.cast(every_half.reshape(256, 256).T, np.float32).T.reshape(-1)}
+    assert table.dtype == np.uint32
+    wrong = np.flatnonzero(table != expected)
+    assert wrong.size == 0, [(hex(h), hex(int(table[h])), hex(int(expected[h]))) for h in wrong[:5]]
+    for path, got in casts.items():
+        assert got.dtype == np.float32, path
+        assert np.array_equal(got.view(np.uint32), expected), path
 
 
 @given(shape=st.lists(st.integers(0, 40), min_size=0, max_size=3), scale=st.sampled_from([1e-6, 1.0, 3e4]),
@@ -383,6 +438,78 @@ after = signatures()
 assert after == before, {n: (before[n], after[n]) for n in after if after[n] != before[n]}
 """
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_kernel_cache_goes_to_the_user_cache_when_the_package_is_read_only(tmp_path, monkeypatch):
+    """NUMBA_CACHE_DIR wins; else beside the source when writable (numba's default);
+    else the user's cache, $MINILARS_CACHE or $XDG_CACHE_HOME/minilars, + /numba."""
+    from minilars.backends.numba_kernels import kernel_cache_dir
+
+    source = tmp_path / "site-packages" / "backends"
+    source.mkdir(parents=True)
+    monkeypatch.delenv("NUMBA_CACHE_DIR", raising=False)
+    monkeypatch.delenv("MINILARS_CACHE", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert kernel_cache_dir(str(source)) is None
+    monkeypatch.setattr("os.access", lambda path, mode: False)  # as for a user who may not write there
+    assert kernel_cache_dir(str(source)) == str(tmp_path / "xdg" / "minilars" / "numba")
+    monkeypatch.setenv("MINILARS_CACHE", str(tmp_path / "mine"))
+    assert kernel_cache_dir(str(source)) == str(tmp_path / "mine" / "numba")
+    monkeypatch.setenv("NUMBA_CACHE_DIR", str(tmp_path / "numba-own"))
+    assert kernel_cache_dir(str(source)) == str(tmp_path / "numba-own")
+
+
+@pytest.mark.skipif(__import__("os").environ.get("NUMBA_DISABLE_JIT") == "1", reason="nothing compiled")
+def test_a_read_only_package_compiles_into_the_user_cache(tmp_path):
+    """In a fresh process where the package directory may not be written, a kernel's
+    machine code lands under $MINILARS_CACHE/numba, and numba was told before it
+    compiled anything."""
+    code = f"""
+import os
+real_access = os.access
+os.access = lambda path, mode: False if "backends" in str(path) else real_access(path, mode)
+import numpy as np
+from minilars.backends import numba_kernels as K
+os.access = real_access
+import numba
+assert K.CACHE_DIR == numba.config.CACHE_DIR == os.environ["NUMBA_CACHE_DIR"] == {str(tmp_path / "numba")!r}
+x = np.ones((1, 2, 4, 3), np.float32)
+out = np.empty((1, 2, 2, 3), np.float32)
+K.reduce_kv_heads(x, out)
+assert (out == 2).all()
+"""
+    env = {k: v for k, v in __import__("os").environ.items() if k != "NUMBA_CACHE_DIR"}
+    subprocess.run([sys.executable, "-c", code], check=True, env={**env, "MINILARS_CACHE": str(tmp_path)})
+    cached = [p.name for p in (tmp_path / "numba").rglob("*") if p.suffix in (".nbi", ".nbc")]
+    assert any(name.startswith("numba_kernels.reduce_kv_heads") for name in cached), cached
+
+
+@pytest.mark.skipif(__import__("os").environ.get("NUMBA_DISABLE_JIT") == "1", reason="no threads without the JIT")
+def test_kernels_run_threaded_without_openmp_and_say_what_to_install():
+    """A minimal image without libgomp.so.1 (OpenMP) and without TBB, simulated by
+    making both pool modules fail to import: numba falls back to its workqueue
+    layer, the project's threads_note says so and names the package, and threaded
+    kernels give the reference's results with 1 and 2 threads."""
+    code = """
+import sys
+sys.modules["numba.np.ufunc.omppool"] = None  # import fails, as with libgomp.so.1 missing
+sys.modules["numba.np.ufunc.tbbpool"] = None
+import numba, numpy as np
+from minilars.backends import numba_kernels as K
+from minilars.backends.numba_backend import NumbaBackend
+from minilars.backends.numpy_backend import NumpyBackend
+assert K.threading_layer() == "workqueue"
+assert "sudo apt install libgomp1" in K.threads_note(), K.threads_note()
+x = np.random.default_rng(0).standard_normal((70, 9)).astype(np.float32)
+w = np.linspace(0.5, 1.5, 9, dtype=np.float32)
+reference = NumpyBackend().rmsnorm_forward(x, w, 1e-5)[0]
+for threads in (1, 2):
+    numba.set_num_threads(threads)
+    assert np.allclose(NumbaBackend().rmsnorm_forward(x, w, 1e-5)[0], reference, rtol=1e-6, atol=1e-6)
+assert numba.threading_layer() == "workqueue", numba.threading_layer()
+"""
+    env = {k: v for k, v in __import__("os").environ.items() if k != "NUMBA_THREADING_LAYER"}
+    subprocess.run([sys.executable, "-c", code], check=True, env={**env, "NUMBA_NUM_THREADS": "2"})
 
 
 def test_numpy_path_does_not_import_numba():

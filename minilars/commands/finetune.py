@@ -66,7 +66,7 @@ OPTIONS = (
     Option("steps", _positive_int, 20, "optimizer steps", quick=3),
     Option("batch_size", _positive_int, 2, "rows per step", quick=1),
     Option("seq_len", _positive_int, 256, "tokens per row; longer examples are truncated, shorter ones packed "
-           "or padded"),
+           "or padded", quick=128),  # quick: half the work per step, for a slow board (docs/raspberry-pi.md)
     Option("packing", str, "pack", "pack: several whole examples per row; pad: one example per row",
            choices=("pack", "pad")),
     Option("lr", float, 4e-3, "peak learning rate (cosine decay to a tenth of it)"),
