@@ -271,7 +271,7 @@ def kernel_cast(x, dtype):
 
 def assert_same_half_bits(got, x):
     """got == x.astype(float16) bit for bit, but that NaN payloads may differ (NaN stays NaN)."""
-    with np.errstate(over="ignore"):
+    with np.errstate(over="ignore", invalid="ignore"):  # ARM's cast flags NaN inputs as invalid
         ref = x.astype(np.float16)
     assert got.dtype == np.float16 and got.shape == ref.shape
     nan = np.isnan(ref)
