@@ -1,7 +1,7 @@
 """How much do LARS's bases depend on the calibration data? Overlap of two calibrations.
 
 LARS's adapter at a stream reads x P, P (d_in, r) the top-r directions of that
-stream's calibration activations (LARS.md Part 1.1). This script calibrates the
+stream's calibration activations (docs/lars.md Part 1.1). This script calibrates the
 same model twice, on rows from two data files (each at its own row length), and
 prints, for each stream, how much of one basis lies in the other:
 

@@ -1,6 +1,6 @@
 """GPU check: peak memory and step time of one training step vs sequence length.
 
-The claim under test (LARS.md): LoRA's memory grows linearly with T, LARS's growth
+The claim under test (docs/lars.md): LoRA's memory grows linearly with T, LARS's growth
 is flattened. This script trains SmolLM2-135M with the minilars engine on the torch
 backend in bfloat16 (weights, compute, gradients and AdamW state) for the methods
 full, lora and lars at T = 1k, 2k, 4k, 8k and 16k tokens (batch 1), and, when

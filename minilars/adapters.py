@@ -7,7 +7,7 @@ named in `targets`, and folded back into a plain weight by to_linear().
     LoRA (Hu et al. 2021):  y_s = x W_s + (alpha/r) (x A_s) B_s      keeps x, xA
     IA3  (Liu et al. 2022): y_s = (x W_s) * l_s   (k, v: outputs)     keeps x W_s
                             y   = (x * l) W       (down: its input)   keeps x
-    LARS (LARS.md Part 1):  y_s = x W_s + (x P) M_s                   keeps z = x P
+    LARS (docs/lars.md Part 1):  y_s = x W_s + (x P) M_s                   keeps z = x P
 
 A LARS basis P (d_in, r) is shared by every projection of the stream, so z is kept
 once per stream: r floats per token where LoRA keeps d_in + r per site.
@@ -196,7 +196,7 @@ class LARSCache:
 
 
 class LARSSite(_AdapterSite):
-    """LARS subspace adapter (LARS.md Part 1): W_eff = W + P M, P (d_in, r) a fixed
+    """LARS subspace adapter (docs/lars.md Part 1): W_eff = W + P M, P (d_in, r) a fixed
     orthonormal basis of the stream's calibrated activation subspace, M (r, d_out)
     trainable, zero at start. Backward (exact for any r):
         dM_s = z^T dy_s,   dx = dy W^T + (sum_s dy_s M_s^T) P^T.

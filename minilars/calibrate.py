@@ -1,4 +1,4 @@
-"""Calibration: the activation subspaces LARS trains and stores in (LARS.md Part 1.1).
+"""Calibration: the activation subspaces LARS trains and stores in (docs/lars.md Part 1.1).
 
 One no-grad forward over calibration tokens, block by block: while block i runs,
 its four stream inputs (and any cache field whose storage policy is

@@ -9,7 +9,7 @@ it as they load any adapter:
           scaling lora_alpha / r
     IA3:  base_model.model.model.layers.{i}.self_attn.k_proj.ia3_l  (d_out, 1)
           base_model.model.model.layers.{i}.mlp.down_proj.ia3_l     (1, d_in)  (feed-forward: input scaling)
-    LARS: saved as the LoRA it equals (LARS.md Part 1.5): lora_A = P^T, lora_B = M^T,
+    LARS: saved as the LoRA it equals (docs/lars.md Part 1.5): lora_A = P^T, lora_B = M^T,
           lora_alpha = r so the scaling is 1.
 
 Each method's module (minilars/methods/<name>.py) names and shapes its own tensors

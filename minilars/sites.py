@@ -1,6 +1,6 @@
 """Linear sites: the fused projections of one input stream, and what trains there.
 
-A transformer block has four input streams (LARS.md): the normed attention input
+A transformer block has four input streams (docs/lars.md): the normed attention input
 read by q, k and v ("attn_in"), the attention output read by o ("attn_out"), the
 normed MLP input read by gate and up ("mlp_in") and the SwiGLU output read by down
 ("mlp_out"). Each is one site y = x W with W (d_in, d_out) the concatenation of its

@@ -2,7 +2,7 @@
 
 A forward op returns `(y, cache)`; the model hands the cache to `store.keep(site,
 cache)` and gets it back in backward with `store.take(site)`. Each array field of a
-cache is kept under the policy that the StoragePlan names for it (LARS.md, Part 2):
+cache is kept under the policy that the StoragePlan names for it (docs/lars.md, Part 2):
 
     exact        the array as it is
     half         a float16 copy

@@ -1,4 +1,4 @@
-"""The torch backend against the NumPy reference (LARS.md guarantee 6).
+"""The torch backend against the NumPy reference (docs/lars.md guarantee 6).
 
 First every kernel of TorchBackend (device cpu) on Hypothesis shapes, float32 and
 float64, compared with NumpyBackend's on the same inputs through the one tolerance

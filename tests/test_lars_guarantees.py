@@ -1,4 +1,4 @@
-"""The guarantees of LARS.md, as property tests over shapes and ranks.
+"""The guarantees of docs/lars.md, as property tests over shapes and ranks.
 
 1. Adapter gradients are exact for every r.
 2. subspace(r) at r = width gives full-backprop gradients; exact (and exact

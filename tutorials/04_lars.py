@@ -11,7 +11,7 @@
 # # 04 · LARS: train and store in the activation subspace
 #
 # Tutorial 03 showed that a fine-tuning step's memory is the activations kept for
-# backward, not the parameters. LARS (see `LARS.md` in the project notes) attacks
+# backward, not the parameters. LARS (see docs/lars.md) attacks
 # that in two parts:
 #
 # 1. **Subspace adapters.** A linear site `y = x W` gets the update

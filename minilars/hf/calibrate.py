@@ -1,6 +1,6 @@
 """Calibration for torch models: each input stream's basis P, by the engine's algorithm.
 
-As `minilars.calibrate` does for the engine (LARS.md Part 1.1): one no-grad pass
+As `minilars.calibrate` does for the engine (docs/lars.md Part 1.1): one no-grad pass
 over the calibration tokens, decoder layer by decoder layer; while layer i runs, the
 inputs of its target projections are captured, grouped into streams (projections
 that read the same tensor share one basis: q/k/v, gate/up; o and down each read

@@ -1,10 +1,10 @@
-"""The LARS linear layer for torch (LARS.md Part 1): a frozen nn.Linear plus P M.
+"""The LARS linear layer for torch (docs/lars.md Part 1): a frozen nn.Linear plus P M.
 
     y  = x W^T + b + (x P) M       x (..., d_in), W (d_out, d_in), P (d_in, r), M (r, d_out)
     dM = z^T dy                    z = x P (N, r): the only activation kept, never x
     dx = dy W + (dy M^T) P^T
 
-P M is the LoRA update lora_A = P^T, lora_B = M^T at scaling 1 (LARS.md Part 1.5), so
+P M is the LoRA update lora_A = P^T, lora_B = M^T at scaling 1 (docs/lars.md Part 1.5), so
 a LARS layer equals a peft LoRA layer with A frozen at P^T and B = M^T.
 
 Letters: N tokens (all leading dimensions flattened), d_in, d_out, r the rank.

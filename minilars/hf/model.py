@@ -160,7 +160,7 @@ class LarsModel(nn.Module):
     # ------------------------------------------------------------ export
     def adapter_state(self) -> tuple[dict[str, torch.Tensor], dict]:
         """(peft-named tensors, adapter_config) of the LoRA this model equals:
-        lora_A = P^T, lora_B = M^T, lora_alpha = r (scaling 1), LARS.md Part 1.5."""
+        lora_A = P^T, lora_B = M^T, lora_alpha = r (scaling 1), docs/lars.md Part 1.5."""
         layers = self.lars_layers()
         tensors = {}
         for name, layer in layers.items():
