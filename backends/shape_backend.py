@@ -383,6 +383,12 @@ def _moment(what: str | None, forward: bool = False, outside_blocks: bool = Fals
     return wrap
 
 
+def _copies(*arrays) -> int:
+    """Bytes of the contiguous copies np.ascontiguousarray makes of the arrays that
+    are not contiguous (numba's attention and RoPE kernels compile for one layout)."""
+    return sum(a.nbytes for a in arrays if not a.contiguous)
+
+
 def _jittable(*arrays) -> bool:
     """numba_backend._jittable: all float32 or all float64."""
     return arrays[0].dtype in _JIT_DTYPES and all(a.dtype == arrays[0].dtype for a in arrays)
@@ -573,7 +579,7 @@ class ShapeBackend(Backend):
         y = self.new(x.shape, x.dtype)
         tables = 2 * cos.shape[0] * (x.shape[-1] // 2) * x.itemsize
         if self.flavour == "numba" and _jittable(x):
-            self._spike(tables)
+            self._spike(tables + _copies(x))
         else:
             self._spike(tables + x.nbytes + (cos.nbytes if negate else 0))
         return y
@@ -600,7 +606,7 @@ class ShapeBackend(Backend):
         if self.flavour == "numba" and _jittable(q, k, v):
             group_rows = (heads // n_kv) * tile
             threads = min(self.threads, b * n_kv * -(-t // tile))
-            self._spike(threads * (3 * group_rows * hd + 2 * tile * hd + group_rows * tile) * s)
+            self._spike(_copies(q, k, v) + threads * (3 * group_rows * hd + 2 * tile * hd + group_rows * tile) * s)
         else:
             self._spike((2 * k.size + 4 * b * heads * tile * tile + 2 * b * tile * heads * hd) * s)
         return o, lse
@@ -621,7 +627,8 @@ class ShapeBackend(Backend):
             dq, dk, dv = self.new(q.shape, q.dtype), self.new(k.shape, q.dtype), self.new(k.shape, q.dtype)
             threads = min(self.threads, b * heads)
             grouped = 2 * q.size if n_kv != heads else 0
-            self._spike((grouped + threads * t + threads * (2 * tile * tile + 8 * tile * hd)) * s)
+            per_thread = t + 2 * tile * tile + 8 * tile * hd
+            self._spike(_copies(do, q, k, v, o, lse) + (grouped + threads * per_thread) * s)
             return dq, dk, dv
         dq = self.new(q.shape, q.dtype)
         loop_arrays = (4 * k.size + lse.size) * s

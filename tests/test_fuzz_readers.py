@@ -214,13 +214,13 @@ TOML = b'model = "tiny"\nmethod = "lora"\nrank = 4\nseq-len = 64\nlr = 1e-3\nsto
 
 def test_fuzz_finetune_config(tmp_path):
     from minilars.cli import CommandError
-    from minilars.commands.finetune import BY_NAME, read_config_file
+    from minilars.commands.finetune import options_by_name, read_config_file
 
     path = tmp_path / "c.toml"
 
     def options_of_their_types(options) -> None:
         for key, value in options.items():
-            option = BY_NAME[key]
+            option = options_by_name()[key]
             assert option.choices is None or value in option.choices
             assert isinstance(value, bool) if option.type is bool else not isinstance(value, (dict, list))
 

@@ -266,7 +266,7 @@ print("plot:", OUT / "05_memory_vs_T.png")
 question = data.train[0].question
 answer_before = None if QUICK else generate_text(model, tokenizer, question, max_new_tokens=24)
 config = TrainConfig(steps=STEPS, batch_size=1, seq_len=T_TRAIN, lr=2e-3, seed=0)
-opt = AdamW(model.trainable(), model.be, AdamWConfig(lr=config.lr, max_grad_norm=config.max_grad_norm))
+opt = AdamW(model.trainable(), model.be, AdamWConfig(lr=config.lr))  # clips to max_grad_norm 1.0 by default
 run_dir = OUT / "05_run"
 run_dir.mkdir(exist_ok=True)
 trainer = Trainer(model, opt, train_rows, config, run_dir, run_config={"tutorial": "05", "T": T_TRAIN},
