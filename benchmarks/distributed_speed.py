@@ -61,7 +61,7 @@ def trainable_shapes(preset_name: str, method_name: str) -> dict[str, tuple]:
 
     cfg = preset(preset_name)
     calibration = np.random.default_rng(0).integers(0, cfg.vocab_size, (1, 64))  # shapes only: random weights
-    method = MethodConfig.lars_default() if method_name == "lars" else MethodConfig(method_name)
+    method = MethodConfig.from_options(method_name, {})  # the method's defaults (LARS: the default recipe)
     model = apply_method(Model.random(cfg, seed=0), method, calibration)
     return {name: tuple(a.shape) for name, a in model.trainable().items()}
 
