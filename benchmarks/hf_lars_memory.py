@@ -55,23 +55,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 # ---------------------------------------------------------------- one point (worker)
 def build_llama(name: str, torch, transformers):
-    """LlamaForCausalLM with the weights minilars loads from its GGUF cache."""
-    import numpy as np
+    """LlamaForCausalLM with the weights minilars loads from its GGUF cache (the
+    builder benchmarks/hf_peft_accuracy.py uses for its peft baseline)."""
+    from hf_peft_accuracy import build_llama as build
 
-    from minilars.models import load_model_weights
-
-    cfg, state, _ = load_model_weights(name, np.float32)
-    hf_cfg = transformers.LlamaConfig(
-        vocab_size=cfg.vocab_size, hidden_size=cfg.dim, intermediate_size=cfg.ffn_dim, num_hidden_layers=cfg.n_layers,
-        num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_kv_heads, head_dim=cfg.head_dim,
-        max_position_embeddings=cfg.max_seq_len, rope_theta=cfg.rope_theta, rms_norm_eps=cfg.rms_eps,
-        tie_word_embeddings=cfg.tie_embeddings, attn_implementation="sdpa")
-    model = transformers.LlamaForCausalLM(hf_cfg)
-    missing, unexpected = model.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state.items()},
-                                                strict=False)
-    assert not unexpected and all("lm_head" in k for k in missing), (missing, unexpected)
-    model.tie_weights()
-    return model
+    return build(name, torch, transformers)
 
 
 def worker(args) -> dict:

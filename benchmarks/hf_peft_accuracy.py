@@ -58,11 +58,11 @@ def lr_at(args, step: int) -> float:
     return cfg.lr_at(step)
 
 
-def build_model(args, torch, transformers, peft):
-    """LlamaForCausalLM with the minilars-loaded weights, wrapped in peft LoRA."""
+def build_llama(name: str, torch, transformers):
+    """LlamaForCausalLM with the weights minilars loads for `name` (tied head)."""
     from minilars.models import load_model_weights
 
-    cfg, state, _ = load_model_weights(args.model, np.float32)
+    cfg, state, _ = load_model_weights(name, np.float32)
     hf_cfg = transformers.LlamaConfig(
         vocab_size=cfg.vocab_size, hidden_size=cfg.dim, intermediate_size=cfg.ffn_dim, num_hidden_layers=cfg.n_layers,
         num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_kv_heads, head_dim=cfg.head_dim,
@@ -73,6 +73,12 @@ def build_model(args, torch, transformers, peft):
                                                 strict=False)
     assert not unexpected and all("lm_head" in k for k in missing), (missing, unexpected)
     model.tie_weights()
+    return model
+
+
+def build_model(args, torch, transformers, peft):
+    """LlamaForCausalLM with the minilars-loaded weights, wrapped in peft LoRA."""
+    model = build_llama(args.model, torch, transformers)
     alpha = 2 * args.rank if args.recipe == "minilars" else args.rank
     lora = peft.LoraConfig(r=args.rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=PROJECTIONS)
     torch.manual_seed(args.seed)
