@@ -6,6 +6,13 @@ Engine names (W is (d_in, d_out), y = x W):
     blocks.{i}.attn_out.weight (H*hd, d)
     blocks.{i}.mlp_norm.weight (d,)   blocks.{i}.mlp_in.weight (d, 2f)  [gate | up]
     blocks.{i}.mlp_out.weight (f, d)  final_norm.weight (d,)
+and, where the architecture has them (minilars/config.py):
+    blocks.{i}.attn_in.bias (H*hd + 2k,)    attn_bias: [q | k | v] biases
+    blocks.{i}.q_norm.weight (hd,)          qk_norm: RMSNorm of each query head
+    blocks.{i}.k_norm.weight (hd,)          qk_norm: RMSNorm of each key head
+    blocks.{i}.attn_post_norm.weight (d,)   sandwich_norms: on the attention output
+    blocks.{i}.mlp_post_norm.weight (d,)    sandwich_norms: on the MLP output
+Norm weights are stored as the checkpoint stores them; Gemma's apply as (1 + w).
 Hugging Face stores each projection separately as (d_out, d_in).
 """
 from __future__ import annotations
@@ -50,6 +57,14 @@ def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
         shapes[f"blocks.{i}.mlp_norm.weight"] = (cfg.dim,)
         for stream in STREAMS:
             shapes[f"blocks.{i}.{stream}.weight"] = (ins[stream], sum(outs[stream].values()))
+        if cfg.attn_bias:
+            shapes[f"blocks.{i}.attn_in.bias"] = (sum(outs["attn_in"].values()),)
+        if cfg.qk_norm:
+            shapes[f"blocks.{i}.q_norm.weight"] = (cfg.head_dim,)
+            shapes[f"blocks.{i}.k_norm.weight"] = (cfg.head_dim,)
+        if cfg.sandwich_norms:
+            shapes[f"blocks.{i}.attn_post_norm.weight"] = (cfg.dim,)
+            shapes[f"blocks.{i}.mlp_post_norm.weight"] = (cfg.dim,)
     return shapes
 
 
@@ -112,8 +127,10 @@ def random_params(cfg: ModelConfig, seed: int = 0, dtype=np.float32) -> dict[str
     rng = np.random.default_rng(seed)
     params = {}
     for name, shape in expected_shapes(cfg).items():
-        if len(shape) == 1:
-            params[name] = (1.0 + 0.1 * rng.standard_normal(shape)).astype(dtype)
+        if name.endswith(".bias"):
+            params[name] = (0.1 * rng.standard_normal(shape)).astype(dtype)
+        elif len(shape) == 1:  # a norm's weight: near 1 as it acts, (norm_offset + w)
+            params[name] = (1.0 - cfg.norm_offset + 0.1 * rng.standard_normal(shape)).astype(dtype)
         elif name in ("embed.weight", "head.weight"):
             params[name] = (rng.standard_normal(shape) / np.sqrt(shape[1])).astype(dtype)
         else:
