@@ -129,18 +129,26 @@ class Backend(ABC):
         """The transpose of a rotation: rope_forward with sin negated."""
 
     @abstractmethod
-    def attention_forward(self, q: Array, k: Array, v: Array, tile: int,
-                          q_offset: int = 0) -> tuple[Array, Array]:
+    def attention_forward(self, q: Array, k: Array, v: Array, tile: int, q_offset: int = 0,
+                          window: int | None = None, scale: float | None = None) -> tuple[Array, Array]:
         """Causal grouped-query attention, tile by tile with an online softmax
         (Dao et al. 2022, FlashAttention Alg. 1): no (T, T) array is formed.
-        q (B, Tq, H, hd), k/v (B, Tk, Hkv, hd); query i sits at position q_offset+i.
-        Returns o (B, Tq, H, hd) and lse (B, Tq, H) = log sum_j exp(s_ij)."""
+        q (B, Tq, H, hd), k/v (B, Tk, Hkv, hd); query i sits at position p = q_offset+i.
+        s_ij = scale * q_i . k_j with scale None meaning 1/sqrt(hd); query i sees key j
+        iff j <= p and (window is None or p - j < window): a sliding window counts the
+        query itself (transformers' sliding mask, kv_idx > q_idx - sliding_window).
+        Key tiles that no query of a query tile sees are skipped, so a sliding layer
+        costs O(T * window). Returns o (B, Tq, H, hd) and lse (B, Tq, H) =
+        log sum_j exp(s_ij) over the visible keys. A backend keeps its plain fast path
+        when window and scale are None (the LLaMA path)."""
 
     @abstractmethod
     def attention_backward(self, do: Array, q: Array, k: Array, v: Array, o: Array,
-                           lse: Array, tile: int) -> tuple[Array, Array, Array]:
-        """FlashAttention backward (Alg. 2): tile probabilities P = exp(S - lse)
-        recomputed, D = rowsum(dO * O), dS = P * (dO V^T - D).
+                           lse: Array, tile: int, window: int | None = None,
+                           scale: float | None = None) -> tuple[Array, Array, Array]:
+        """FlashAttention backward (Alg. 2) of attention_forward with q_offset 0 and the
+        same window and scale: tile probabilities P = exp(S - lse) recomputed,
+        D = rowsum(dO * O), dS = P * (dO V^T - D), dq = scale dS K, dk = scale dS^T Q.
         Returns dq (B, T, H, hd), dk, dv (B, T, Hkv, hd)."""
 
     @abstractmethod
@@ -164,13 +172,34 @@ class Backend(ABC):
         dg, du = self.swiglu_backward(dh, gate_up[:, :f], gate_up[:, f:])
         return self.concat([dg, du], axis=1)
 
+    # GeGLU and the soft cap are not abstract so that a backend written before them
+    # still loads and runs every model that does not use them.
+    def geglu_forward_fused(self, gate_up: Array) -> Array:
+        """h = gelu_tanh(g) * u for gate_up = [g | u] (N, 2f) -> (N, f) (Shazeer 2020,
+        FFN_GEGLU), with the tanh approximation of GELU (Hendrycks & Gimpel 2016;
+        transformers' gelu_pytorch_tanh):
+            gelu_tanh(g) = 0.5 g (1 + tanh(c (g + 0.044715 g^3))),  c = sqrt(2/pi)."""
+        raise NotImplementedError(f"the {self.name} backend has no GeGLU kernel")
+
+    def geglu_backward_fused(self, dh: Array, gate_up: Array) -> Array:
+        """[dg | du] (N, 2f) of geglu_forward_fused: du = dh * gelu_tanh(g),
+        dg = dh * u * gelu_tanh'(g) with t = tanh(c (g + 0.044715 g^3)),
+        gelu_tanh'(g) = 0.5 (1 + t) + 0.5 g (1 - t^2) c (1 + 3 * 0.044715 g^2)."""
+        raise NotImplementedError(f"the {self.name} backend has no GeGLU kernel")
+
+    def softcap(self, x: Array, cap: float) -> Array:
+        """cap * tanh(x / cap), a new array (Gemma 2's logit soft-capping; inference logits)."""
+        raise NotImplementedError(f"the {self.name} backend has no soft cap")
+
     @abstractmethod
     def cross_entropy_head(self, x: Array, head: Array, targets: Array, chunk: int,
-                           ignore_index: int, need_dx: bool, need_dhead: bool
+                           ignore_index: int, need_dx: bool, need_dhead: bool, softcap: float | None = None
                            ) -> tuple[float, int, Array | None, Array | None]:
-        """Mean cross-entropy of logits = x @ head^T against targets, chunk rows at a
-        time so no (N, V) array is formed. With z = logits, p = softmax(z):
+        """Mean cross-entropy of logits z = x @ head^T against targets, chunk rows at a
+        time so no (N, V) array is formed. With p = softmax(z):
         loss = (1/n) sum_valid (logsumexp(z_n) - z_n[t_n]), dz = (p - onehot(t)) / n.
+        With softcap c the logits are z = c tanh((x head^T) / c) (Gemma 2 / 3) and the
+        chain rule gives d(x head^T) = dz (1 - tanh^2) in the same chunk loop.
         x (N, d), head (V, d), targets (N,) -> (loss, n_valid, dx (N, d), dhead (V, d))."""
 
     @abstractmethod

@@ -4,21 +4,38 @@ Other backends are tested against this one. Letters as in backends/base.py.
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from .base import Backend
 
+GELU_C = math.sqrt(2.0 / math.pi)  # tanh-GELU: 0.5 g (1 + tanh(GELU_C (g + GELU_K g^3)))
+GELU_K = 0.044715
+
 _DTYPES = {"float16": np.float16, "float32": np.float32, "float64": np.float64, "int64": np.int64}
 
 
-def _causal_mask(q_pos0: int, tq: int, k_pos0: int, tk: int) -> np.ndarray | None:
-    """(tq, tk) boolean, True where key position > query position; None if no key is
-    in the future of any query of the tile."""
-    if k_pos0 + tk - 1 <= q_pos0:
+def _hidden_keys(q_pos0: int, tq: int, k_pos0: int, tk: int, window: int | None = None) -> np.ndarray | None:
+    """(tq, tk) boolean, True where the query may not see the key: the key is in its
+    future (k > q) or, with a sliding window, too far back (q - k >= window). None
+    when every query of the tile sees every key of the tile."""
+    future = k_pos0 + tk - 1 > q_pos0  # the last key after the first query
+    too_far = window is not None and (q_pos0 + tq - 1) - k_pos0 >= window  # the first key before the last window
+    if not future and not too_far:
         return None
     q_pos = q_pos0 + np.arange(tq)[:, None]
     k_pos = k_pos0 + np.arange(tk)[None, :]
-    return k_pos > q_pos
+    hidden = k_pos > q_pos
+    if window is not None:
+        hidden |= q_pos - k_pos >= window
+    return hidden
+
+
+def _first_key(q_pos0: int, window: int | None) -> int:
+    """The first key any query at position >= q_pos0 sees: 0, or with a window the
+    start of the first query's window. Key tiles before it are skipped."""
+    return 0 if window is None else max(0, q_pos0 - window + 1)
 
 
 def _group_rows(x: np.ndarray, n_kv: int) -> np.ndarray:
@@ -161,11 +178,11 @@ class NumpyBackend(Backend):
     def rope_backward(self, dy, cos, sin):
         return self.rope_forward(dy, cos, -sin)
 
-    def attention_forward(self, q, k, v, tile, q_offset=0):
+    def attention_forward(self, q, k, v, tile, q_offset=0, window=None, scale=None):
         b, tq_total, n_heads, hd = q.shape
         n_kv = k.shape[2]
         g = n_heads // n_kv
-        scale = q.dtype.type(1.0 / np.sqrt(hd))
+        scale = q.dtype.type(1.0 / np.sqrt(hd) if scale is None else scale)
         keys, values = _kv_heads(k), _kv_heads(v)  # (B*Hkv, Tk, hd)
         o = np.empty_like(q)
         lse = np.empty((b, tq_total, n_heads), dtype=q.dtype)
@@ -176,15 +193,18 @@ class NumpyBackend(Backend):
             denom = np.zeros_like(m)  # running sum of exp(s - m)
             acc = np.zeros_like(qt)  # running sum of exp(s - m) @ v
             last_key = min(keys.shape[1], q_offset + i1)  # causal: keys up to the last query
-            for j0 in range(0, last_key, tile):
+            for j0 in range(_first_key(q_offset + i0, window), last_key, tile):
                 j1 = min(j0 + tile, last_key)
                 s = qt @ keys[:, j0:j1].transpose(0, 2, 1)  # (B*Hkv, g*tq, tk)
-                mask = _causal_mask(q_offset + i0, i1 - i0, j0, j1 - j0)
+                mask = _hidden_keys(q_offset + i0, i1 - i0, j0, j1 - j0, window)
                 if mask is not None:
                     s[:, np.tile(mask, (g, 1))] = -np.inf
                 m_new = np.maximum(m, s.max(axis=-1))
-                correction = np.exp(m - m_new)
-                p = np.exp(s - m_new[..., None])
+                shift = m_new
+                if window is not None:  # a row may see no key yet: exp(-inf - -inf) must be 0, not nan
+                    shift = np.where(m_new == -np.inf, 0.0, m_new).astype(q.dtype)
+                correction = np.exp(m - shift)
+                p = np.exp(s - shift[..., None])
                 denom = denom * correction + p.sum(axis=-1)
                 acc = acc * correction[..., None] + p @ values[:, j0:j1]
                 m = m_new
@@ -192,11 +212,11 @@ class NumpyBackend(Backend):
             lse[:, i0:i1] = _ungroup_rows((m + np.log(denom))[..., None], b, i1 - i0, n_kv)[..., 0]
         return o, lse
 
-    def attention_backward(self, do, q, k, v, o, lse, tile):
+    def attention_backward(self, do, q, k, v, o, lse, tile, window=None, scale=None):
         b, t_total, n_heads, hd = q.shape
         n_kv = k.shape[2]
         g = n_heads // n_kv
-        scale = q.dtype.type(1.0 / np.sqrt(hd))
+        scale = q.dtype.type(1.0 / np.sqrt(hd) if scale is None else scale)
         keys, values = _kv_heads(k), _kv_heads(v)  # (B*Hkv, T, hd)
         delta = np.sum(do * o, axis=-1)  # D = rowsum(dO * O): (B, T, H)
         dq = np.empty_like(q)
@@ -208,18 +228,18 @@ class NumpyBackend(Backend):
             lse_t = _group_rows(lse[:, i0:i1, :, None], n_kv)  # (B*Hkv, g*tq, 1)
             delta_t = _group_rows(delta[:, i0:i1, :, None], n_kv)
             dqt = np.zeros_like(qt)
-            for j0 in range(0, i1, tile):
+            for j0 in range(_first_key(i0, window), i1, tile):
                 j1 = min(j0 + tile, i1)
                 kt, vt = keys[:, j0:j1], values[:, j0:j1]  # (B*Hkv, tk, hd)
                 s = qt @ kt.transpose(0, 2, 1)  # (B*Hkv, g*tq, tk)
-                mask = _causal_mask(i0, i1 - i0, j0, j1 - j0)
+                mask = _hidden_keys(i0, i1 - i0, j0, j1 - j0, window)
                 if mask is not None:
                     s[:, np.tile(mask, (g, 1))] = -np.inf
                 p = np.exp(s - lse_t)  # probabilities recomputed from the kept lse
                 dvalues[:, j0:j1] += p.transpose(0, 2, 1) @ dot  # sums over the group's rows
                 ds = p * (dot @ vt.transpose(0, 2, 1) - delta_t)  # dS = P * (dP - D)
                 dqt += ds @ kt
-                dkeys[:, j0:j1] += ds.transpose(0, 2, 1) @ qt
+                dkeys[:, j0:j1] += ds.transpose(0, 2, 1) @ qt  # qt is scaled: dk = scale dS^T Q
             dq[:, i0:i1] = _ungroup_rows(dqt * scale, b, i1 - i0, n_kv)
         dk = dkeys.reshape(b, n_kv, t_total, hd).transpose(0, 2, 1, 3).copy()
         dv = dvalues.reshape(b, n_kv, t_total, hd).transpose(0, 2, 1, 3).copy()
@@ -234,7 +254,27 @@ class NumpyBackend(Backend):
         dg = dh * u * sig * (1.0 + g * (1.0 - sig))
         return dg, dh * silu
 
-    def cross_entropy_head(self, x, head, targets, chunk, ignore_index, need_dx, need_dhead):
+    def geglu_forward_fused(self, gate_up):
+        f = gate_up.shape[1] // 2
+        g, u = gate_up[:, :f], gate_up[:, f:]
+        t = np.tanh(GELU_C * (g + GELU_K * g ** 3))
+        return 0.5 * g * (1.0 + t) * u
+
+    def geglu_backward_fused(self, dh, gate_up):
+        f = gate_up.shape[1] // 2
+        g, u = gate_up[:, :f], gate_up[:, f:]
+        t = np.tanh(GELU_C * (g + GELU_K * g ** 3))
+        gelu = 0.5 * g * (1.0 + t)
+        dgelu = 0.5 * (1.0 + t) + 0.5 * g * (1.0 - t * t) * GELU_C * (1.0 + 3.0 * GELU_K * g * g)
+        dgate_up = np.empty_like(gate_up)  # (N, 2f)
+        dgate_up[:, :f] = dh * u * dgelu
+        dgate_up[:, f:] = dh * gelu
+        return dgate_up
+
+    def softcap(self, x, cap):
+        return cap * np.tanh(x / cap)
+
+    def cross_entropy_head(self, x, head, targets, chunk, ignore_index, need_dx, need_dhead, softcap=None):
         n = x.shape[0]
         valid = targets != ignore_index
         n_valid = int(valid.sum())
@@ -248,6 +288,9 @@ class NumpyBackend(Backend):
             xc, ok = x[c0:c1], valid[c0:c1]
             tc = np.where(ok, targets[c0:c1], 0)
             z = self.matmul_nt(xc, head)  # logits chunk (c, V), the only one alive
+            if softcap is not None:  # z = c tanh(z_raw / c)
+                capped = np.tanh(z / softcap)  # (c, V)
+                z = softcap * capped
             rows = np.arange(c1 - c0)
             z -= z.max(axis=1, keepdims=True)  # shift for a stable exp
             z_target = z[rows, tc].copy()
@@ -258,6 +301,8 @@ class NumpyBackend(Backend):
                 z /= row_sum[:, None]  # softmax p
                 z[rows, tc] -= 1.0  # p - onehot(t)
                 z *= (ok / n_valid).astype(x.dtype)[:, None]
+                if softcap is not None:
+                    z *= 1.0 - capped * capped  # dz_raw = dz (1 - tanh^2)
                 if need_dx:
                     dx[c0:c1] = self.matmul(z, head)
                 if need_dhead:

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from .base import Backend
+from .numpy_backend import GELU_C, GELU_K
 
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32,
            "float64": torch.float64, "int64": torch.int64, "int32": torch.int32, "bool": torch.bool}
@@ -49,14 +50,26 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in _LOW_PRECISION else dtype
 
 
-def _causal_mask(q_pos0: int, tq: int, k_pos0: int, tk: int, device) -> torch.Tensor | None:
-    """(tq, tk) bool, True where key position > query position; None if no key of
-    the tile is in the future of any query of the tile."""
-    if k_pos0 + tk - 1 <= q_pos0:
+def _hidden_keys(q_pos0: int, tq: int, k_pos0: int, tk: int, device, window: int | None = None
+                 ) -> torch.Tensor | None:
+    """(tq, tk) bool, True where the query may not see the key: the key is in its
+    future (k > q) or, with a sliding window, too far back (q - k >= window). None
+    when every query of the tile sees every key of the tile."""
+    future = k_pos0 + tk - 1 > q_pos0  # the last key after the first query
+    too_far = window is not None and (q_pos0 + tq - 1) - k_pos0 >= window  # the first key before the last window
+    if not future and not too_far:
         return None
     q_pos = q_pos0 + torch.arange(tq, device=device)[:, None]
     k_pos = k_pos0 + torch.arange(tk, device=device)[None, :]
-    return k_pos > q_pos
+    hidden = k_pos > q_pos
+    if window is not None:
+        hidden |= q_pos - k_pos >= window
+    return hidden
+
+
+def _first_key(q_pos0: int, window: int | None) -> int:
+    """The first key any query at position >= q_pos0 sees (key tiles before it are skipped)."""
+    return 0 if window is None else max(0, q_pos0 - window + 1)
 
 
 def _heads_first(x: torch.Tensor, n_kv: int) -> torch.Tensor:
@@ -254,11 +267,11 @@ class TorchBackend(Backend):
         return self.rope_forward(dy, cos, -sin)
 
     @_no_grad
-    def attention_forward(self, q, k, v, tile, q_offset=0):
+    def attention_forward(self, q, k, v, tile, q_offset=0, window=None, scale=None):
         b, tq_total, n_heads, hd = q.shape
         n_kv, tk_total = k.shape[2], k.shape[1]
         acc_dt = _acc_dtype(q.dtype)
-        scale = 1.0 / math.sqrt(hd)
+        scale = 1.0 / math.sqrt(hd) if scale is None else scale
         k_all = k.to(acc_dt).permute(0, 2, 3, 1)  # (B, Hkv, hd, Tk), cast once, not per tile
         v_all = v.to(acc_dt).permute(0, 2, 1, 3)  # (B, Hkv, Tk, hd)
         o = torch.empty_like(q, memory_format=torch.contiguous_format)
@@ -271,15 +284,18 @@ class TorchBackend(Backend):
             denom = torch.zeros_like(m)  # running sum of exp
             acc = torch.zeros_like(qt)  # running sum of p @ v
             last_key = min(tk_total, q_offset + i1)  # causal: keys up to the last query
-            for j0 in range(0, last_key, tile):
+            for j0 in range(_first_key(q_offset + i0, window), last_key, tile):
                 j1 = min(j0 + tile, last_key)
                 s = qt @ k_all[..., j0:j1]  # (B, Hkv, g*tq, tk)
-                mask = _causal_mask(q_offset + i0, tq, j0, j1 - j0, q.device)
+                mask = _hidden_keys(q_offset + i0, tq, j0, j1 - j0, q.device, window)
                 if mask is not None:
                     s.view(b, n_kv, -1, tq, j1 - j0).masked_fill_(mask, -math.inf)
                 m_new = torch.maximum(m, s.amax(dim=-1))
-                correction = torch.exp(m - m_new)
-                p = torch.exp(s - m_new[..., None])
+                shift = m_new
+                if window is not None:  # a row may see no key yet: exp(-inf - -inf) must be 0, not nan
+                    shift = m_new.masked_fill(m_new == -math.inf, 0.0)
+                correction = torch.exp(m - shift)
+                p = torch.exp(s - shift[..., None])
                 denom = denom * correction + p.sum(dim=-1)
                 acc = acc * correction[..., None] + p @ v_all[:, :, j0:j1]
                 m = m_new
@@ -288,11 +304,11 @@ class TorchBackend(Backend):
         return o, lse
 
     @_no_grad
-    def attention_backward(self, do, q, k, v, o, lse, tile):
+    def attention_backward(self, do, q, k, v, o, lse, tile, window=None, scale=None):
         b, t_total, n_heads, hd = q.shape
         n_kv = k.shape[2]
         acc_dt = _acc_dtype(q.dtype)
-        scale = 1.0 / math.sqrt(hd)
+        scale = 1.0 / math.sqrt(hd) if scale is None else scale
         delta = (do.to(acc_dt) * o.to(acc_dt)).sum(dim=-1)  # D = rowsum(dO * O): (B, T, H)
         k_all = k.to(acc_dt).permute(0, 2, 1, 3)  # (B, Hkv, T, hd)
         v_all = v.to(acc_dt).permute(0, 2, 1, 3)
@@ -307,19 +323,19 @@ class TorchBackend(Backend):
             lse_t = _heads_first(lse[:, i0:i1, :, None].to(acc_dt), n_kv)  # (B, Hkv, g*tq, 1)
             delta_t = _heads_first(delta[:, i0:i1, :, None], n_kv)
             dqt = torch.zeros_like(qt)
-            for j0 in range(0, i1, tile):
+            for j0 in range(_first_key(i0, window), i1, tile):
                 j1 = min(j0 + tile, i1)
                 kt = k_all[:, :, j0:j1]  # (B, Hkv, tk, hd)
                 vt = v_all[:, :, j0:j1]
                 s = qt @ kt.transpose(-1, -2)  # (B, Hkv, g*tq, tk)
-                mask = _causal_mask(i0, tq, j0, j1 - j0, q.device)
+                mask = _hidden_keys(i0, tq, j0, j1 - j0, q.device, window)
                 if mask is not None:
                     s.view(b, n_kv, -1, tq, j1 - j0).masked_fill_(mask, -math.inf)
                 p = torch.exp(s - lse_t)  # probabilities recomputed from the kept lse
                 dv[:, :, j0:j1] += p.transpose(-1, -2) @ dot  # the matmul sums over the group
                 ds = p * (dot @ vt.transpose(-1, -2) - delta_t)  # dS = P * (dP - D)
                 dqt += ds @ kt
-                dk[:, :, j0:j1] += ds.transpose(-1, -2) @ qt
+                dk[:, :, j0:j1] += ds.transpose(-1, -2) @ qt  # qt is scaled: dk = scale dS^T Q
             dq[:, i0:i1] = _tokens_first(dqt * scale, tq).to(q.dtype)
         dk = dk.permute(0, 2, 1, 3).contiguous().to(q.dtype)  # (B, T, Hkv, hd)
         dv = dv.permute(0, 2, 1, 3).contiguous().to(q.dtype)
@@ -337,7 +353,29 @@ class TorchBackend(Backend):
         return dg, dh * silu
 
     @_no_grad
-    def cross_entropy_head(self, x, head, targets, chunk, ignore_index, need_dx, need_dhead):
+    def geglu_forward_fused(self, gate_up):
+        f = gate_up.shape[1] // 2
+        g, u = gate_up[:, :f], gate_up[:, f:]
+        return torch.nn.functional.gelu(g, approximate="tanh") * u  # 0.5 g (1 + tanh(c (g + 0.044715 g^3))) u
+
+    @_no_grad
+    def geglu_backward_fused(self, dh, gate_up):
+        f = gate_up.shape[1] // 2
+        g, u = gate_up[:, :f], gate_up[:, f:]
+        t = torch.tanh(GELU_C * (g + GELU_K * g ** 3))
+        gelu = 0.5 * g * (1.0 + t)
+        dgelu = 0.5 * (1.0 + t) + 0.5 * g * (1.0 - t * t) * GELU_C * (1.0 + 3.0 * GELU_K * g * g)
+        dgate_up = torch.empty_like(gate_up, memory_format=torch.contiguous_format)  # (N, 2f)
+        dgate_up[:, :f] = dh * u * dgelu
+        dgate_up[:, f:] = dh * gelu
+        return dgate_up
+
+    @_no_grad
+    def softcap(self, x, cap):
+        return cap * torch.tanh(x / cap)
+
+    @_no_grad
+    def cross_entropy_head(self, x, head, targets, chunk, ignore_index, need_dx, need_dhead, softcap=None):
         n = x.shape[0]
         acc_dt = _acc_dtype(x.dtype)
         valid = targets != ignore_index
@@ -352,6 +390,9 @@ class TorchBackend(Backend):
             xc, ok = x[c0:c1], valid[c0:c1]
             tc = torch.where(ok, targets[c0:c1], 0)[:, None]  # (c, 1)
             z = self.matmul_nt(xc, head).to(acc_dt)  # logits chunk (c, V), the only one alive
+            if softcap is not None:  # z = c tanh(z_raw / c)
+                capped = torch.tanh(z / softcap)  # (c, V)
+                z = softcap * capped
             z -= z.amax(dim=1, keepdim=True)  # shift for a stable exp
             z_target = z.gather(1, tc)[:, 0]
             z.exp_()
@@ -361,6 +402,8 @@ class TorchBackend(Backend):
                 z /= row_sum[:, None]  # softmax p
                 z.scatter_add_(1, tc, torch.full_like(z_target[:, None], -1.0))  # p - onehot(t)
                 z *= (ok.to(acc_dt) / n_valid)[:, None]
+                if softcap is not None:
+                    z *= 1.0 - capped * capped  # dz_raw = dz (1 - tanh^2)
                 if need_dx:
                     dx[c0:c1] = self.matmul(z.to(x.dtype), head)
                 if need_dhead:

@@ -12,6 +12,10 @@ named in `targets`, and folded back into a plain weight by to_linear().
 A LARS basis P (d_in, r) is shared by every projection of the stream, so z is kept
 once per stream: r floats per token where LoRA keeps d_in + r per site.
 
+On a stream with a bias b (minilars/sites.py) x W_s reads x W_s + b_s throughout:
+LoRA and LARS add to it, IA3 on an output scales it, (x W_s + b_s) * l_s, as PEFT's
+IA3 does for a module that is not feed-forward; b stays frozen.
+
 Letters: N tokens, d_in, d_out, r rank; s a projection of the stream.
 """
 from __future__ import annotations
@@ -28,15 +32,15 @@ from .sites import LinearSite
 class _AdapterSite(LinearSite):
     """Shared plumbing: the frozen matmul and per-projection column slices."""
 
-    def __init__(self, weight: Array, outputs: dict[str, int], targets: list[str]):
-        super().__init__(weight, outputs)
+    def __init__(self, weight: Array, outputs: dict[str, int], targets: list[str], bias: Array | None = None):
+        super().__init__(weight, outputs, bias)
         unknown = [t for t in targets if t not in outputs]
         if unknown:
             raise ValueError(f"targets {unknown} are not projections of this stream ({list(outputs)})")
         self.targets = [name for name in outputs if name in targets]  # column order
 
     def _frozen(self, x: Array, be: Backend) -> Array:
-        return be.matmul(x, self.weight)  # (N, d_out)
+        return self._affine(x, be)  # x W + b: (N, d_out)
 
 
 # ---------------------------------------------------------------- LoRA
@@ -53,8 +57,8 @@ class LoRASite(_AdapterSite):
     method = "lora"
 
     def __init__(self, weight, outputs, targets, rank: int, alpha: float, rng: np.random.Generator, backend: Backend,
-                 dtype=None):
-        super().__init__(weight, outputs, targets)
+                 dtype=None, bias: Array | None = None):
+        super().__init__(weight, outputs, targets, bias)
         self.rank, self.alpha, self.scaling = rank, alpha, alpha / rank
         dtype = dtype or weight.dtype
         bound = 1.0 / math.sqrt(self.d_in)
@@ -116,7 +120,7 @@ class LoRASite(_AdapterSite):
 # ---------------------------------------------------------------- IA3
 @dataclass
 class IA3OutputCache:
-    y0: Array  # (N, sum of target widths) unscaled outputs x W_s of the targets
+    y0: Array  # (N, sum of target widths) unscaled outputs x W_s (+ b_s) of the targets
 
 
 @dataclass
@@ -131,8 +135,9 @@ class IA3Site(_AdapterSite):
 
     method = "ia3"
 
-    def __init__(self, weight, outputs, targets, backend: Backend, scale_input: bool = False, dtype=None):
-        super().__init__(weight, outputs, targets)
+    def __init__(self, weight, outputs, targets, backend: Backend, scale_input: bool = False, dtype=None,
+                 bias: Array | None = None):
+        super().__init__(weight, outputs, targets, bias)
         dtype = dtype or weight.dtype
         self.scale_input = scale_input
         if scale_input:
@@ -149,7 +154,7 @@ class IA3Site(_AdapterSite):
         if self.scale_input:
             if not self.targets:
                 return self._frozen(x, be), None
-            return be.matmul(x * self.scales["input"], self.weight), IA3InputCache(x)
+            return self._affine(x * self.scales["input"], be), IA3InputCache(x)
         y = self._frozen(x, be)
         if not self.targets:
             return y, None
@@ -188,6 +193,16 @@ class IA3Site(_AdapterSite):
             w[:, self.slices[s]] *= self.scales[s]
         return w
 
+    def merged_bias(self, be):
+        """(x W_s + b_s) l_s = x (W_s l_s) + b_s l_s: an output scale folds into the bias
+        too (PEFT's IA3 merge); an input scale leaves it alone."""
+        if self.bias is None or self.scale_input or not self.targets:
+            return self.bias
+        b = be.cast(self.bias, self.scales[self.targets[0]].dtype) + 0  # a copy
+        for s in self.targets:
+            b[self.slices[s]] *= self.scales[s]
+        return b
+
 
 # ---------------------------------------------------------------- LARS
 @dataclass
@@ -211,8 +226,9 @@ class LARSSite(_AdapterSite):
 
     method = "lars"
 
-    def __init__(self, weight, outputs, targets, basis: Array, backend: Backend, dtype=None):
-        super().__init__(weight, outputs, targets)
+    def __init__(self, weight, outputs, targets, basis: Array, backend: Backend, dtype=None,
+                 bias: Array | None = None):
+        super().__init__(weight, outputs, targets, bias)
         if basis.shape[0] != self.d_in:
             raise ValueError(f"basis has {basis.shape[0]} rows, the stream's input has {self.d_in}")
         dtype = dtype or weight.dtype
@@ -238,7 +254,7 @@ class LARSSite(_AdapterSite):
             return self._frozen(x, be), None
         z = be.matmul(x, self.basis)  # (N, r)
         if self.merged is not None:
-            return be.matmul(x, self.merged), LARSCache(z)  # x W_eff
+            return self._affine(x, be, self.merged), LARSCache(z)  # x W_eff + b
         y = self._frozen(x, be)
         for s in self.targets:
             y[:, self.slices[s]] += be.matmul(z, self.M[s])
@@ -247,7 +263,7 @@ class LARSSite(_AdapterSite):
     def apply(self, x, be):
         """y without z = x P, which only backward reads."""
         if self.merged is not None:
-            return be.matmul(x, self.merged)  # x W_eff
+            return self._affine(x, be, self.merged)  # x W_eff + b
         return self.forward(x, be)[0]  # unmerged, y needs z M
 
     def backward_cache(self, x, be):

@@ -88,14 +88,13 @@ def stream_inputs(model: Model, tokens, token_mask=None, streams: tuple[str, ...
         if on_cache is not None:
             on_cache(site, cache, kept, n_tokens)
 
-    cos, sin = model._rope(seq_len)
     x, _ = model._embed(tokens)
     for i in range(cfg.n_layers):
         block = model.sites[i]
         recorders = {stream: _Recorder(block[stream]) for stream in streams}
         block.update(recorders)
         try:
-            x = model._block_forward(i, x, batch, seq_len, cos, sin, capture)
+            x = model._block_forward(i, x, batch, seq_len, capture)
         finally:
             block.update({stream: rec.inner for stream, rec in recorders.items()})
         yield i, {stream: kept(rec.seen) for stream, rec in recorders.items()}

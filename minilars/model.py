@@ -1,15 +1,24 @@
-"""The LLaMA-style decoder with an explicit forward and backward.
+"""The decoder with an explicit forward and backward, for every model family.
 
 forward(tokens, targets) runs embedding -> n_layers pre-norm blocks -> final RMSNorm
--> tied head + cross-entropy, putting every cache that backward will need into an
+-> head + cross-entropy, putting every cache that backward will need into an
 ActivationStore; backward(tape) walks the same steps in reverse and returns a
 gradient for every trainable array, by name. Nothing is kept on the model object
 between the two calls: all saved state lives in the tape's store.
 
-Block (pre-norm, as LLaMA):
-    h = RMSNorm(x);  [q|k|v] = h W_attn_in;  q, k = RoPE(q), RoPE(k)
-    x = x + Attention(q, k, v) W_attn_out
-    h = RMSNorm(x);  [g|u] = h W_mlp_in;  x = x + (silu(g) * u) W_mlp_out
+Block (pre-norm, as LLaMA; the bracketed steps are the architecture description's,
+minilars/config.py, each off for LLaMA, which then does no work for them):
+    x_0 = E[t] [* embed_scale]
+    h = RMSNorm(x);  [q|k|v] = h W_attn_in [+ b_attn_in]
+    [q, k = RMSNorm_hd(q), RMSNorm_hd(k)   (qk_norm, per head)]
+    q, k = RoPE_i(q), RoPE_i(k)            (layer i's base and scaling: cfg.rope_of_layer)
+    a = Attention(q, k, v; window_i, attn_scale) W_attn_out
+    x = x + [RMSNorm](a)                   (sandwich_norms: attn_post_norm)
+    h = RMSNorm(x);  [g|u] = h W_mlp_in
+    m = act(g) * u                         (act: silu, or gelu_tanh for GeGLU)
+    x = x + [RMSNorm](m W_mlp_out)         (sandwich_norms: mlp_post_norm)
+    logits = [softcap](RMSNorm(x) head^T)
+Every RMSNorm scales by (norm_offset + w): 0 for LLaMA, 1 for Gemma.
 
 Letters: B batch, T tokens, N = B*T, d hidden, f MLP width, H/Hkv heads, hd head dim, V vocab.
 """
@@ -22,12 +31,17 @@ import numpy as np
 
 from .backends import Array, Backend, get_backend
 from .config import ModelConfig
-from .ops import (AttentionCache, EmbeddingCache, attention_backward, attention_forward, cross_entropy_backward,
-                  cross_entropy_forward, embedding_backward, embedding_forward, rmsnorm_backward,
-                  rmsnorm_forward, rope_backward, rope_forward, rope_tables, swiglu_backward, swiglu_forward)
+from .ops import (AttentionCache, EmbeddingCache, RMSNormCache, attention_backward, attention_forward,
+                  attention_options, cross_entropy_backward, cross_entropy_forward, embedding_backward,
+                  embedding_forward, geglu_backward, geglu_forward, head_rmsnorm_backward, head_rmsnorm_forward,
+                  rmsnorm_backward, rmsnorm_forward, rope_backward, rope_forward, rope_tables, swiglu_backward,
+                  swiglu_forward)
 from .sites import FrozenSite, LinearSite
 from .store import ActivationStore, StoragePlan
 from .weights import STREAMS, check_shapes, random_params, stream_outputs
+
+# cfg.activation -> the gated MLP's forward/backward pair (minilars/ops.py)
+GATES = {"silu": (swiglu_forward, swiglu_backward), "gelu_tanh": (geglu_forward, geglu_backward)}
 
 
 @dataclass
@@ -86,11 +100,13 @@ class Model:
         self.params: dict[str, Array] = {name: self.be.asarray(array) for name, array in params.items()}
         outputs = stream_outputs(cfg)
         self.sites: list[dict[str, LinearSite]] = [
-            {stream: FrozenSite(self.params[f"blocks.{i}.{stream}.weight"], outputs[stream]) for stream in STREAMS}
+            {stream: FrozenSite(self.params[f"blocks.{i}.{stream}.weight"], outputs[stream],
+                                self.params.get(f"blocks.{i}.{stream}.bias")) for stream in STREAMS}
             for i in range(cfg.n_layers)]
         self.train_embeddings = False
         self.train_norms = False
-        self._rope_cache: tuple[int, Array, Array] | None = None
+        self._gate_forward, self._gate_backward = GATES[cfg.activation]
+        self._rope_cache: dict[tuple, tuple[int, Array, Array]] = {}  # (theta, scaling) -> (n, cos, sin)
         self.method = None  # the MethodConfig applied, see minilars/methods/
 
     @classmethod
@@ -130,15 +146,43 @@ class Model:
         for i, block in enumerate(self.sites):
             for stream, site in block.items():
                 out[f"blocks.{i}.{stream}.weight"] = self.be.to_numpy(site.to_linear(self.be))
+                if site.bias is not None:
+                    out[f"blocks.{i}.{stream}.bias"] = self.be.to_numpy(site.merged_bias(self.be))
         return out
 
     # ---------------------------------------------------------------- forward
-    def _rope(self, positions: int) -> tuple[Array, Array]:
-        if self._rope_cache is None or self._rope_cache[0] < positions:
+    def _rope(self, positions: int, layer: int) -> tuple[Array, Array]:
+        """cos, sin (n, hd), n >= positions, of layer's RoPE (cfg.rope_of_layer): one
+        pair of float64 tables per (theta, scaling), shared by the layers that use it."""
+        key = self.cfg.rope_of_layer(layer)
+        cached = self._rope_cache.get(key)
+        if cached is None or cached[0] < positions:
             n = max(positions, min(self.cfg.max_seq_len, 4096))
-            cos, sin = rope_tables(n, self.cfg.head_dim, self.cfg.rope_theta, np.float64)
-            self._rope_cache = (n, self.be.asarray(cos), self.be.asarray(sin))
-        return self._rope_cache[1], self._rope_cache[2]
+            theta, scaling = key
+            cos, sin = rope_tables(n, self.cfg.head_dim, theta, np.float64, scaling)
+            cached = self._rope_cache[key] = (n, self.be.asarray(cos), self.be.asarray(sin))
+        return cached[1], cached[2]
+
+    def _norm(self, x: Array, name: str) -> tuple[Array, RMSNormCache]:
+        """RMSNorm of x (rows, d) by parameter `name`, scaled by (norm_offset + w)."""
+        return rmsnorm_forward(x, self.params[name], self.cfg.rms_eps, self.be, self.cfg.norm_offset)
+
+    def _norm_backward(self, dy: Array, cache: RMSNormCache, name: str, grads: dict) -> Array:
+        """dx of _norm; dw adds into grads[name] when the norms train."""
+        dx, dw = rmsnorm_backward(dy, cache, self.params[name], self.be, self.cfg.norm_offset)
+        if self.train_norms:
+            _accumulate(grads, name, dw)
+        return dx
+
+    def _head_norm(self, x: Array, name: str) -> tuple[Array, RMSNormCache]:
+        """q/k norm: RMSNorm over each head's hd, x (B, T, heads, hd)."""
+        return head_rmsnorm_forward(x, self.params[name], self.cfg.rms_eps, self.be, self.cfg.norm_offset)
+
+    def _head_norm_backward(self, dy: Array, cache: RMSNormCache, name: str, grads: dict) -> Array:
+        dx, dw = head_rmsnorm_backward(dy, cache, self.params[name], self.be, self.cfg.norm_offset)
+        if self.train_norms:
+            _accumulate(grads, name, dw)
+        return dx
 
     def _check_tokens(self, tokens) -> tuple[int, int]:
         if tokens.ndim != 2:
@@ -150,7 +194,7 @@ class Model:
         return batch, seq_len
 
     def _embed(self, tokens: Array) -> tuple[Array, EmbeddingCache]:
-        x, cache = embedding_forward(self.params["embed.weight"], tokens.reshape(-1), self.be)
+        x, cache = embedding_forward(self.params["embed.weight"], tokens.reshape(-1), self.be, self.cfg.embed_scale)
         return self.be.cast(x, self.compute_dtype), cache
 
     def forward(self, tokens, targets, store: ActivationStore | None = None, need_grad: bool = True,
@@ -164,7 +208,6 @@ class Model:
             store = ActivationStore(be, self.plan, self.bases)
         store.n_tokens = batch * seq_len
         keep = store.keep if need_grad else None
-        cos, sin = self._rope(seq_len)
         x, cache = self._embed(tokens)
         if need_grad and self.train_embeddings:
             store.keep("embed", cache)
@@ -176,16 +219,16 @@ class Model:
                     if self.plan.keeps_attention_output:
                         site = f"blocks.{i}.attn"
                         on_attention = lambda o, lse, site=site: store.keep(site, AttentionOutput(o, lse))  # noqa: E731
-                    x = self._block_forward(i, x, batch, seq_len, cos, sin, None, on_attention=on_attention)
+                    x = self._block_forward(i, x, batch, seq_len, None, on_attention=on_attention)
                 else:
-                    x = self._block_forward(i, x, batch, seq_len, cos, sin, keep)
-        h, cache = rmsnorm_forward(x, self.params["final_norm.weight"], cfg.rms_eps, be)
+                    x = self._block_forward(i, x, batch, seq_len, keep)
+        h, cache = self._norm(x, "final_norm.weight")
         if keep is not None:
             store.keep("final_norm", cache)
         train_head = self.train_embeddings
         loss, n_labelled, cache = cross_entropy_forward(
             h, self.head, targets.reshape(-1), be, chunk=self.loss_chunk, ignore_index=ignore_index,
-            need_dx=need_grad, need_dhead=need_grad and train_head)
+            need_dx=need_grad, need_dhead=need_grad and train_head, softcap=cfg.final_softcap)
         if keep is not None:
             store.keep("head", cache)
         return Tape(loss, n_labelled, store, batch, seq_len)
@@ -204,30 +247,30 @@ class Model:
             for site in merging:
                 site.unmerge()
 
-    def _block_forward(self, i: int, x: Array, batch: int, seq_len: int, cos: Array, sin: Array,
-                       keep, kv: KVCache | None = None, on_attention=None) -> Array:
+    def _block_forward(self, i: int, x: Array, batch: int, seq_len: int, keep, kv: KVCache | None = None,
+                       on_attention=None) -> Array:
         """One pre-norm block; keep(site, cache) receives every cache (None: keep nothing).
         With nothing kept the MLP runs mlp_chunk tokens at a time (_mlp_chunked).
         on_attention(o, lse), if given, receives the attention kernel's outputs."""
-        x = self._attention_half(i, x, batch, seq_len, cos, sin, keep, kv, on_attention=on_attention)
+        x = self._attention_half(i, x, batch, seq_len, keep, kv, on_attention=on_attention)
         if keep is None:
             return self._mlp_chunked(i, x, lambda rows, x_rows: self._mlp_half(i, x_rows, None))
         return self._mlp_half(i, x, keep)
 
-    def _attention_half(self, i: int, x: Array, batch: int, seq_len: int, cos: Array, sin: Array,
-                        keep, kv: KVCache | None = None, on_attention=None,
-                        attention_output: AttentionOutput | None = None) -> Array:
-        """x + Attention(RoPE(RMSNorm(x) W_attn_in)) W_attn_out: (N, d) -> (N, d).
-        attention_output (a recomputed block whose forward kept it): O and lse come
-        from there instead of from the attention kernel, whose cache is rebuilt from
-        the recomputed q, k, v. on_attention(o, lse) receives the kernel's outputs."""
-        be, cfg, p, sites = self.be, self.cfg, self.params, self.sites[i]
+    def _attention_half(self, i: int, x: Array, batch: int, seq_len: int, keep, kv: KVCache | None = None,
+                        on_attention=None, attention_output: AttentionOutput | None = None) -> Array:
+        """x + [post-norm](Attention(RoPE([norm](RMSNorm(x) W_attn_in + b))) W_attn_out):
+        (N, d) -> (N, d). attention_output (a recomputed block whose forward kept it): O
+        and lse come from there instead of from the attention kernel, whose cache is
+        rebuilt from the recomputed q, k, v. on_attention(o, lse) receives the kernel's
+        outputs."""
+        be, cfg, sites = self.be, self.cfg, self.sites[i]
         pre = f"blocks.{i}."
         n = batch * seq_len
         run = _site_runner(keep, be)
         keep = keep or (lambda site, cache: None)
 
-        h, cache = rmsnorm_forward(x, p[pre + "attn_norm.weight"], cfg.rms_eps, be)  # (N, d)
+        h, cache = self._norm(x, pre + "attn_norm.weight")  # (N, d)
         keep(pre + "attn_norm", cache)
         qkv, cache = run(sites["attn_in"], h)  # (N, H*hd + 2k)
         if cache is not None:
@@ -236,15 +279,22 @@ class Model:
         q = qkv[:, :dq].reshape(batch, seq_len, cfg.n_heads, cfg.head_dim)
         k = qkv[:, dq:dq + dk].reshape(batch, seq_len, cfg.n_kv_heads, cfg.head_dim)
         v = qkv[:, dq + dk:].reshape(batch, seq_len, cfg.n_kv_heads, cfg.head_dim)
+        if cfg.qk_norm:
+            q, cache = self._head_norm(q, pre + "q_norm.weight")  # (B, T, H, hd)
+            keep(pre + "q_norm", cache)
+            k, cache = self._head_norm(k, pre + "k_norm.weight")  # (B, T, Hkv, hd)
+            keep(pre + "k_norm", cache)
         start = kv.length if kv is not None else 0
+        cos, sin = self._rope(start + seq_len, i)
         cos_t, sin_t = cos[start:start + seq_len], sin[start:start + seq_len]
         q = rope_forward(q, cos_t, sin_t, be)  # (B, T, H, hd)
         k = rope_forward(k, cos_t, sin_t, be)  # (B, T, Hkv, hd)
+        window, scale = cfg.window(i), cfg.attn_scale
         if attention_output is not None:  # O = softmax(Q K^T) V as the forward computed it
             o = attention_output.o
-            keep(pre + "attn", AttentionCache(q, k, v, o, attention_output.lse))
+            keep(pre + "attn", AttentionCache(q, k, v, o, attention_output.lse, window, scale))
         elif kv is None:
-            o, cache = attention_forward(q, k, v, self.attention_tile, be)  # (B, T, H, hd)
+            o, cache = attention_forward(q, k, v, self.attention_tile, be, window, scale)  # (B, T, H, hd)
             keep(pre + "attn", cache)
             if on_attention is not None:
                 on_attention(o, cache.lse)
@@ -252,34 +302,41 @@ class Model:
             kv.k[i][:, start:start + seq_len] = k
             kv.v[i][:, start:start + seq_len] = v
             o, _ = be.attention_forward(q, kv.k[i][:, :start + seq_len], kv.v[i][:, :start + seq_len],
-                                        self.attention_tile, q_offset=start)
+                                        self.attention_tile, q_offset=start, **attention_options(window, scale))
         a, cache = run(sites["attn_out"], o.reshape(n, dq))  # (N, d)
         if cache is not None:
             keep(pre + "attn_out", cache)
+        if cfg.sandwich_norms:
+            a, cache = self._norm(a, pre + "attn_post_norm.weight")
+            keep(pre + "attn_post_norm", cache)
         return x + a
 
     def _mlp_half(self, i: int, x: Array, keep, need_output: bool = True) -> Array | None:
-        """x + SwiGLU(RMSNorm(x) W_mlp_in) W_mlp_out: (rows, d) -> (rows, d). Every op
-        is row-wise, so any slice of tokens can go through it alone. need_output=False
-        (recompute in backward) keeps the caches but skips the down projection's
-        frozen product, which backward never reads: 2 rows f d FLOPs saved."""
-        be, cfg, p, sites = self.be, self.cfg, self.params, self.sites[i]
+        """x + [post-norm](act(g) * u W_mlp_out), [g|u] = RMSNorm(x) W_mlp_in:
+        (rows, d) -> (rows, d). Every op is row-wise, so any slice of tokens can go
+        through it alone. need_output=False (recompute in backward) keeps the caches
+        but skips the down projection's frozen product, which backward never reads
+        (2 rows f d FLOPs saved), unless a post-norm reads it."""
+        be, cfg, sites = self.be, self.cfg, self.sites[i]
         pre = f"blocks.{i}."
         run = _site_runner(keep, be)
         keep = keep or (lambda site, cache: None)
-        h, cache = rmsnorm_forward(x, p[pre + "mlp_norm.weight"], cfg.rms_eps, be)
+        h, cache = self._norm(x, pre + "mlp_norm.weight")
         keep(pre + "mlp_norm", cache)
         gate_up, cache = run(sites["mlp_in"], h)  # (rows, 2f)
         if cache is not None:
             keep(pre + "mlp_in", cache)
-        m, cache = swiglu_forward(gate_up, be)  # (rows, f)
+        m, cache = self._gate_forward(gate_up, be)  # (rows, f)
         keep(pre + "mlp", cache)
-        if need_output:
+        if need_output or cfg.sandwich_norms:
             down, cache = run(sites["mlp_out"], m)  # (rows, d)
         else:
             down, cache = None, sites["mlp_out"].backward_cache(m, be)
         if cache is not None:
             keep(pre + "mlp_out", cache)
+        if cfg.sandwich_norms:
+            down, cache = self._norm(down, pre + "mlp_post_norm.weight")
+            keep(pre + "mlp_post_norm", cache)
         return x + down if need_output else None
 
     def _mlp_chunked(self, i: int, x: Array, run) -> Array:
@@ -300,26 +357,23 @@ class Model:
         be, cfg, store = self.be, self.cfg, tape.store
         grads: dict[str, Array] = {}
         dh, dhead = cross_entropy_backward(dloss, store.take("head"), be)  # (N, d), (V, d)
-        dx, dw = rmsnorm_backward(dh, store.take("final_norm"), self.params["final_norm.weight"], be)
-        if self.train_norms:
-            grads["final_norm.weight"] = dw
-        cos, sin = self._rope(tape.seq_len)
+        dx = self._norm_backward(dh, store.take("final_norm"), "final_norm.weight", grads)
         for i in reversed(range(cfg.n_layers)):
             with self._merged_block(i):
-                dx = self._block_backward(i, dx, tape.batch, tape.seq_len, cos, sin, store, grads,
+                dx = self._block_backward(i, dx, tape.batch, tape.seq_len, store, grads,
                                           need_dx=i > 0 or self.train_embeddings)
         if self.train_embeddings:
             dembed = embedding_backward(dx, store.take("embed"), cfg.vocab_size, be)
             if cfg.tie_embeddings:
-                dembed += dhead
+                dembed += dhead  # the head reads E unscaled
             else:
                 grads["head.weight"] = dhead
             grads["embed.weight"] = dembed
         return grads
 
-    def _block_backward(self, i: int, dx: Array, batch: int, seq_len: int, cos: Array, sin: Array,
-                        store: ActivationStore, grads: dict, need_dx: bool = True) -> Array | None:
-        be, cfg, p = self.be, self.cfg, self.params
+    def _block_backward(self, i: int, dx: Array, batch: int, seq_len: int, store: ActivationStore, grads: dict,
+                        need_dx: bool = True) -> Array | None:
+        be, cfg = self.be, self.cfg
         pre = f"blocks.{i}."
         n = batch * seq_len
 
@@ -330,8 +384,7 @@ class Model:
             # caches and work arrays are ever alive.
             x_in = store.take(pre + "input").x
             kept = store.take(pre + "attn") if self.plan.keeps_attention_output else None
-            x1 = self._attention_half(i, x_in, batch, seq_len, cos[:seq_len], sin[:seq_len], store.keep,
-                                      attention_output=kept)
+            x1 = self._attention_half(i, x_in, batch, seq_len, store.keep, attention_output=kept)
             del kept
             del x_in
 
@@ -345,34 +398,42 @@ class Model:
         else:
             dx = self._mlp_backward(i, dx, store, grads)
 
-        do = self._site_backward(i, "attn_out", dx, store, grads)  # (N, H*hd)
+        da = dx
+        if cfg.sandwich_norms:
+            da = self._norm_backward(dx, store.take(pre + "attn_post_norm"), pre + "attn_post_norm.weight", grads)
+        do = self._site_backward(i, "attn_out", da, store, grads)  # (N, H*hd)
+        del da
         do = do.reshape(batch, seq_len, cfg.n_heads, cfg.head_dim)
         dq, dk, dv = attention_backward(do, store.take(pre + "attn"), self.attention_tile, be)
         del do
+        cos, sin = self._rope(seq_len, i)
         dq = rope_backward(dq, cos[:seq_len], sin[:seq_len], be)
         dk = rope_backward(dk, cos[:seq_len], sin[:seq_len], be)
+        if cfg.qk_norm:
+            dq = self._head_norm_backward(dq, store.take(pre + "q_norm"), pre + "q_norm.weight", grads)
+            dk = self._head_norm_backward(dk, store.take(pre + "k_norm"), pre + "k_norm.weight", grads)
         dqkv = be.concat([dq.reshape(n, cfg.q_dim), dk.reshape(n, cfg.kv_dim), dv.reshape(n, cfg.kv_dim)], axis=1)
         del dq, dk, dv
         dh = self._site_backward(i, "attn_in", dqkv, store, grads)  # (N, d)
         del dqkv
-        dxn, dw = rmsnorm_backward(dh, store.take(pre + "attn_norm"), p[pre + "attn_norm.weight"], be)
-        if self.train_norms:
-            _accumulate(grads, pre + "attn_norm.weight", dw)
+        dxn = self._norm_backward(dh, store.take(pre + "attn_norm"), pre + "attn_norm.weight", grads)
         return dx + dxn if need_dx else None
 
     def _mlp_backward(self, i: int, dx: Array, store: ActivationStore, grads: dict) -> Array:
         """dx + d(MLP half)/dx for the rows the MLP caches hold: (rows, d) -> (rows, d).
         Weight gradients add up across calls (one call per slice of tokens)."""
-        be, p = self.be, self.params
+        be, cfg = self.be, self.cfg
         pre = f"blocks.{i}."
-        dm = self._site_backward(i, "mlp_out", dx, store, grads)  # (rows, f)
-        dgate_up = swiglu_backward(dm, store.take(pre + "mlp"), be)  # (rows, 2f)
+        ddown = dx
+        if cfg.sandwich_norms:
+            ddown = self._norm_backward(dx, store.take(pre + "mlp_post_norm"), pre + "mlp_post_norm.weight", grads)
+        dm = self._site_backward(i, "mlp_out", ddown, store, grads)  # (rows, f)
+        del ddown
+        dgate_up = self._gate_backward(dm, store.take(pre + "mlp"), be)  # (rows, 2f)
         del dm
         dh = self._site_backward(i, "mlp_in", dgate_up, store, grads)  # (rows, d)
         del dgate_up
-        dxn, dw = rmsnorm_backward(dh, store.take(pre + "mlp_norm"), p[pre + "mlp_norm.weight"], be)
-        if self.train_norms:
-            _accumulate(grads, pre + "mlp_norm.weight", dw)
+        dxn = self._norm_backward(dh, store.take(pre + "mlp_norm"), pre + "mlp_norm.weight", grads)
         return dx + dxn
 
     def _site_backward(self, i: int, stream: str, dy: Array, store: ActivationStore, grads: dict,
@@ -394,22 +455,24 @@ class Model:
         start = kv.length if kv is not None else 0
         if start + seq_len > cfg.max_seq_len:
             raise ValueError(f"{start + seq_len} tokens exceed the model's context ({cfg.max_seq_len})")
-        cos, sin = self._rope(start + seq_len)
         x, _ = self._embed(be.asarray(tokens, "int64"))
         for i in range(cfg.n_layers):
-            x = self._block_forward(i, x, batch, seq_len, cos, sin, None, kv)
+            x = self._block_forward(i, x, batch, seq_len, None, kv)
         if kv is not None:
             kv.length += seq_len
-        h, _ = rmsnorm_forward(x, self.params["final_norm.weight"], cfg.rms_eps, be)
+        h, _ = self._norm(x, "final_norm.weight")
         return h.reshape(batch, seq_len, cfg.dim)
 
     def logits(self, tokens, kv: KVCache | None = None, last_only: bool = False) -> Array:
-        """(B, T, V) logits, or (B, V) for the last position only."""
+        """(B, T, V) logits, or (B, V) for the last position only; soft-capped,
+        c tanh(z / c), when the model has a final_softcap c."""
         h = self.hidden(tokens, kv)
         if last_only:
             h = h[:, -1:]
         batch, seq_len = h.shape[0], h.shape[1]
         out = self.be.matmul_nt(h.reshape(batch * seq_len, self.cfg.dim), self.head)
+        if self.cfg.final_softcap is not None:
+            out = self.be.softcap(out, self.cfg.final_softcap)
         return out.reshape(batch, self.cfg.vocab_size) if last_only else out.reshape(batch, seq_len, -1)
 
     def new_kv_cache(self, batch: int, max_len: int | None = None) -> KVCache:

@@ -132,7 +132,7 @@ class Method:
     def wrap(self, site: LinearSite, where: SiteContext) -> LinearSite:
         """The site that replaces `site`: an adapter where the stream has targets."""
         if not where.targets:
-            return FrozenSite(site.weight, where.outputs)
+            return FrozenSite(site.weight, where.outputs, where.bias)
         return self.adapter(site.weight, where)
 
     def adapter(self, weight, where: SiteContext) -> LinearSite:

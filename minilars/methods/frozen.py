@@ -16,4 +16,4 @@ class Frozen(Method):
     trains = False
 
     def wrap(self, site, where):
-        return FrozenSite(site.weight, where.outputs)
+        return FrozenSite(site.weight, where.outputs, where.bias)

@@ -1,4 +1,4 @@
-"""Full fine-tuning: every weight trains (embeddings, norms, all projections).
+"""Full fine-tuning: every weight trains (embeddings, norms, all projections and biases).
 
 Each linear site becomes a FullSite (minilars/sites.py): dW = x^T dy, so the input x
 is kept. The result is saved as merged weights: no adapter is smaller than the model.
@@ -21,4 +21,5 @@ class Full(Method):
     study_lrs = (1e-5, 3e-5, 1e-4)
 
     def wrap(self, site, where):
-        return FullSite(site.to_linear(where.be), where.outputs)  # an adapter, if any, folded in
+        # an adapter, if any, folded into the weight and bias
+        return FullSite(site.to_linear(where.be), where.outputs, site.merged_bias(where.be))

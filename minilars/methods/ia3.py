@@ -30,7 +30,7 @@ class IA3(Method):
     def adapter(self, weight, where):
         # The down projection reads the SwiGLU output: PEFT scales a feed-forward module's input.
         return IA3Site(weight, where.outputs, where.targets, where.be, scale_input=where.stream == "mlp_out",
-                       dtype=where.dtype)
+                       dtype=where.dtype, bias=where.bias)
 
     def peft_config(self, common):
         feedforward = [m for m in common["target_modules"] if m == "down_proj"]

@@ -74,7 +74,7 @@ class LARS(Method):
 
     def adapter(self, weight, where):
         basis = self.stream_bases[f"blocks.{where.block}.{where.stream}"]
-        return LARSSite(weight, where.outputs, where.targets, basis, where.be, where.dtype)
+        return LARSSite(weight, where.outputs, where.targets, basis, where.be, where.dtype, bias=where.bias)
 
     # ---------------------------------------------------------------- PEFT: the LoRA it equals
     def peft_config(self, common):
@@ -106,7 +106,7 @@ class LARS(Method):
                     continue
                 basis = get(i)(mine[0], "lora_A.weight", (c.rank, site.d_in)).T
                 block[stream] = LARSSite(site.weight, site.outputs, mine, be.asarray(np.ascontiguousarray(basis)),
-                                         be, dtype)
+                                         be, dtype, bias=site.bias)
         model.method = c
         self.load_sites(model, get)
 

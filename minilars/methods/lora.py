@@ -45,7 +45,8 @@ class LoRA(Method):
 
     def adapter(self, weight, where):
         c = self.config
-        return LoRASite(weight, where.outputs, where.targets, c.rank, c.lora_alpha, where.rng, where.be, where.dtype)
+        return LoRASite(weight, where.outputs, where.targets, c.rank, c.lora_alpha, where.rng, where.be, where.dtype,
+                        bias=where.bias)
 
     def peft_config(self, common):
         return lora_peft_config(common, self.config.rank, self.config.lora_alpha)

@@ -112,6 +112,7 @@ class SiteContext:
     be: object  # Backend
     dtype: object  # the model's compute dtype
     rng: np.random.Generator  # seeded by the config; shared by every site, in order
+    bias: object = None  # the stream's bias b (d_out,), or None; frozen unless the method trains it
 
 
 def apply_method(model: Model, method: MethodConfig | str, calibration_tokens=None, calibration_mask=None,
@@ -135,8 +136,11 @@ def apply_method(model: Model, method: MethodConfig | str, calibration_tokens=No
     for i, block in enumerate(model.sites):
         for stream, site in block.items():
             mine = [t for t in targets if PROJECTION_STREAM[t] == stream]
-            where = SiteContext(i, stream, outputs[stream], mine, model.be, model.compute_dtype, rng)
+            where = SiteContext(i, stream, outputs[stream], mine, model.be, model.compute_dtype, rng, site.bias)
             block[stream] = kind.wrap(site, where)
+            if site.bias is not None and getattr(block[stream], "bias", None) is None:
+                raise ValueError(f"method {method.name!r} dropped the bias of blocks.{i}.{stream}: its sites "
+                                 "must carry SiteContext.bias")
     model.method = method
     return model
 
@@ -150,6 +154,6 @@ def apply_frozen(model: Model) -> Model:
     """Nothing trains; linear sites keep nothing."""
     for block in model.sites:
         for stream, site in block.items():
-            block[stream] = FrozenSite(site.weight, site.outputs)
+            block[stream] = FrozenSite(site.weight, site.outputs, site.bias)
     model.train_embeddings = model.train_norms = False
     return model
