@@ -37,3 +37,16 @@ def check_gradients(loss, analytic: dict[str, np.ndarray], inputs: dict[str, np.
             scale = max(1.0, abs(numeric))
             assert abs(numeric - claimed) <= atol * scale + rtol * abs(numeric), (
                 f"d/d{name}: finite difference {numeric:.10g} vs backward {claimed:.10g}")
+
+
+def autograd(formula, inputs: dict[str, np.ndarray], upstream: np.ndarray, constants: dict | None = None
+             ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """The torch autograd reference of an op: y = formula(**tensors, **constants) with
+    every array of `inputs` a float64 leaf tensor, then backward of sum(y * upstream).
+    Returns (y, {name: dL/d(input)}) as numpy. Needs torch (callers importorskip it)."""
+    import torch
+
+    leaves = {name: torch.tensor(x, dtype=torch.float64, requires_grad=True) for name, x in inputs.items()}
+    y = formula(**leaves, **(constants or {}))
+    (y * torch.as_tensor(upstream, dtype=torch.float64)).sum().backward()
+    return y.detach().numpy(), {name: t.grad.numpy() for name, t in leaves.items()}
