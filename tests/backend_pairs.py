@@ -54,13 +54,36 @@ def check_kv_cache_decoding(check, model, reference):
     check(out[0], out[1], "next-token logits")
 
 
-def check_cross_entropy_head(both, check, x, head, targets, chunk, need_dx, need_dhead, dtype):
-    """The chunked loss with the tied head: loss, valid count, dx and dhead."""
+def check_cross_entropy_head(both, check, x, head, targets, chunk, need_dx, need_dhead, dtype, softcap=None):
+    """The chunked loss with the tied head: loss, valid count, dx and dhead; with a
+    soft cap c the logits are c tanh(x head^T / c)."""
     from tolerances import assert_close
 
+    capped = {} if softcap is None else {"softcap": softcap}
     (loss, n_valid, dx, dhead), (loss_ref, n_ref, dx_ref, dhead_ref) = both(
-        "cross_entropy_head", x, head, targets, chunk, -100, need_dx, need_dhead)
+        "cross_entropy_head", x, head, targets, chunk, -100, need_dx, need_dhead, **capped)
     assert isinstance(loss, float) and n_valid == n_ref
     assert_close(np.float64(loss), np.float64(loss_ref), dtype=dtype, name="loss")
     check(dx, dx_ref, "dx")
     check(dhead, dhead_ref, "dhead")
+
+
+def check_geglu(both, check, n, f, dtype, seed):
+    """GeGLU on the fused [g | u]: h, then d[g | u] under a random upstream gradient."""
+    rng = np.random.default_rng(seed)
+    gate_up, dh = normal(rng, (n, 2 * f), dtype, 3.0), normal(rng, (n, f), dtype)
+    check(*both("geglu_forward_fused", gate_up), "h")
+    check(*both("geglu_backward_fused", dh, gate_up), "d(gate_up)")
+
+
+def attention_options(window, scale) -> dict:
+    """Only the options that are set: a plain causal call stays the old signature."""
+    return {name: value for name, value in (("window", window), ("scale", scale)) if value is not None}
+
+
+def family_batch(cfg, seed=1, b=2, t=13):
+    """Tokens and targets (b, t) for a family's tiny model: t = 13 > the sliding window 8."""
+    rng = np.random.default_rng(seed)
+    tokens, targets = rng.integers(0, cfg.vocab_size, (b, t)), rng.integers(0, cfg.vocab_size, (b, t))
+    targets[0, :3] = -100
+    return tokens, targets

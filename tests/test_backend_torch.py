@@ -23,8 +23,9 @@ from minilars.model import Model  # noqa: E402
 from minilars.ops import rope_tables  # noqa: E402
 from minilars.optim import AdamW, AdamWConfig  # noqa: E402
 from minilars.store import StoragePlan  # noqa: E402
-from backend_pairs import (CFG, DTYPES, SEEDS, batch, check_cross_entropy_head, check_kv_cache_decoding,  # noqa: E402
-                           check_rmsnorm, normal)
+from backend_pairs import (CFG, DTYPES, SEEDS, attention_options, batch, check_cross_entropy_head,  # noqa: E402
+                           check_geglu, check_kv_cache_decoding, check_rmsnorm, family_batch, normal)
+from minilars.models.families import FAMILIES, tiny_config  # noqa: E402
 from tolerances import assert_close  # noqa: E402
 
 NP = get_backend("numpy")
@@ -165,8 +166,14 @@ def test_swiglu(n, f, dtype, seed):
     check(du, du_ref, "du")
 
 
+@given(n=st.integers(1, 20), f=st.integers(1, 40), dtype=DTYPES, seed=SEEDS)
+def test_geglu(n, f, dtype, seed):
+    check_geglu(both, check, n, f, dtype, seed)
+
+
 ATTENTION = dict(b=st.integers(1, 2), t=st.integers(1, 24), n_kv=st.integers(1, 2), group=st.sampled_from([1, 3, 9]),
-                 half=st.integers(1, 32), tile=st.integers(2, 9), dtype=DTYPES, seed=SEEDS)
+                 half=st.integers(1, 32), tile=st.integers(2, 9), window=st.one_of(st.none(), st.integers(1, 12)),
+                 scale=st.sampled_from([None, 0.3]), dtype=DTYPES, seed=SEEDS)
 
 
 def attention_inputs(rng, b, tq, tk, n_kv, group, hd, dtype):
@@ -175,39 +182,53 @@ def attention_inputs(rng, b, tq, tk, n_kv, group, hd, dtype):
 
 
 @given(q_offset=st.integers(0, 10), **ATTENTION)
-@example(q_offset=0, b=1, t=1, n_kv=1, group=1, half=1, tile=2, dtype="float64", seed=0)  # T = 1, one head
-@example(q_offset=0, b=1, t=23, n_kv=1, group=9, half=32, tile=5, dtype="float32", seed=1)  # GQA 9, hd 64
-@example(q_offset=7, b=2, t=3, n_kv=2, group=3, half=4, tile=4, dtype="float64", seed=2)  # decode-like: Tq < Tk
-def test_attention_forward(q_offset, b, t, n_kv, group, half, tile, dtype, seed):
+@example(q_offset=0, b=1, t=1, n_kv=1, group=1, half=1, tile=2, window=None, scale=None, dtype="float64",
+         seed=0)  # T = 1, one head
+@example(q_offset=0, b=1, t=23, n_kv=1, group=9, half=32, tile=5, window=None, scale=None, dtype="float32",
+         seed=1)  # GQA 9, hd 64
+@example(q_offset=7, b=2, t=3, n_kv=2, group=3, half=4, tile=4, window=None, scale=None, dtype="float64",
+         seed=2)  # decode-like: Tq < Tk
+@example(q_offset=5, b=1, t=19, n_kv=2, group=3, half=8, tile=4, window=6, scale=0.3, dtype="float32",
+         seed=3)  # a sliding window shorter than T, several key tiles skipped
+def test_attention_forward(q_offset, b, t, n_kv, group, half, tile, window, scale, dtype, seed):
     """Query i sits at position q_offset + i of Tk = q_offset + Tq keys."""
     q, k, v = attention_inputs(np.random.default_rng(seed), b, t, q_offset + t, n_kv, group, 2 * half, dtype)
-    (o, lse), (o_ref, lse_ref) = both("attention_forward", q, k, v, tile, q_offset=q_offset)
+    (o, lse), (o_ref, lse_ref) = both("attention_forward", q, k, v, tile, q_offset=q_offset,
+                                      **attention_options(window, scale))
     check(o, o_ref, "o")
     check(lse, lse_ref, "lse")
 
 
 @given(**ATTENTION)
-@example(b=1, t=1, n_kv=1, group=1, half=1, tile=2, dtype="float64", seed=0)
-@example(b=1, t=23, n_kv=1, group=9, half=32, tile=5, dtype="float32", seed=1)
-def test_attention_backward(b, t, n_kv, group, half, tile, dtype, seed):
+@example(b=1, t=1, n_kv=1, group=1, half=1, tile=2, window=None, scale=None, dtype="float64", seed=0)
+@example(b=1, t=23, n_kv=1, group=9, half=32, tile=5, window=None, scale=None, dtype="float32", seed=1)
+@example(b=2, t=21, n_kv=2, group=3, half=8, tile=4, window=5, scale=0.3, dtype="float64", seed=2)
+def test_attention_backward(b, t, n_kv, group, half, tile, window, scale, dtype, seed):
     rng = np.random.default_rng(seed)
     q, k, v = attention_inputs(rng, b, t, t, n_kv, group, 2 * half, dtype)
-    o, lse = NP.attention_forward(q, k, v, tile)
+    options = attention_options(window, scale)
+    o, lse = NP.attention_forward(q, k, v, tile, **options)
     do = normal(rng, o.shape, dtype)  # a random upstream gradient
-    grads, refs = both("attention_backward", do, q, k, v, o, lse, tile)
+    grads, refs = both("attention_backward", do, q, k, v, o, lse, tile, **options)
     for name, g, ref in zip(("dq", "dk", "dv"), grads, refs):
         check(g, ref, name)
 
 
 @given(n=st.integers(1, 30), d=st.integers(1, 8), vocab=st.integers(2, 40), chunk=st.integers(1, 13),
-       ignored=st.sampled_from([0.0, 0.3, 1.0]), need_dx=st.booleans(), need_dhead=st.booleans(), dtype=DTYPES,
-       seed=SEEDS)
-@example(n=7, d=3, vocab=5, chunk=3, ignored=0.3, need_dx=True, need_dhead=True, dtype="float64", seed=0)
-def test_cross_entropy_head(n, d, vocab, chunk, ignored, need_dx, need_dhead, dtype, seed):
+       ignored=st.sampled_from([0.0, 0.3, 1.0]), need_dx=st.booleans(), need_dhead=st.booleans(),
+       softcap=st.sampled_from([None, 2.0]), dtype=DTYPES, seed=SEEDS)
+@example(n=7, d=3, vocab=5, chunk=3, ignored=0.3, need_dx=True, need_dhead=True, softcap=None, dtype="float64", seed=0)
+@example(n=9, d=4, vocab=6, chunk=4, ignored=0.3, need_dx=True, need_dhead=True, softcap=2.0, dtype="float64", seed=0)
+def test_cross_entropy_head(n, d, vocab, chunk, ignored, need_dx, need_dhead, softcap, dtype, seed):
     rng = np.random.default_rng(seed)
     x, head = normal(rng, (n, d), dtype, 2.0), normal(rng, (vocab, d), dtype)
     targets = np.where(rng.random(n) < ignored, -100, rng.integers(0, vocab, n))
-    check_cross_entropy_head(both, check, x, head, targets, chunk, need_dx, need_dhead, dtype)
+    check_cross_entropy_head(both, check, x, head, targets, chunk, need_dx, need_dhead, dtype, softcap)
+
+
+@given(n=st.integers(1, 12), vocab=st.integers(1, 30), cap=st.sampled_from([0.5, 30.0]), dtype=DTYPES, seed=SEEDS)
+def test_softcap(n, vocab, cap, dtype, seed):
+    check(*both("softcap", normal(np.random.default_rng(seed), (n, vocab), dtype, 10.0), cap), "softcap")
 
 
 @given(shape=st.sampled_from([(1,), (7,), (3, 5)]), weight_decay=st.sampled_from([0.0, 0.1]), dtype=DTYPES, seed=SEEDS)
@@ -238,15 +259,15 @@ def test_adamw_matches_numpy_and_torch_optim(shape, weight_decay, dtype, seed):
 METHODS = ["full", "frozen", "lora", "ia3", "lars"]
 
 
-def model_pair(method: str, plan: dict | None = None, seed: int = 0):
+def model_pair(method: str, plan: dict | None = None, seed: int = 0, cfg=CFG):
     """The same float64 tiny model on numpy and on torch, trained by `method`, every
     trainable array moved off its initial value (a fresh LoRA B or LARS M is zero,
     which would make their partner's gradient trivially zero on both backends)."""
-    reference = Model.random(CFG, seed, dtype=np.float64, backend="numpy", attention_tile=4, loss_chunk=5)
+    reference = Model.random(cfg, seed, dtype=np.float64, backend="numpy", attention_tile=4, loss_chunk=5)
     params = {name: NP.to_numpy(p).copy() for name, p in reference.params.items()}
-    model = Model(CFG, params, backend="torch", compute_dtype="float64", attention_tile=4, loss_chunk=5)
+    model = Model(cfg, params, backend="torch", compute_dtype="float64", attention_tile=4, loss_chunk=5)
     config = MethodConfig.lars_default(rank=4) if method == "lars" else MethodConfig(method, rank=4)
-    calibration = batch(seed=7)[0]
+    calibration = family_batch(cfg, seed=7)[0]
     for m in (reference, model):
         apply_method(m, config, calibration_tokens=calibration)
     if method == "lars":  # the randomized range finder sketches differently per backend: share numpy's bases
@@ -286,6 +307,22 @@ def test_whole_model_loss_and_gradients_match_numpy(method):
 
 def test_kv_cache_decoding_matches_numpy():
     check_kv_cache_decoding(check, *model_pair("frozen"))
+
+
+@pytest.mark.parametrize("method", ["full", "lora", "ia3", "lars"])
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_family_models_match_numpy(family, method):
+    """Each family's tiny model (biases, q/k norm, (1 + w) and sandwich norms, GeGLU,
+    sliding windows shorter than T, rope scaling): loss, store bytes, every gradient
+    by name and the (soft-capped) logits agree with the NumPy reference."""
+    cfg = tiny_config(family, final_softcap=20.0) if family == "gemma3" else tiny_config(family)
+    model, reference = model_pair(method, cfg=cfg)
+    tokens, targets = family_batch(cfg)
+    tape, tape_ref = model.forward(tokens, targets), reference.forward(tokens, targets)
+    assert_close(np.float64(tape.loss), np.float64(tape_ref.loss), name="loss")
+    assert tape.store.bytes_peak == tape_ref.store.bytes_peak
+    assert_same_gradients(model.backward(tape, dloss=0.7), reference.backward(tape_ref, dloss=0.7))
+    check(model.logits(tokens), reference.logits(tokens), "logits")
 
 
 @pytest.mark.parametrize("plan, mlp_chunk", [({"*": "half"}, 512), ({"block": "recompute"}, 512),
