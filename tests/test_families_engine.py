@@ -6,7 +6,9 @@ IA3 and LARS, against centred finite differences of the loss along random
 directions (a random dloss); merged adapters give the logits of the adapted model;
 generation with a KV cache gives the logits of one full forward when the sequence
 is longer than the sliding window; the storage plans that recompute blocks give
-the gradients of the plain plan. The ops themselves are checked one by one in
+the gradients of the plain plan; and logits, loss and every gradient by name agree
+with tests/torch_reference.py's autograd (full, and LoRA, IA3 and LARS exported in
+PEFT's format). The ops themselves are checked one by one in
 tests/test_ops_gradients.py, the families against transformers in the loaders' tests.
 """
 from __future__ import annotations
@@ -19,7 +21,7 @@ from minilars.methods import Method, MethodConfig, apply_method, register, unreg
 from minilars.model import Model
 from minilars.models.families import FAMILIES, tiny_config
 from minilars.sites import FullSite
-from minilars.weights import expected_shapes
+from minilars.weights import expected_shapes, from_hf, to_hf
 from tolerances import assert_close
 
 BACKENDS = ("numpy", "numba", "torch")
@@ -193,3 +195,70 @@ def test_lora_ia3_and_lars_leave_the_bias_frozen_and_full_trains_it():
     for method in METHODS:
         names = trained("qwen2", method).trainable()
         assert any(n.endswith("attn_in.bias") for n in names) == (method == "full"), method
+
+
+# ---------------------------------------------------------------- against the torch autograd reference
+# tests/torch_reference.py restates each family from its transformers modeling file
+# with HF names; weights.from_hf / to_hf carry parameters and gradients across.
+def reference_pair(family: str, seed: int = 0):
+    torch = pytest.importorskip("torch", reason="the independent reference model is written in torch")
+    from torch_reference import ReferenceLlama, random_state
+
+    cfg = family_cfg(family)
+    state = random_state(cfg, seed=seed)
+    model = Model(cfg, from_hf(cfg, dict(state), np.float64), compute_dtype="float64", attention_tile=3,
+                  loss_chunk=5)
+    return model, ReferenceLlama(cfg, state, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_full_gradients_match_the_torch_reference(family):
+    """Logits, loss and the gradient of every parameter by its HF name: the sandwich
+    norms' places, q/k norms before RoPE, biases, (1 + w), GeGLU, the embedding
+    scale, per-layer rope bases and scaling, windows and the soft cap, as the
+    reference's autograd sees them."""
+    model, ref = reference_pair(family)
+    apply_method(model, "full")
+    tokens, targets = tokens_and_targets(model.cfg)
+    assert_close(model.logits(tokens), ref.forward(tokens).detach().numpy(), name="logits")
+    tape = model.forward(tokens, targets)
+    grads = to_hf(model.cfg, {name: np.asarray(g) for name, g in model.backward(tape).items()})
+    ref_loss, ref_grads = ref.loss_and_grads(tokens, targets)
+    assert_close(np.array(tape.loss), np.array(ref_loss), name="loss")
+    assert sorted(grads) == sorted(ref_grads)
+    for name, g in ref_grads.items():
+        assert_close(grads[name], g, name=name)
+
+
+@pytest.mark.parametrize("method", ["lora", "ia3", "lars"])
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_adapter_gradients_match_the_torch_reference(family, method, tmp_path):
+    """The adapter, exported in PEFT's format and loaded onto the reference (LARS as
+    the LoRA it equals), gives the same logits, loss and adapter gradients."""
+    from minilars.peft_io import save_adapter
+    from minilars.weights import HF_MODULE
+
+    model, ref = reference_pair(family, seed=5)
+    tokens, targets = tokens_and_targets(model.cfg, seed=6)
+    apply_method(model, method_config(method), calibration_tokens=tokens)
+    rng = np.random.default_rng(7)
+    for p in model.trainable().values():
+        p += 0.2 * rng.standard_normal(p.shape)
+    save_adapter(model, tmp_path)
+    ref.freeze_base()
+    ref.load_peft_adapter(tmp_path)
+    assert_close(model.logits(tokens), ref.forward(tokens).detach().numpy(), name="logits")
+    tape = model.forward(tokens, targets)
+    grads = model.backward(tape)
+    ref_loss, ref_grads = ref.loss_and_grads(tokens, targets)
+    assert_close(np.array(tape.loss), np.array(ref_loss), name="loss")
+    suffix = {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight", "lars_M": "lora_B.weight", "ia3_l": "ia3_l"}
+    compared = set()
+    for name, g in grads.items():
+        _, layer, _, proj, kind = name.split(".")
+        ref_name = f"model.layers.{layer}.{HF_MODULE[proj]}.{suffix[kind]}"
+        g_ref = ref_grads[ref_name]
+        assert_close(np.asarray(g).T if kind != "ia3_l" else np.asarray(g).reshape(g_ref.shape), g_ref, name=name)
+        compared.add(ref_name)
+    # LARS trains M alone: the reference's lora_A = P^T is the fixed basis
+    assert compared == {n for n in ref_grads if method != "lars" or n.endswith("lora_B.weight")}

@@ -12,8 +12,22 @@ engine's code, and it lets autograd do every backward:
   arXiv 2305.13245) where query head h reads key/value head h // (H/Hkv);
   SwiGLU (Shazeer 2020) down(silu(gate(x)) * up(x)); pre-norm residual blocks;
   final norm; tied head logits = h E^T.
+- What the other families change (issue 19), as their HF modeling files
+  (modeling_qwen2.py, modeling_qwen3.py, modeling_mistral.py, modeling_gemma3.py)
+  run it, read from the config's architecture fields: q/k/v biases (Qwen2);
+  RMSNorm of each query and key head over hd before RoPE (Qwen3, Gemma 3);
+  norms scaling by (1 + w) (Gemma3RMSNorm); Gemma 3's sandwich
+  h = x + post_attention_layernorm(attn(input_layernorm(x))),
+  out = h + post_feedforward_layernorm(mlp(pre_feedforward_layernorm(h)));
+  GeGLU down(gelu_tanh(gate(x)) * up(x)); embeddings times sqrt(d); sliding-window
+  layers whose query i sees keys j with i - window < j <= i (transformers'
+  sliding_window_overlay) and, in Gemma 3, their own rope base; the score scale
+  query_pre_attn_scalar^-1/2; logits c tanh(logits / c); Llama 3.1's rope
+  frequency scaling (Meta's `apply_scaling`, llama-models) and linear scaling.
 - LoRA (Hu et al. 2021, arXiv 2106.09685) and (IA)^3 (Liu et al. 2022,
-  arXiv 2205.05638) exactly as huggingface/peft computes and saves them.
+  arXiv 2205.05638) exactly as huggingface/peft computes and saves them; on a
+  biased module PEFT's bias="none" leaves the bias frozen, IA3 scales a
+  non-feed-forward module's output bias included, and merging folds l into b.
 
 Attention is computed naively with the full (T, T) score matrix: this is a
 reference, so clarity wins over memory.
@@ -89,8 +103,18 @@ def hf_param_shapes(cfg) -> dict[str, tuple[int, ...]]:
         shapes[p + "self_attn.q_proj.weight"] = (cfg.q_dim, d)
         shapes[p + "self_attn.k_proj.weight"] = (cfg.kv_dim, d)
         shapes[p + "self_attn.v_proj.weight"] = (cfg.kv_dim, d)
+        if cfg.attn_bias:
+            shapes[p + "self_attn.q_proj.bias"] = (cfg.q_dim,)
+            shapes[p + "self_attn.k_proj.bias"] = (cfg.kv_dim,)
+            shapes[p + "self_attn.v_proj.bias"] = (cfg.kv_dim,)
+        if cfg.qk_norm:
+            shapes[p + "self_attn.q_norm.weight"] = (cfg.head_dim,)
+            shapes[p + "self_attn.k_norm.weight"] = (cfg.head_dim,)
         shapes[p + "self_attn.o_proj.weight"] = (d, cfg.q_dim)
         shapes[p + "post_attention_layernorm.weight"] = (d,)
+        if cfg.sandwich_norms:
+            shapes[p + "pre_feedforward_layernorm.weight"] = (d,)
+            shapes[p + "post_feedforward_layernorm.weight"] = (d,)
         shapes[p + "mlp.gate_proj.weight"] = (f, d)
         shapes[p + "mlp.up_proj.weight"] = (f, d)
         shapes[p + "mlp.down_proj.weight"] = (d, f)
@@ -104,16 +128,19 @@ def random_state(cfg, seed: int = 0, scale: float | None = None, norm_noise: flo
                  dtype=np.float64) -> dict[str, np.ndarray]:
     """A random HF-named state dict whose activations stay O(1).
 
-    Norm weights are 1 + norm_noise * N(0, 1). Projection weights are N(0, std)
-    with std = 1/sqrt(in) (so x W^T keeps unit scale); the embedding and an untied
-    head use std = 1/sqrt(d) (so logits = h E^T are O(1) for a normed h). A given
-    `scale` replaces all of these standard deviations.
+    Norms scale by 1 + norm_noise * N(0, 1) (their weight is that, or for Gemma's
+    (1 + w) norms the noise alone); biases are 0.1 N(0, 1). Projection weights are
+    N(0, std) with std = 1/sqrt(in) (so x W^T keeps unit scale); the embedding and
+    an untied head use std = 1/sqrt(d) (so logits = h E^T are O(1) for a normed h).
+    A given `scale` replaces all of these standard deviations.
     """
     rng = np.random.default_rng(seed)
     state = {}
     for name, shape in hf_param_shapes(cfg).items():
-        if len(shape) == 1:
-            w = 1.0 + norm_noise * rng.standard_normal(shape)
+        if name.endswith(".bias"):
+            w = 0.1 * rng.standard_normal(shape)
+        elif len(shape) == 1:
+            w = 1.0 - cfg.norm_offset + norm_noise * rng.standard_normal(shape)
         else:
             std = scale if scale is not None else 1.0 / math.sqrt(shape[1])
             w = std * rng.standard_normal(shape)
@@ -124,19 +151,44 @@ def random_state(cfg, seed: int = 0, scale: float | None = None, norm_noise: flo
 # ---------------------------------------------------------------- the maths
 
 
-def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
-    """y = x / sqrt(mean(x^2) + eps) * w over the last axis."""
-    return x * torch.rsqrt(x.pow(2).mean(dim=-1, keepdim=True) + eps) * w
+def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float, offset: float = 0.0) -> torch.Tensor:
+    """y = x / sqrt(mean(x^2) + eps) * (offset + w) over the last axis (Gemma: offset 1)."""
+    return x * torch.rsqrt(x.pow(2).mean(dim=-1, keepdim=True) + eps) * (offset + w)
+
+
+def scaled_inv_freq(inv_freq: list[float], scaling) -> list[float]:
+    """Rope frequencies for long context: linear divides each by the factor; llama3
+    is Meta's `apply_scaling` (llama-models, Llama 3.1), frequency by frequency."""
+    if scaling is None:
+        return inv_freq
+    if scaling.kind == "linear":
+        return [freq / scaling.factor for freq in inv_freq]
+    low_freq_wavelen = scaling.original_max_seq_len / scaling.low_freq_factor
+    high_freq_wavelen = scaling.original_max_seq_len / scaling.high_freq_factor
+    out = []
+    for freq in inv_freq:
+        wavelen = 2 * math.pi / freq
+        if wavelen < high_freq_wavelen:
+            out.append(freq)
+        elif wavelen > low_freq_wavelen:
+            out.append(freq / scaling.factor)
+        else:
+            smooth = ((scaling.original_max_seq_len / wavelen - scaling.low_freq_factor)
+                      / (scaling.high_freq_factor - scaling.low_freq_factor))
+            out.append((1 - smooth) * freq / scaling.factor + smooth * freq)
+    return out
 
 
 def rope_cos_sin(T: int, hd: int, theta: float, position_offset: int = 0,
-                 dtype=torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
+                 dtype=torch.float64, scaling=None) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin tables [T, hd] for positions offset..offset+T-1 (HF layout).
 
-    inv_freq_i = theta^(-2i/hd) for i < hd/2; HF repeats the hd/2 angles twice
-    (cat, not interleave) so that they pair x[j] with x[j + hd/2].
+    inv_freq_i = theta^(-2i/hd) for i < hd/2 (rescaled by `scaling`, a
+    minilars.config.RopeScaling); HF repeats the hd/2 angles twice (cat, not
+    interleave) so that they pair x[j] with x[j + hd/2].
     """
     inv_freq = theta ** (-torch.arange(0, hd, 2, dtype=torch.float64) / hd)  # [hd/2]
+    inv_freq = torch.tensor(scaled_inv_freq(inv_freq.tolist(), scaling), dtype=torch.float64)
     pos = torch.arange(position_offset, position_offset + T, dtype=torch.float64)  # [T]
     angles = pos[:, None] * inv_freq[None, :]  # [T, hd/2]
     angles = torch.cat([angles, angles], dim=-1)  # [T, hd]
@@ -166,25 +218,27 @@ class _Weight(nn.Module):
 
 
 class RMSNorm(_Weight):
-    def __init__(self, weight: torch.Tensor, eps: float):
+    def __init__(self, weight: torch.Tensor, eps: float, offset: float = 0.0):
         super().__init__(weight)
         self.eps = eps
+        self.offset = offset
 
     def forward(self, x):
-        return rms_norm(x, self.weight, self.eps)
+        return rms_norm(x, self.weight, self.eps, self.offset)
 
 
 class AdaptedLinear(nn.Module):
-    """Bias-free y = x W^T, W (out, in), with at most one PEFT adapter.
+    """y = x W^T (+ b), W (out, in), with at most one PEFT adapter.
 
-    LoRA: y = x W^T + s (x A^T) B^T with A (r, in), B (out, r), s the scaling.
-    IA3:  y = (x W^T) * l with l (out, 1), or, for a feed-forward module,
-          y = (x * l) W^T with l (1, in).
+    LoRA: y = x W^T + b + s (x A^T) B^T with A (r, in), B (out, r), s the scaling.
+    IA3:  y = (x W^T + b) * l with l (out, 1), or, for a feed-forward module,
+          y = (x * l) W^T + b with l (1, in).
     """
 
-    def __init__(self, weight: torch.Tensor):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
         super().__init__()
         self.weight = nn.Parameter(weight)
+        self.bias = None if bias is None else nn.Parameter(bias)
         self.register_module("lora_A", None)
         self.register_module("lora_B", None)
         self.register_parameter("ia3_l", None)
@@ -228,6 +282,8 @@ class AdaptedLinear(nn.Module):
             y = (x * self.ia3_l.flatten()) @ self.weight.T
         else:
             y = x @ self.weight.T
+        if self.bias is not None:
+            y = y + self.bias
         if self.ia3_l is not None and not self.ia3_feedforward:
             y = y * self.ia3_l.flatten()
         if self.lora_A is not None:
@@ -243,55 +299,85 @@ class AdaptedLinear(nn.Module):
             w = w + self.lora_scaling * (self.lora_B.weight @ self.lora_A.weight)
         return w
 
+    def merged_bias(self) -> torch.Tensor | None:
+        """b, or b * l where IA3 scales the module's output (PEFT's IA3 merge)."""
+        if self.bias is not None and self.ia3_l is not None and not self.ia3_feedforward:
+            return self.bias * self.ia3_l.flatten()
+        return self.bias
+
 
 class Attention(nn.Module):
-    def __init__(self, cfg, get):
+    def __init__(self, cfg, get, layer: int):
         super().__init__()
         self.cfg = cfg
-        self.q_proj = AdaptedLinear(get("q_proj"))
-        self.k_proj = AdaptedLinear(get("k_proj"))
-        self.v_proj = AdaptedLinear(get("v_proj"))
+        sliding = bool(cfg.layer_types) and cfg.layer_types[layer] == "sliding"
+        self.window = cfg.sliding_window if sliding else None
+        bias = (lambda name: get(name, "bias")) if cfg.attn_bias else (lambda name: None)
+        self.q_proj = AdaptedLinear(get("q_proj"), bias("q_proj"))
+        self.k_proj = AdaptedLinear(get("k_proj"), bias("k_proj"))
+        self.v_proj = AdaptedLinear(get("v_proj"), bias("v_proj"))
         self.o_proj = AdaptedLinear(get("o_proj"))
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(get("q_norm"), cfg.rms_eps, cfg.norm_offset)
+            self.k_norm = RMSNorm(get("k_norm"), cfg.rms_eps, cfg.norm_offset)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, position_offset: int = 0
+                ) -> torch.Tensor:
         B, T, _ = x.shape
         H, Hkv, hd = self.cfg.n_heads, self.cfg.n_kv_heads, self.cfg.head_dim
-        q = self.q_proj(x).view(B, T, H, hd).transpose(1, 2)  # [B, H, T, hd]
-        k = self.k_proj(x).view(B, T, Hkv, hd).transpose(1, 2)  # [B, Hkv, T, hd]
+        q = self.q_proj(x).view(B, T, H, hd)
+        k = self.k_proj(x).view(B, T, Hkv, hd)
         v = self.v_proj(x).view(B, T, Hkv, hd).transpose(1, 2)  # [B, Hkv, T, hd]
+        if self.cfg.qk_norm:  # per head, over hd, before RoPE
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)  # [B, H, T, hd], [B, Hkv, T, hd]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         # Query head h reads key/value head h // group: repeat each kv head `group` times in a row.
         group = H // Hkv
         k = k.repeat_interleave(group, dim=1)  # [B, H, T, hd]
         v = v.repeat_interleave(group, dim=1)  # [B, H, T, hd]
-        scores = q @ k.transpose(-1, -2) / math.sqrt(hd)  # [B, H, T, T]
-        future = torch.ones(T, T, dtype=torch.bool, device=x.device).triu(diagonal=1)  # key after query
-        probs = torch.softmax(scores.masked_fill(future, float("-inf")), dim=-1)  # [B, H, T, T]
+        scale = self.cfg.attn_scale if self.cfg.attn_scale is not None else 1 / math.sqrt(hd)
+        scores = q @ k.transpose(-1, -2) * scale  # [B, H, T, T]
+        query = position_offset + torch.arange(T, device=x.device)[:, None]
+        key = position_offset + torch.arange(T, device=x.device)[None, :]
+        hidden = key > query  # the future
+        if self.window is not None:
+            hidden |= key <= query - self.window  # further back than the window
+        probs = torch.softmax(scores.masked_fill(hidden, float("-inf")), dim=-1)  # [B, H, T, T]
         out = (probs @ v).transpose(1, 2).reshape(B, T, H * hd)  # [B, T, H*hd]
         return self.o_proj(out)  # [B, T, d]
 
 
 class MLP(nn.Module):
-    def __init__(self, get):
+    def __init__(self, get, activation: str = "silu"):
         super().__init__()
         self.gate_proj = AdaptedLinear(get("gate_proj"))
         self.up_proj = AdaptedLinear(get("up_proj"))
         self.down_proj = AdaptedLinear(get("down_proj"))
+        self.act = F.silu if activation == "silu" else (lambda g: F.gelu(g, approximate="tanh"))
 
     def forward(self, x):  # [B, T, d] -> [B, T, f] -> [B, T, d]
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg, get):
+    def __init__(self, cfg, get, layer: int = 0):
         super().__init__()
-        self.input_layernorm = RMSNorm(get("input_layernorm"), cfg.rms_eps)
-        self.self_attn = Attention(cfg, lambda n: get("self_attn." + n))
-        self.post_attention_layernorm = RMSNorm(get("post_attention_layernorm"), cfg.rms_eps)
-        self.mlp = MLP(lambda n: get("mlp." + n))
+        self.sandwich = cfg.sandwich_norms
+        self.input_layernorm = RMSNorm(get("input_layernorm"), cfg.rms_eps, cfg.norm_offset)
+        self.self_attn = Attention(cfg, lambda n, kind="weight": get("self_attn." + n, kind), layer)
+        self.post_attention_layernorm = RMSNorm(get("post_attention_layernorm"), cfg.rms_eps, cfg.norm_offset)
+        if self.sandwich:
+            self.pre_feedforward_layernorm = RMSNorm(get("pre_feedforward_layernorm"), cfg.rms_eps, cfg.norm_offset)
+            self.post_feedforward_layernorm = RMSNorm(get("post_feedforward_layernorm"), cfg.rms_eps,
+                                                      cfg.norm_offset)
+        self.mlp = MLP(lambda n: get("mlp." + n), cfg.activation)
 
-    def forward(self, x, cos, sin):
-        h = x + self.self_attn(self.input_layernorm(x), cos, sin)
+    def forward(self, x, cos, sin, position_offset: int = 0):
+        if self.sandwich:  # Gemma 3
+            h = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), cos, sin, position_offset))
+            return h + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h)))
+        h = x + self.self_attn(self.input_layernorm(x), cos, sin, position_offset)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -300,8 +386,9 @@ class _LlamaModel(nn.Module):
         super().__init__()
         self.embed_tokens = _Weight(get("model.embed_tokens"))
         self.layers = nn.ModuleList(
-            DecoderLayer(cfg, lambda n, i=i: get(f"model.layers.{i}.{n}")) for i in range(cfg.n_layers))
-        self.norm = RMSNorm(get("model.norm"), cfg.rms_eps)
+            DecoderLayer(cfg, lambda n, kind="weight", i=i: get(f"model.layers.{i}.{n}", kind), i)
+            for i in range(cfg.n_layers))
+        self.norm = RMSNorm(get("model.norm"), cfg.rms_eps, cfg.norm_offset)
 
 
 def _to_tensor(x, dtype) -> torch.Tensor:
@@ -334,8 +421,8 @@ class ReferenceLlama(nn.Module):
         if missing or unexpected:
             raise KeyError(f"state dict does not match the config: missing {missing}, unexpected {unexpected}")
 
-        def get(prefix: str) -> torch.Tensor:
-            name = prefix + ".weight"
+        def get(prefix: str, kind: str = "weight") -> torch.Tensor:
+            name = f"{prefix}.{kind}"
             w = _to_tensor(state[name], dtype)
             if tuple(w.shape) != shapes[name]:
                 raise ValueError(f"{name}: shape {tuple(w.shape)}, config wants {shapes[name]}")
@@ -352,14 +439,21 @@ class ReferenceLlama(nn.Module):
         tokens = _to_tokens(tokens)
         if tokens.ndim != 2:
             raise ValueError(f"tokens must be (B, T), got shape {tuple(tokens.shape)}")
+        cfg = self.cfg
         T = tokens.shape[1]
-        cos, sin = rope_cos_sin(T, self.cfg.head_dim, self.cfg.rope_theta, position_offset, self.dtype)
-        x = self.model.embed_tokens.weight[tokens]  # [B, T, d]
-        for layer in self.model.layers:
-            x = layer(x, cos, sin)
+        x = self.model.embed_tokens.weight[tokens] * cfg.embed_scale  # [B, T, d]
+        for i, layer in enumerate(self.model.layers):
+            # Gemma 3's sliding layers turn with their own base and no scaling
+            local = bool(cfg.layer_types) and cfg.layer_types[i] == "sliding" and cfg.local_rope_theta is not None
+            theta, scaling = (cfg.local_rope_theta, None) if local else (cfg.rope_theta, cfg.rope_scaling)
+            cos, sin = rope_cos_sin(T, cfg.head_dim, theta, position_offset, self.dtype, scaling)
+            x = layer(x, cos, sin, position_offset)
         h = self.model.norm(x)  # [B, T, d]
-        head = self.model.embed_tokens.weight if self.cfg.tie_embeddings else self.lm_head.weight  # [V, d]
-        return h @ head.T  # [B, T, V]
+        head = self.model.embed_tokens.weight if cfg.tie_embeddings else self.lm_head.weight  # [V, d]
+        logits = h @ head.T  # [B, T, V]
+        if cfg.final_softcap is not None:
+            logits = cfg.final_softcap * torch.tanh(logits / cfg.final_softcap)
+        return logits
 
     def loss(self, tokens, targets, ignore_index: int = -100, position_offset: int = 0) -> torch.Tensor:
         """Mean cross-entropy over positions whose target != ignore_index.
@@ -441,6 +535,8 @@ class ReferenceLlama(nn.Module):
         for name, m in self.named_modules():
             if isinstance(m, AdaptedLinear):
                 merged[name + ".weight"] = m.merged_weight().cpu().numpy().copy()
+                if m.bias is not None:
+                    merged[name + ".bias"] = m.merged_bias().cpu().numpy().copy()
         return merged
 
     def load_peft_adapter(self, path) -> dict:
