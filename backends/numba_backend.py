@@ -25,6 +25,7 @@ Letters as in backends/base.py.
 """
 from __future__ import annotations
 
+import math
 import time
 
 import numpy as np
@@ -75,6 +76,22 @@ def _jittable(*arrays) -> bool:
     """All float32 or all float64: the kernels compute in their inputs' dtype."""
     dtype = arrays[0].dtype
     return dtype in _JIT_DTYPES and all(a.dtype == dtype for a in arrays)
+
+
+def _check_window(window) -> None:
+    if window is not None and int(window) < 1:
+        raise ValueError(f"attention window must be at least 1 (the query itself), got {window}")
+
+
+def _window_or_all(window, last_position: int) -> int:
+    """The kernels' window: the given one, or for None one that masks nothing,
+    last_position = q_offset + Tq (query p sees keys j > p - window, and p < last_position)."""
+    return last_position if window is None else int(window)
+
+
+def _score_scale(scale, hd: int) -> float:
+    """s_ij = scale * q_i . k_j: the given scale, or 1/sqrt(hd) (Vaswani et al. 2017)."""
+    return 1.0 / math.sqrt(hd) if scale is None else float(scale)
 
 
 class NumbaBackend(NumpyBackend):
@@ -154,9 +171,10 @@ class NumbaBackend(NumpyBackend):
         return (q.ndim == 4 and k.ndim == 4 and k.shape == v.shape and q.shape[0] == k.shape[0]
                 and q.shape[3] == k.shape[3] and k.shape[2] > 0 and q.shape[2] % k.shape[2] == 0)
 
-    def attention_forward(self, q, k, v, tile, q_offset=0):
+    def attention_forward(self, q, k, v, tile, q_offset=0, window=None, scale=None):
+        _check_window(window)
         if not _jittable(q, k, v) or not self._attention_shapes_ok(q, k, v) or k.shape[1] == 0:
-            return super().attention_forward(q, k, v, tile, q_offset)
+            return super().attention_forward(q, k, v, tile, q_offset, window=window, scale=scale)
         b, tq, n_heads, hd = q.shape
         o = np.empty((b, tq, n_heads, hd), dtype=q.dtype)
         lse = np.empty((b, tq, n_heads), dtype=q.dtype)
@@ -167,14 +185,16 @@ class NumbaBackend(NumpyBackend):
             # is a second compile of the costliest kernel; the copy is O(T) against
             # attention's O(T^2), and only made for the arrays that are not contiguous
             q, k, v = (np.ascontiguousarray(a) for a in (q, k, v))
-            K.attention_forward(q, k, v, tile, int(q_offset), o, lse)
+            K.attention_forward(q, k, v, tile, int(q_offset), _window_or_all(window, int(q_offset) + tq),
+                                _score_scale(scale, hd), o, lse)
         return o, lse
 
-    def attention_backward(self, do, q, k, v, o, lse, tile):
+    def attention_backward(self, do, q, k, v, o, lse, tile, window=None, scale=None):
+        _check_window(window)
         if (not _jittable(do, q, k, v, o, lse) or not self._attention_shapes_ok(q, k, v)
                 or k.shape[1] != q.shape[1] or do.shape != q.shape or o.shape != q.shape
                 or lse.shape != q.shape[:3]):
-            return super().attention_backward(do, q, k, v, o, lse, tile)
+            return super().attention_backward(do, q, k, v, o, lse, tile, window=window, scale=scale)
         b, t, n_heads, hd = q.shape
         n_kv = k.shape[2]
         dq = np.empty(q.shape, dtype=q.dtype)  # (B, T, H, hd)
@@ -183,15 +203,16 @@ class NumbaBackend(NumpyBackend):
         if q.size == 0:
             return dq, dk, dv
         tile = max(1, min(int(tile), t))
+        window, scale = _window_or_all(window, t), _score_scale(scale, hd)
         # one compiled layout (C), as in attention_forward: v is a column slice when the
         # block is recomputed, contiguous when it comes from the activation store
         do, q, k, v, o, lse = (np.ascontiguousarray(a) for a in (do, q, k, v, o, lse))
         if n_kv == n_heads:  # one query head per kv head: its contributions are the gradient
-            K.attention_backward(do, q, k, v, o, lse, tile, dq, dk, dv)
+            K.attention_backward(do, q, k, v, o, lse, tile, window, scale, dq, dk, dv)
             return dq, dk, dv
         dk_heads = np.empty(q.shape, dtype=q.dtype)  # per query head, summed per group below
         dv_heads = np.empty(q.shape, dtype=q.dtype)
-        K.attention_backward(do, q, k, v, o, lse, tile, dq, dk_heads, dv_heads)
+        K.attention_backward(do, q, k, v, o, lse, tile, window, scale, dq, dk_heads, dv_heads)
         K.reduce_kv_heads(dk_heads, dk)
         K.reduce_kv_heads(dv_heads, dv)
         return dq, dk, dv
