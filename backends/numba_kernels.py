@@ -512,10 +512,11 @@ def attention_backward(do, q, k, v, o, lse, tile, window, scale, dq, dk_heads, d
                         p_row[:] = 0.0
                         ds_row[:] = 0.0
                         continue
-                    _exp_inplace(p_row[lo:nv], nv - lo, 1.0, lse[b, i0 + i, h], bits)  # P = exp(S - lse)
+                    p_seen, ds_seen = p_row[lo:nv], ds_row[lo:nv]
+                    _exp_inplace(p_seen, nv - lo, 1.0, lse[b, i0 + i, h], bits)  # P = exp(S - lse)
                     delta_i = delta[i0 + i]
-                    for c in range(lo, nv):
-                        ds_row[c] = p_row[c] * (ds_row[c] - delta_i)  # dS = P (dP - D)
+                    for c in range(nv - lo):
+                        ds_seen[c] = p_seen[c] * (ds_seen[c] - delta_i)  # dS = P (dP - D)
                     p_row[:lo] = 0.0  # masked: at the window's edge
                     ds_row[:lo] = 0.0
                     p_row[nv:] = 0.0  # masked: on the diagonal pair
