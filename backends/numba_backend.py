@@ -1,10 +1,12 @@
 """Numba backend: the NumPy reference with its hot kernels jitted.
 
 What is jitted (backends/numba_kernels.py): attention forward and backward (tiled,
-causal, grouped-query, online softmax fused with masking, no (T, T) array, work
-items spread over threads with prange), RMSNorm, RoPE and SwiGLU forward and
-backward, the softmax rows of the chunked loss, the embedding scatter, the
-AdamW update and the float32 <-> float16 casts of the activation store. What
+causal with an optional sliding window, grouped-query, online softmax fused with
+masking, no (T, T) array, work items spread over threads with prange), RMSNorm,
+RoPE, SwiGLU and GeGLU forward and backward, the softmax rows of the chunked loss
+(with or without a logit soft cap), the soft cap of inference logits, the
+embedding scatter, the AdamW update and the float32 <-> float16 casts of the
+activation store. What
 stays with BLAS: the model's projections (matmul, matmul_tn,
 matmul_nt, inherited: numpy's multithreaded BLAS), the logits chunk and its two
 gradient products in the loss, the LARS range finder (QR, SVD); inside the
@@ -81,6 +83,11 @@ def _jittable(*arrays) -> bool:
 def _check_window(window) -> None:
     if window is not None and int(window) < 1:
         raise ValueError(f"attention window must be at least 1 (the query itself), got {window}")
+
+
+def _check_cap(cap) -> None:
+    if cap is not None and not float(cap) > 0:
+        raise ValueError(f"logit soft cap must be positive, got {cap}")
 
 
 def _window_or_all(window, last_position: int) -> int:
@@ -238,6 +245,21 @@ class NumbaBackend(NumpyBackend):
         K.swiglu_backward(dh, gate_up, dgate_up)
         return dgate_up
 
+    def geglu_forward_fused(self, gate_up):
+        if not self._fused_ok(gate_up):
+            return super().geglu_forward_fused(gate_up)
+        h = np.empty((gate_up.shape[0], gate_up.shape[1] // 2), dtype=gate_up.dtype)  # (N, f)
+        K.geglu_forward(gate_up, h)
+        return h
+
+    def geglu_backward_fused(self, dh, gate_up):
+        if (not self._fused_ok(gate_up) or not _jittable(dh, gate_up)
+                or dh.shape != (gate_up.shape[0], gate_up.shape[1] // 2)):
+            return super().geglu_backward_fused(dh, gate_up)
+        dgate_up = np.empty(gate_up.shape, dtype=gate_up.dtype)  # (N, 2f)
+        K.geglu_backward(dh, gate_up, dgate_up)
+        return dgate_up
+
     def swiglu_forward(self, g, u):
         if not _jittable(g, u) or g.ndim != 2 or g.shape != u.shape:
             return super().swiglu_forward(g, u)
@@ -249,16 +271,19 @@ class NumbaBackend(NumpyBackend):
         dgate_up = self.swiglu_backward_fused(dh, np.concatenate([g, u], axis=1))
         return dgate_up[:, :g.shape[1]], dgate_up[:, g.shape[1]:]
 
-    def cross_entropy_head(self, x, head, targets, chunk, ignore_index, need_dx, need_dhead):
+    def cross_entropy_head(self, x, head, targets, chunk, ignore_index, need_dx, need_dhead, softcap=None):
+        _check_cap(softcap)
         targets = np.asarray(targets)
         if not _jittable(x) or x.ndim != 2 or targets.shape != (x.shape[0],) or targets.dtype.kind not in "iu":
-            return super().cross_entropy_head(x, head, targets, chunk, ignore_index, need_dx, need_dhead)
+            return super().cross_entropy_head(x, head, targets, chunk, ignore_index, need_dx, need_dhead,
+                                              softcap=softcap)
         n = x.shape[0]
         n_vocab = head.shape[0]
         valid = targets != ignore_index  # (N,)
         n_valid = int(valid.sum())
         if n_valid and (targets[valid].min() < 0 or targets[valid].max() >= n_vocab):
-            return super().cross_entropy_head(x, head, targets, chunk, ignore_index, need_dx, need_dhead)
+            return super().cross_entropy_head(x, head, targets, chunk, ignore_index, need_dx, need_dhead,
+                                              softcap=softcap)
         dx = np.zeros_like(x) if need_dx else None
         dhead = np.zeros(head.shape, dtype=x.dtype) if need_dhead else None
         if n_valid == 0:
@@ -279,7 +304,10 @@ class NumbaBackend(NumpyBackend):
             xc = x[c0:c1]
             z = logits[:c1 - c0]
             np.matmul(xc, head.T, out=z)  # BLAS: z = x_c head^T (c, V)
-            K.softmax_xent_rows(z, targets[c0:c1], ok, weight, need_grad, losses)
+            if softcap is None:
+                K.softmax_xent_rows(z, targets[c0:c1], ok, weight, need_grad, losses)
+            else:  # logits cap tanh(z / cap); dz through the cap, in the same pass
+                K.softcap_xent_rows(z, float(softcap), targets[c0:c1], ok, weight, need_grad, losses)
             total += float(losses[:c1 - c0].sum())
             if need_dx:
                 np.matmul(z, head, out=dx[c0:c1])  # dx_c = dz head (c, d)
@@ -287,6 +315,14 @@ class NumbaBackend(NumpyBackend):
                 np.matmul(z.T, xc, out=dhead_chunk)  # dz^T x_c (V, d)
                 dhead += dhead_chunk
         return total / n_valid, n_valid, dx, dhead
+
+    def softcap(self, x, cap):
+        _check_cap(cap)
+        if not _jittable(x) or not x.flags.c_contiguous:
+            return super().softcap(x, cap)
+        y = np.empty(x.shape, dtype=x.dtype)
+        K.softcap(x.reshape(-1), float(cap), y.reshape(-1))
+        return y
 
     def adamw_update(self, p, g, m, v, *, lr, beta1, beta2, eps, weight_decay, step):
         arrays = (p, g, m, v)

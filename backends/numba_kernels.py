@@ -653,6 +653,59 @@ def swiglu_backward(dh, gate_up, dgate_up):
                 dgate_up[r, f + c0 + c] = dh[r, c0 + c] * (gc * sig)
 
 
+# ---------------------------------------------------------------- GeGLU (tanh GELU)
+# gelu_tanh(g) = 0.5 g (1 + tanh(a)), a = c (g + 0.044715 g^3), c = sqrt(2/pi)
+# (Hendrycks & Gimpel 2016; transformers' gelu_pytorch_tanh). Since
+# 0.5 (1 + tanh(a)) = sigmoid(2a), it is g / (1 + exp(-2a)): the vectorised exp of
+# the SwiGLU kernels, no tanh call (a libm call per element, not vectorised).
+_GELU_C = math.sqrt(2.0 / math.pi)
+_GELU_K = 0.044715
+
+
+@njit(parallel=True, cache=True)
+def geglu_forward(gate_up, h):
+    """h = gelu_tanh(g) * u = g sig * u with sig = sigmoid(2a) = 1 / (1 + exp(-2a)),
+    a = c (g + 0.044715 g^3), g = gate_up[:, :f], u = gate_up[:, f:] (Shazeer 2020's
+    GeGLU with the tanh GELU). (N, 2f) -> h (N, f)."""
+    n, f = h.shape
+    for r in prange(n):
+        e = np.empty(_EXP_BLOCK, dtype=h.dtype)
+        bits = np.empty(_EXP_BLOCK, dtype=np.int64)
+        for c0 in range(0, f, _EXP_BLOCK):
+            m = min(_EXP_BLOCK, f - c0)
+            for c in range(m):
+                g = gate_up[r, c0 + c]
+                e[c] = g + _GELU_K * g * g * g  # a / c
+            _exp_inplace(e, m, -2.0 * _GELU_C, 0.0, bits)  # e = exp(-2a), inf past float range
+            for c in range(m):
+                h[r, c0 + c] = gate_up[r, c0 + c] / (1.0 + e[c]) * gate_up[r, f + c0 + c]
+
+
+@njit(parallel=True, cache=True)
+def geglu_backward(dh, gate_up, dgate_up):
+    """With sig = sigmoid(2a) as in geglu_forward and t = tanh(a) = 2 sig - 1:
+        gelu_tanh'(g) = 0.5 (1 + t) + 0.5 g (1 - t^2) c (1 + 3 * 0.044715 g^2)
+                      = sig + 2 g sig (1 - sig) c (1 + 3 * 0.044715 g^2),
+        dg = dh * u * gelu_tanh'(g),   du = dh * gelu_tanh(g),
+    written as dgate_up = [dg | du]. dh (N, f), gate_up (N, 2f) -> dgate_up (N, 2f)."""
+    n, f = dh.shape
+    for r in prange(n):
+        e = np.empty(_EXP_BLOCK, dtype=dh.dtype)
+        bits = np.empty(_EXP_BLOCK, dtype=np.int64)
+        for c0 in range(0, f, _EXP_BLOCK):
+            m = min(_EXP_BLOCK, f - c0)
+            for c in range(m):
+                g = gate_up[r, c0 + c]
+                e[c] = g + _GELU_K * g * g * g
+            _exp_inplace(e, m, -2.0 * _GELU_C, 0.0, bits)
+            for c in range(m):
+                g = gate_up[r, c0 + c]
+                sig = 1.0 / (1.0 + e[c])
+                slope = sig + 2.0 * g * sig * (1.0 - sig) * _GELU_C * (1.0 + 3.0 * _GELU_K * g * g)
+                dgate_up[r, c0 + c] = dh[r, c0 + c] * gate_up[r, f + c0 + c] * slope
+                dgate_up[r, f + c0 + c] = dh[r, c0 + c] * (g * sig)
+
+
 # ---------------------------------------------------------------- cross-entropy rows
 @njit(parallel=True, cache=True)
 def softmax_xent_rows(z, targets, valid, weight, need_grad, losses):
@@ -681,6 +734,79 @@ def softmax_xent_rows(z, targets, valid, weight, need_grad, losses):
             for col in range(n_vocab):
                 row[col] *= factor
             row[target] -= weight
+
+
+# ---------------------------------------------------------------- logit soft cap
+# y = cap tanh(z / cap) (Gemma 2; Bello et al. 2017): logits bounded by cap. tanh is
+# formed as 2 / (1 + exp(-2x)) - 1 with the vectorised exp: exact at both ends
+# (exp -> inf gives -1, exp -> 0 gives 1), absolute error about one ulp of 1.
+@njit(cache=True)
+def _tanh_inplace(x, n, scale, bits):
+    """x[c] <- tanh(scale * x[c]) for c < n, in x's dtype, as 2 / (1 + exp(-2 scale x)) - 1."""
+    _exp_inplace(x, n, -2.0 * scale, 0.0, bits)
+    for c in range(n):
+        x[c] = 2.0 / (1.0 + x[c]) - 1.0
+
+
+@njit(parallel=True, cache=True)
+def softcap_xent_rows(z, cap, targets, valid, weight, need_grad, losses):
+    """softmax_xent_rows for soft-capped logits y = cap tanh(z / cap), in place on a
+    raw logits chunk z (c, V):
+        loss_n = logsumexp(y_n) - y_n[t_n]                                   (0 where not valid)
+        z_n   <- weight * (softmax(y_n) - onehot(t_n)) * (1 - tanh^2(z_n / cap))   (0 where not valid)
+    the second (the chain rule through the cap) only when need_grad. With no second
+    (c, V) array: the row first becomes t = tanh(z / cap), the shift is cap max(t),
+    and exp(cap t - shift) is formed a block at a time, once for the sum and, when
+    need_grad, once more for the gradient."""
+    c, n_vocab = z.shape
+    for r in prange(c):
+        row = z[r]
+        if not valid[r]:
+            losses[r] = 0.0
+            if need_grad:
+                row[:] = 0.0
+            continue
+        e = np.empty(_EXP_BLOCK, dtype=z.dtype)
+        bits = np.empty(_EXP_BLOCK, dtype=np.int64)
+        _tanh_inplace(row, n_vocab, 1.0 / cap, bits)  # t = y / cap
+        shift = cap * _row_max(row, n_vocab, row[0])  # max_c y_c
+        target = targets[r]
+        t_target = row[target]
+        row_sum = 0.0
+        for c0 in range(0, n_vocab, _EXP_BLOCK):
+            m = min(_EXP_BLOCK, n_vocab - c0)
+            e[:m] = row[c0:c0 + m]
+            _exp_inplace(e, m, cap, shift, bits)  # exp(y - shift)
+            row_sum += _row_sum(e, m)
+        losses[r] = math.log(row_sum) - (cap * t_target - shift)
+        if need_grad:
+            factor = weight / row_sum
+            for c0 in range(0, n_vocab, _EXP_BLOCK):
+                m = min(_EXP_BLOCK, n_vocab - c0)
+                e[:m] = row[c0:c0 + m]
+                _exp_inplace(e, m, cap, shift, bits)
+                t = row[c0:c0 + m]
+                for col in range(m):
+                    t[col] = factor * e[col] * (1.0 - t[col] * t[col])
+            row[target] -= weight * (1.0 - t_target * t_target)
+
+
+_SOFTCAP_CHUNK = 4096  # elements per work item of softcap
+
+
+@njit(parallel=True, cache=True)
+def softcap(x, cap, y):
+    """y = cap tanh(x / cap), elementwise: x, y (n,) flat."""
+    n = x.size
+    for chunk in prange((n + _SOFTCAP_CHUNK - 1) // _SOFTCAP_CHUNK):
+        c0 = chunk * _SOFTCAP_CHUNK
+        c1 = min(n, c0 + _SOFTCAP_CHUNK)
+        bits = np.empty(_EXP_BLOCK, dtype=np.int64)
+        out = y[c0:c1]
+        out[:] = x[c0:c1]
+        _tanh_inplace(out, c1 - c0, 1.0 / cap, bits)
+        for i in range(c1 - c0):
+            out[i] *= cap
 
 
 # ---------------------------------------------------------------- embedding
