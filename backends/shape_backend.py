@@ -397,6 +397,13 @@ def _copies(*arrays) -> int:
     return sum(a.nbytes for a in arrays if not a.contiguous)
 
 
+def _unary_result(argument: ShapeArray) -> ShapeArray:
+    """A numpy function of one array (np.tanh) on an expression: its output, a new
+    array, forms while the argument is alive; the argument, a temporary, goes when
+    the caller's expression is done with it."""
+    return argument._like(argument.shape)
+
+
 def _jittable(*arrays) -> bool:
     """numba_backend._jittable: all float32 or all float64."""
     return arrays[0].dtype in _JIT_DTYPES and all(a.dtype == arrays[0].dtype for a in arrays)
@@ -672,9 +679,8 @@ class ShapeBackend(Backend):
     @staticmethod
     def _tanh_gelu_of(g):
         """np.tanh(c (g + 0.044715 g^3)) as numpy_backend forms it: its temporaries, then
-        np.tanh's output, a new array, while its argument is still alive."""
-        argument = _GELU_C * (g + _GELU_K * g ** 3)
-        return argument._like(argument.shape)
+        np.tanh's output."""
+        return _unary_result(_GELU_C * (g + _GELU_K * g ** 3))
 
     @_moment("GeGLU", forward=True)
     def geglu_forward_fused(self, gate_up):
@@ -711,8 +717,7 @@ class ShapeBackend(Backend):
         alone. numpy: x / cap, then np.tanh's output beside it, then the product."""
         if self.flavour == "numba" and _jittable(x) and x.contiguous:
             return self.new(x.shape, x.dtype)
-        scaled = x / cap
-        return cap * scaled._like(scaled.shape)
+        return cap * _unary_result(x / cap)
 
     def swiglu_forward(self, g, u):
         return self.swiglu_forward_fused(self.new((g.shape[0], 2 * g.shape[1]), g.dtype))
