@@ -699,9 +699,9 @@ class ShapeBackend(Backend):
         """d(gate_up) (N, 2f). numba: the output alone. numpy: numpy_backend's
         expression run on these arrays: t, gelu and gelu' (N, f) and their
         temporaries, then [dg | du] written into a new (N, 2f)."""
-        n, f = dh.shape
         if self.flavour == "numba" and _jittable(dh, gate_up) and gate_up.contiguous:
             return self.new(gate_up.shape, gate_up.dtype)
+        f = dh.shape[1]
         g, u = gate_up[:, :f], gate_up[:, f:]
         t = self._tanh_gelu_of(g)
         gelu = 0.5 * g * (1.0 + t)
