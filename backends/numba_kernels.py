@@ -102,6 +102,8 @@ import numba  # noqa: E402
 import numba.extending  # noqa: E402
 from numba import njit, prange  # noqa: E402
 
+from .numpy_backend import GELU_C as _GELU_C, GELU_K as _GELU_K  # noqa: E402  the tanh GELU's constants, one definition
+
 if CACHE_DIR is not None:
     numba.config.CACHE_DIR = CACHE_DIR
 
@@ -659,8 +661,6 @@ def swiglu_backward(dh, gate_up, dgate_up):
 # (Hendrycks & Gimpel 2016; transformers' gelu_pytorch_tanh). Since
 # 0.5 (1 + tanh(a)) = sigmoid(2a), it is g / (1 + exp(-2a)): the vectorised exp of
 # the SwiGLU kernels, no tanh call (a libm call per element, not vectorised).
-_GELU_C = math.sqrt(2.0 / math.pi)
-_GELU_K = 0.044715
 
 
 @njit(parallel=True, cache=True)

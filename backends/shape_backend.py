@@ -36,15 +36,12 @@ from typing import Callable
 import numpy as np
 
 from .base import Backend
-from .numpy_backend import NumpyBackend
+from .numpy_backend import GELU_C as _GELU_C, GELU_K as _GELU_K, NumpyBackend
 
 # numpy reuses a temporary operand of a binary operation as its output when it owns
 # at least this many bytes (NPY_MIN_ELIDE_BYTES in numpy/_core/src/multiarray/temp_elide.c).
 ELIDE_MIN_BYTES = 256 * 1024
 _JIT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
-# the tanh GELU's constants (numpy_backend.GELU_C, GELU_K): Python floats, as there, so
-# that the reference's expressions below allocate what they allocate in numpy
-_GELU_C, _GELU_K = math.sqrt(2.0 / math.pi), 0.044715
 
 
 # ---------------------------------------------------------------- the ledger

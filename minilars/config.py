@@ -7,7 +7,7 @@ Dimension letters used across minilars (stated once, used in every shape comment
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 
 ACTIVATIONS = ("silu", "gelu_tanh")  # the MLP gate: SwiGLU (silu) or GeGLU with tanh-GELU
 LAYER_TYPES = ("full", "sliding")  # causal attention over every earlier token, or the last `sliding_window`
@@ -124,6 +124,19 @@ class ModelConfig:
         if self.layer_type(i) == "sliding" and self.local_rope_theta is not None:
             return self.local_rope_theta, None
         return self.rope_theta, self.rope_scaling
+
+    def identity(self) -> dict:
+        """The fields that say which model this is, for fingerprints: every field, except
+        architecture-description fields left at their LLaMA default, so a LLaMA model's
+        fingerprint is the one it had before the description existed."""
+        out = {}
+        architecture = False
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if not architecture or value != f.default:
+                out[f.name] = value
+            architecture = architecture or f.name == "head_dim"
+        return out
 
     def with_(self, **changes) -> "ModelConfig":
         """A copy with `changes`; a head_dim that was derived is derived again."""

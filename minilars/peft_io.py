@@ -46,7 +46,7 @@ class AdapterError(ValueError):
 def model_fingerprint(model: Model) -> str:
     """sha256 over the config and a sample of the frozen weights: equal fingerprints
     mean the same base model."""
-    digest = hashlib.sha256(json.dumps(model.cfg.__dict__, sort_keys=True, default=str).encode())
+    digest = hashlib.sha256(json.dumps(model.cfg.identity(), sort_keys=True, default=str).encode())
     for name in ("embed.weight", "final_norm.weight", "blocks.0.attn_in.weight"):
         sample = np.ascontiguousarray(model.be.to_numpy(model.params[name]).reshape(-1)[:4096], dtype=np.float32)
         digest.update(np.round(sample, 4).tobytes())
