@@ -1,10 +1,12 @@
 """Numba backend: the NumPy reference with its hot kernels jitted.
 
 What is jitted (backends/numba_kernels.py): attention forward and backward (tiled,
-causal, grouped-query, online softmax fused with masking, no (T, T) array, work
-items spread over threads with prange), RMSNorm, RoPE and SwiGLU forward and
-backward, the softmax rows of the chunked loss, the embedding scatter, the
-AdamW update and the float32 <-> float16 casts of the activation store. What
+causal with an optional sliding window, grouped-query, online softmax fused with
+masking, no (T, T) array, work items spread over threads with prange), RMSNorm,
+RoPE, SwiGLU and GeGLU forward and backward, the softmax rows of the chunked loss
+(with or without a logit soft cap), the soft cap of inference logits, the
+embedding scatter, the AdamW update and the float32 <-> float16 casts of the
+activation store. What
 stays with BLAS: the model's projections (matmul, matmul_tn,
 matmul_nt, inherited: numpy's multithreaded BLAS), the logits chunk and its two
 gradient products in the loss, the LARS range finder (QR, SVD); inside the
@@ -25,6 +27,7 @@ Letters as in backends/base.py.
 """
 from __future__ import annotations
 
+import math
 import time
 
 import numpy as np
@@ -75,6 +78,27 @@ def _jittable(*arrays) -> bool:
     """All float32 or all float64: the kernels compute in their inputs' dtype."""
     dtype = arrays[0].dtype
     return dtype in _JIT_DTYPES and all(a.dtype == dtype for a in arrays)
+
+
+def _check_window(window) -> None:
+    if window is not None and int(window) < 1:
+        raise ValueError(f"attention window must be at least 1 (the query itself), got {window}")
+
+
+def _check_cap(cap) -> None:
+    if cap is not None and not float(cap) > 0:
+        raise ValueError(f"logit soft cap must be positive, got {cap}")
+
+
+def _window_or_all(window, last_position: int) -> int:
+    """The kernels' window: the given one, or for None one that masks nothing,
+    last_position = q_offset + Tq (query p sees keys j > p - window, and p < last_position)."""
+    return last_position if window is None else int(window)
+
+
+def _score_scale(scale, hd: int) -> float:
+    """s_ij = scale * q_i . k_j: the given scale, or 1/sqrt(hd) (Vaswani et al. 2017)."""
+    return 1.0 / math.sqrt(hd) if scale is None else float(scale)
 
 
 class NumbaBackend(NumpyBackend):
@@ -154,9 +178,10 @@ class NumbaBackend(NumpyBackend):
         return (q.ndim == 4 and k.ndim == 4 and k.shape == v.shape and q.shape[0] == k.shape[0]
                 and q.shape[3] == k.shape[3] and k.shape[2] > 0 and q.shape[2] % k.shape[2] == 0)
 
-    def attention_forward(self, q, k, v, tile, q_offset=0):
+    def attention_forward(self, q, k, v, tile, q_offset=0, window=None, scale=None):
+        _check_window(window)
         if not _jittable(q, k, v) or not self._attention_shapes_ok(q, k, v) or k.shape[1] == 0:
-            return super().attention_forward(q, k, v, tile, q_offset)
+            return super().attention_forward(q, k, v, tile, q_offset, window=window, scale=scale)
         b, tq, n_heads, hd = q.shape
         o = np.empty((b, tq, n_heads, hd), dtype=q.dtype)
         lse = np.empty((b, tq, n_heads), dtype=q.dtype)
@@ -167,14 +192,16 @@ class NumbaBackend(NumpyBackend):
             # is a second compile of the costliest kernel; the copy is O(T) against
             # attention's O(T^2), and only made for the arrays that are not contiguous
             q, k, v = (np.ascontiguousarray(a) for a in (q, k, v))
-            K.attention_forward(q, k, v, tile, int(q_offset), o, lse)
+            K.attention_forward(q, k, v, tile, int(q_offset), _window_or_all(window, int(q_offset) + tq),
+                                _score_scale(scale, hd), o, lse)
         return o, lse
 
-    def attention_backward(self, do, q, k, v, o, lse, tile):
+    def attention_backward(self, do, q, k, v, o, lse, tile, window=None, scale=None):
+        _check_window(window)
         if (not _jittable(do, q, k, v, o, lse) or not self._attention_shapes_ok(q, k, v)
                 or k.shape[1] != q.shape[1] or do.shape != q.shape or o.shape != q.shape
                 or lse.shape != q.shape[:3]):
-            return super().attention_backward(do, q, k, v, o, lse, tile)
+            return super().attention_backward(do, q, k, v, o, lse, tile, window=window, scale=scale)
         b, t, n_heads, hd = q.shape
         n_kv = k.shape[2]
         dq = np.empty(q.shape, dtype=q.dtype)  # (B, T, H, hd)
@@ -183,15 +210,16 @@ class NumbaBackend(NumpyBackend):
         if q.size == 0:
             return dq, dk, dv
         tile = max(1, min(int(tile), t))
+        window, scale = _window_or_all(window, t), _score_scale(scale, hd)
         # one compiled layout (C), as in attention_forward: v is a column slice when the
         # block is recomputed, contiguous when it comes from the activation store
         do, q, k, v, o, lse = (np.ascontiguousarray(a) for a in (do, q, k, v, o, lse))
         if n_kv == n_heads:  # one query head per kv head: its contributions are the gradient
-            K.attention_backward(do, q, k, v, o, lse, tile, dq, dk, dv)
+            K.attention_backward(do, q, k, v, o, lse, tile, window, scale, dq, dk, dv)
             return dq, dk, dv
         dk_heads = np.empty(q.shape, dtype=q.dtype)  # per query head, summed per group below
         dv_heads = np.empty(q.shape, dtype=q.dtype)
-        K.attention_backward(do, q, k, v, o, lse, tile, dq, dk_heads, dv_heads)
+        K.attention_backward(do, q, k, v, o, lse, tile, window, scale, dq, dk_heads, dv_heads)
         K.reduce_kv_heads(dk_heads, dk)
         K.reduce_kv_heads(dv_heads, dv)
         return dq, dk, dv
@@ -217,6 +245,21 @@ class NumbaBackend(NumpyBackend):
         K.swiglu_backward(dh, gate_up, dgate_up)
         return dgate_up
 
+    def geglu_forward_fused(self, gate_up):
+        if not self._fused_ok(gate_up):
+            return super().geglu_forward_fused(gate_up)
+        h = np.empty((gate_up.shape[0], gate_up.shape[1] // 2), dtype=gate_up.dtype)  # (N, f)
+        K.geglu_forward(gate_up, h)
+        return h
+
+    def geglu_backward_fused(self, dh, gate_up):
+        if (not self._fused_ok(gate_up) or not _jittable(dh, gate_up)
+                or dh.shape != (gate_up.shape[0], gate_up.shape[1] // 2)):
+            return super().geglu_backward_fused(dh, gate_up)
+        dgate_up = np.empty(gate_up.shape, dtype=gate_up.dtype)  # (N, 2f)
+        K.geglu_backward(dh, gate_up, dgate_up)
+        return dgate_up
+
     def swiglu_forward(self, g, u):
         if not _jittable(g, u) or g.ndim != 2 or g.shape != u.shape:
             return super().swiglu_forward(g, u)
@@ -228,16 +271,19 @@ class NumbaBackend(NumpyBackend):
         dgate_up = self.swiglu_backward_fused(dh, np.concatenate([g, u], axis=1))
         return dgate_up[:, :g.shape[1]], dgate_up[:, g.shape[1]:]
 
-    def cross_entropy_head(self, x, head, targets, chunk, ignore_index, need_dx, need_dhead):
+    def cross_entropy_head(self, x, head, targets, chunk, ignore_index, need_dx, need_dhead, softcap=None):
+        _check_cap(softcap)
         targets = np.asarray(targets)
         if not _jittable(x) or x.ndim != 2 or targets.shape != (x.shape[0],) or targets.dtype.kind not in "iu":
-            return super().cross_entropy_head(x, head, targets, chunk, ignore_index, need_dx, need_dhead)
+            return super().cross_entropy_head(x, head, targets, chunk, ignore_index, need_dx, need_dhead,
+                                              softcap=softcap)
         n = x.shape[0]
         n_vocab = head.shape[0]
         valid = targets != ignore_index  # (N,)
         n_valid = int(valid.sum())
         if n_valid and (targets[valid].min() < 0 or targets[valid].max() >= n_vocab):
-            return super().cross_entropy_head(x, head, targets, chunk, ignore_index, need_dx, need_dhead)
+            return super().cross_entropy_head(x, head, targets, chunk, ignore_index, need_dx, need_dhead,
+                                              softcap=softcap)
         dx = np.zeros_like(x) if need_dx else None
         dhead = np.zeros(head.shape, dtype=x.dtype) if need_dhead else None
         if n_valid == 0:
@@ -258,7 +304,10 @@ class NumbaBackend(NumpyBackend):
             xc = x[c0:c1]
             z = logits[:c1 - c0]
             np.matmul(xc, head.T, out=z)  # BLAS: z = x_c head^T (c, V)
-            K.softmax_xent_rows(z, targets[c0:c1], ok, weight, need_grad, losses)
+            if softcap is None:
+                K.softmax_xent_rows(z, targets[c0:c1], ok, weight, need_grad, losses)
+            else:  # logits cap tanh(z / cap); dz through the cap, in the same pass
+                K.softcap_xent_rows(z, float(softcap), targets[c0:c1], ok, weight, need_grad, losses)
             total += float(losses[:c1 - c0].sum())
             if need_dx:
                 np.matmul(z, head, out=dx[c0:c1])  # dx_c = dz head (c, d)
@@ -266,6 +315,14 @@ class NumbaBackend(NumpyBackend):
                 np.matmul(z.T, xc, out=dhead_chunk)  # dz^T x_c (V, d)
                 dhead += dhead_chunk
         return total / n_valid, n_valid, dx, dhead
+
+    def softcap(self, x, cap):
+        _check_cap(cap)
+        if not _jittable(x) or not x.flags.c_contiguous:
+            return super().softcap(x, cap)
+        y = np.empty(x.shape, dtype=x.dtype)
+        K.softcap(x.reshape(-1), float(cap), y.reshape(-1))
+        return y
 
     def adamw_update(self, p, g, m, v, *, lr, beta1, beta2, eps, weight_decay, step):
         arrays = (p, g, m, v)

@@ -348,12 +348,14 @@ def _tile(buffer, rows, cols):
 
 
 @njit(cache=True)
-def _online_softmax_rows(s, rows_per_head, first_query, first_key, m, l, acc, bits):
+def _online_softmax_rows(s, rows_per_head, first_query, first_key, window, m, l, acc, bits):
     """The online-softmax step of the FlashAttention forward (Dao et al. 2022, Alg. 1,
     lines 9-12) for one score tile s (R, tk), in place. Row r is query position
     p = first_query + r % rows_per_head; key column c is position first_key + c and
-    is visible when first_key + c <= p. With m the running row max and l the running
-    sum of exponentials:
+    is visible when p - window < first_key + c <= p, i.e. for lo <= c < nv with
+    lo = max(0, p - window + 1 - first_key), nv = min(tk, p - first_key + 1)
+    (causal, and inside the sliding window; a window >= p + 1 masks nothing
+    before p). With m the running row max and l the running sum of exponentials:
         m'  = max(m, max_c s_rc),   s_rc <- exp(s_rc - m')  (0 where masked)
         l  <- l exp(m - m') + sum_c s_rc,   acc_r <- acc_r exp(m - m'),   m <- m'
     so that acc + s V is the next accumulator. bits: scratch for _exp_inplace."""
@@ -361,15 +363,19 @@ def _online_softmax_rows(s, rows_per_head, first_query, first_key, m, l, acc, bi
     hd = acc.shape[1]
     for r in range(n_rows):
         row = s[r]
-        nv = min(tk, first_query + r % rows_per_head - first_key + 1)  # visible keys
-        if nv <= 0:
+        p = first_query + r % rows_per_head
+        lo = max(0, p - window + 1 - first_key)  # first visible key column
+        nv = min(tk, p - first_key + 1)  # one past the last
+        if nv <= lo:
             row[:] = 0.0
             continue
-        m_new = _row_max(row, nv, m[r])
+        seen = row[lo:nv]
+        m_new = _row_max(seen, nv - lo, m[r])
         correction = math.exp(m[r] - m_new)  # exp(-inf) = 0 on the first tile
-        _exp_inplace(row, nv, 1.0, m_new, bits)
+        _exp_inplace(seen, nv - lo, 1.0, m_new, bits)
+        row[:lo] = 0.0
         row[nv:] = 0.0
-        l[r] = l[r] * correction + _row_sum(row, nv)
+        l[r] = l[r] * correction + _row_sum(seen, nv - lo)
         m[r] = m_new
         if correction != 1.0:
             for d in range(hd):
@@ -377,13 +383,18 @@ def _online_softmax_rows(s, rows_per_head, first_query, first_key, m, l, acc, bi
 
 
 @njit(parallel=True, cache=True)
-def attention_forward(q, k, v, tile, q_offset, o, lse):
-    """Causal grouped-query attention, tile by tile with an online softmax (Dao et
-    al. 2022, Alg. 1), no (T, T) array:
-        o_i   = sum_{j <= q_offset + i} softmax_j(q_i . k_j / sqrt(hd)) v_j
-        lse_i = log sum_{j <= q_offset + i} exp(q_i . k_j / sqrt(hd)).
+def attention_forward(q, k, v, tile, q_offset, window, scale, o, lse):
+    """Causal grouped-query attention with an optional sliding window, tile by tile
+    with an online softmax (Dao et al. 2022, Alg. 1), no (T, T) array. Query i sits
+    at position p = q_offset + i and sees the keys J_i = {j : p - window < j <= p}
+    (the window counts the query itself; window >= q_offset + Tq is plain causal
+    attention); with s_ij = scale * q_i . k_j:
+        o_i   = sum_{j in J_i} softmax_j(s_ij) v_j
+        lse_i = log sum_{j in J_i} exp(s_ij).
     q (B, Tq, H, hd), k/v (B, Tk, Hkv, hd) -> o (B, Tq, H, hd), lse (B, Tq, H);
-    query head h reads kv head h // g.
+    query head h reads kv head h // g. Key tiles start at the first key the tile's
+    first query sees and end after its last query, so a sliding layer costs
+    O(Tq * (window + tile)), not O(Tq * Tk).
 
     Work items are (batch, kv head, query tile); an item stacks the g query heads
     of its kv head into one (g*tq, hd) block Q, so each key tile feeds one product
@@ -394,7 +405,6 @@ def attention_forward(q, k, v, tile, q_offset, o, lse):
     tk_total, n_kv = k.shape[1], k.shape[2]
     group = n_heads // n_kv
     n_tiles = (tq_total + tile - 1) // tile
-    scale = 1.0 / math.sqrt(hd)
     for item in prange(n_b * n_kv * n_tiles):
         bk, w = divmod(np.int64(item), n_tiles)
         b, kvh = divmod(bk, n_kv)
@@ -415,8 +425,9 @@ def attention_forward(q, k, v, tile, q_offset, o, lse):
         s_buf = np.empty(rows * tile, dtype=q.dtype)
         pv = np.empty((rows, hd), dtype=q.dtype)
         bits = np.empty(_EXP_BLOCK, dtype=np.int64)
+        first_key = max(0, q_offset + i0 - window + 1)  # keys before it are outside every window
         last_key = min(tk_total, q_offset + i0 + tq)  # keys after the tile's last query are masked
-        for j0 in range(0, last_key, tile):
+        for j0 in range(first_key, last_key, tile):
             tk = min(tile, last_key - j0)
             kj, vj, s = _tile(k_buf, tk, hd), _tile(v_buf, tk, hd), _tile(s_buf, rows, tk)
             for c in range(tk):
@@ -424,7 +435,7 @@ def attention_forward(q, k, v, tile, q_offset, o, lse):
                     kj[c, d] = k[b, j0 + c, kvh, d]
                     vj[c, d] = v[b, j0 + c, kvh, d]
             np.dot(qg, kj.T, s)  # S = Q K_j^T (rows, tk)
-            _online_softmax_rows(s, tq, q_offset + i0, j0, m, l, acc, bits)
+            _online_softmax_rows(s, tq, q_offset + i0, j0, window, m, l, acc, bits)
             np.dot(s, vj, pv)  # P V_j (rows, hd)
             acc += pv
         for hh in range(group):
@@ -437,10 +448,12 @@ def attention_forward(q, k, v, tile, q_offset, o, lse):
 
 
 @njit(parallel=True, cache=True)
-def attention_backward(do, q, k, v, o, lse, tile, dq, dk_heads, dv_heads):
+def attention_backward(do, q, k, v, o, lse, tile, window, scale, dq, dk_heads, dv_heads):
     """FlashAttention backward (Dao et al. 2022, Alg. 2; Dao 2023, Alg. 2) for causal
-    attention with Tq = Tk = T. With s_ij = q_i . k_j * scale, P_ij = exp(s_ij - lse_i)
-    recomputed tile by tile and D_i = do_i . o_i:
+    attention with Tq = Tk = T and the forward's window (query i sees keys
+    i - window < j <= i; window >= T: none). With s_ij = scale * q_i . k_j,
+    P_ij = exp(s_ij - lse_i) recomputed tile by tile (0 where masked) and
+    D_i = do_i . o_i:
         dv_j = sum_i P_ij do_i
         dS_ij = P_ij (do_i . v_j - D_i)
         dq_i = scale * sum_j dS_ij k_j
@@ -448,12 +461,12 @@ def attention_backward(do, q, k, v, o, lse, tile, dq, dk_heads, dv_heads):
     Work items are (batch, query head): an item owns dq[b, :, h] and writes its own
     contributions to dk_heads/dv_heads[b, :, h] (B, T, H, hd), which reduce_kv_heads
     sums over the g query heads of each kv head (with g = 1 they are dk, dv).
-    An item loops over key tiles j and, inside, over query tiles i >= j: five
-    (tile x tile x hd) BLAS products per pair; what it holds is O(tile^2), never O(T)."""
+    An item loops over key tiles j and, inside, over the query tiles i >= j that
+    reach into the window of a key of tile j: five (tile x tile x hd) BLAS products
+    per pair; what it holds is O(tile^2), never O(T)."""
     n_b, t_total, n_heads, hd = q.shape
     n_kv = k.shape[2]
     group = n_heads // n_kv
-    scale = 1.0 / math.sqrt(hd)
     for item in prange(n_b * n_heads):
         b, h = divmod(np.int64(item), n_heads)
         kvh = h // group
@@ -480,7 +493,8 @@ def attention_backward(do, q, k, v, o, lse, tile, dq, dk_heads, dv_heads):
                     vj[c, d] = v[b, j0 + c, kvh, d]
             dkj[:] = 0.0
             dvj[:] = 0.0
-            for i0 in range(j0, t_total, tile):  # causal: query tiles before j0 see no key of it
+            last_query = min(t_total, j0 + tk - 1 + window)  # later queries' windows end after the tile
+            for i0 in range(j0, last_query, tile):  # causal: query tiles before j0 see no key of it
                 tq = min(tile, t_total - i0)
                 qi, doi, dq_out = _tile(q_buf, tq, hd), _tile(do_buf, tq, hd), _tile(dq_buf, tq, hd)
                 for i in range(tq):
@@ -492,12 +506,20 @@ def attention_backward(do, q, k, v, o, lse, tile, dq, dk_heads, dv_heads):
                 np.dot(doi, vj.T, ds)  # dP = dO V^T
                 for i in range(tq):
                     p_row, ds_row = p[i], ds[i]
-                    nv = min(tk, i0 + i - j0 + 1)  # visible keys of row i
-                    _exp_inplace(p_row, nv, 1.0, lse[b, i0 + i, h], bits)  # P = exp(S - lse)
+                    lo = max(0, i0 + i - window + 1 - j0)  # visible key columns of row i: lo <= c < nv
+                    nv = min(tk, i0 + i - j0 + 1)
+                    if nv <= lo:  # the row's window ends before this key tile
+                        p_row[:] = 0.0
+                        ds_row[:] = 0.0
+                        continue
+                    p_seen, ds_seen = p_row[lo:nv], ds_row[lo:nv]
+                    _exp_inplace(p_seen, nv - lo, 1.0, lse[b, i0 + i, h], bits)  # P = exp(S - lse)
                     delta_i = delta[i0 + i]
-                    for c in range(nv):
-                        ds_row[c] = p_row[c] * (ds_row[c] - delta_i)  # dS = P (dP - D)
-                    p_row[nv:] = 0.0  # masked: only on the diagonal pair
+                    for c in range(nv - lo):
+                        ds_seen[c] = p_seen[c] * (ds_seen[c] - delta_i)  # dS = P (dP - D)
+                    p_row[:lo] = 0.0  # masked: at the window's edge
+                    ds_row[:lo] = 0.0
+                    p_row[nv:] = 0.0  # masked: on the diagonal pair
                     ds_row[nv:] = 0.0
                 np.dot(p.T, doi, kv_out)  # dV_j += P^T dO
                 dvj += kv_out
@@ -631,6 +653,59 @@ def swiglu_backward(dh, gate_up, dgate_up):
                 dgate_up[r, f + c0 + c] = dh[r, c0 + c] * (gc * sig)
 
 
+# ---------------------------------------------------------------- GeGLU (tanh GELU)
+# gelu_tanh(g) = 0.5 g (1 + tanh(a)), a = c (g + 0.044715 g^3), c = sqrt(2/pi)
+# (Hendrycks & Gimpel 2016; transformers' gelu_pytorch_tanh). Since
+# 0.5 (1 + tanh(a)) = sigmoid(2a), it is g / (1 + exp(-2a)): the vectorised exp of
+# the SwiGLU kernels, no tanh call (a libm call per element, not vectorised).
+_GELU_C = math.sqrt(2.0 / math.pi)
+_GELU_K = 0.044715
+
+
+@njit(parallel=True, cache=True)
+def geglu_forward(gate_up, h):
+    """h = gelu_tanh(g) * u = g sig * u with sig = sigmoid(2a) = 1 / (1 + exp(-2a)),
+    a = c (g + 0.044715 g^3), g = gate_up[:, :f], u = gate_up[:, f:] (Shazeer 2020's
+    GeGLU with the tanh GELU). (N, 2f) -> h (N, f)."""
+    n, f = h.shape
+    for r in prange(n):
+        e = np.empty(_EXP_BLOCK, dtype=h.dtype)
+        bits = np.empty(_EXP_BLOCK, dtype=np.int64)
+        for c0 in range(0, f, _EXP_BLOCK):
+            m = min(_EXP_BLOCK, f - c0)
+            for c in range(m):
+                g = gate_up[r, c0 + c]
+                e[c] = g + _GELU_K * g * g * g  # a / c
+            _exp_inplace(e, m, -2.0 * _GELU_C, 0.0, bits)  # e = exp(-2a), inf past float range
+            for c in range(m):
+                h[r, c0 + c] = gate_up[r, c0 + c] / (1.0 + e[c]) * gate_up[r, f + c0 + c]
+
+
+@njit(parallel=True, cache=True)
+def geglu_backward(dh, gate_up, dgate_up):
+    """With sig = sigmoid(2a) as in geglu_forward and t = tanh(a) = 2 sig - 1:
+        gelu_tanh'(g) = 0.5 (1 + t) + 0.5 g (1 - t^2) c (1 + 3 * 0.044715 g^2)
+                      = sig + 2 g sig (1 - sig) c (1 + 3 * 0.044715 g^2),
+        dg = dh * u * gelu_tanh'(g),   du = dh * gelu_tanh(g),
+    written as dgate_up = [dg | du]. dh (N, f), gate_up (N, 2f) -> dgate_up (N, 2f)."""
+    n, f = dh.shape
+    for r in prange(n):
+        e = np.empty(_EXP_BLOCK, dtype=dh.dtype)
+        bits = np.empty(_EXP_BLOCK, dtype=np.int64)
+        for c0 in range(0, f, _EXP_BLOCK):
+            m = min(_EXP_BLOCK, f - c0)
+            for c in range(m):
+                g = gate_up[r, c0 + c]
+                e[c] = g + _GELU_K * g * g * g
+            _exp_inplace(e, m, -2.0 * _GELU_C, 0.0, bits)
+            for c in range(m):
+                g = gate_up[r, c0 + c]
+                sig = 1.0 / (1.0 + e[c])
+                slope = sig + 2.0 * g * sig * (1.0 - sig) * _GELU_C * (1.0 + 3.0 * _GELU_K * g * g)
+                dgate_up[r, c0 + c] = dh[r, c0 + c] * gate_up[r, f + c0 + c] * slope
+                dgate_up[r, f + c0 + c] = dh[r, c0 + c] * (g * sig)
+
+
 # ---------------------------------------------------------------- cross-entropy rows
 @njit(parallel=True, cache=True)
 def softmax_xent_rows(z, targets, valid, weight, need_grad, losses):
@@ -659,6 +734,79 @@ def softmax_xent_rows(z, targets, valid, weight, need_grad, losses):
             for col in range(n_vocab):
                 row[col] *= factor
             row[target] -= weight
+
+
+# ---------------------------------------------------------------- logit soft cap
+# y = cap tanh(z / cap) (Gemma 2; Bello et al. 2017): logits bounded by cap. tanh is
+# formed as 2 / (1 + exp(-2x)) - 1 with the vectorised exp: exact at both ends
+# (exp -> inf gives -1, exp -> 0 gives 1), absolute error about one ulp of 1.
+@njit(cache=True)
+def _tanh_inplace(x, n, scale, bits):
+    """x[c] <- tanh(scale * x[c]) for c < n, in x's dtype, as 2 / (1 + exp(-2 scale x)) - 1."""
+    _exp_inplace(x, n, -2.0 * scale, 0.0, bits)
+    for c in range(n):
+        x[c] = 2.0 / (1.0 + x[c]) - 1.0
+
+
+@njit(parallel=True, cache=True)
+def softcap_xent_rows(z, cap, targets, valid, weight, need_grad, losses):
+    """softmax_xent_rows for soft-capped logits y = cap tanh(z / cap), in place on a
+    raw logits chunk z (c, V):
+        loss_n = logsumexp(y_n) - y_n[t_n]                                   (0 where not valid)
+        z_n   <- weight * (softmax(y_n) - onehot(t_n)) * (1 - tanh^2(z_n / cap))   (0 where not valid)
+    the second (the chain rule through the cap) only when need_grad. With no second
+    (c, V) array: the row first becomes t = tanh(z / cap), the shift is cap max(t),
+    and exp(cap t - shift) is formed a block at a time, once for the sum and, when
+    need_grad, once more for the gradient."""
+    c, n_vocab = z.shape
+    for r in prange(c):
+        row = z[r]
+        if not valid[r]:
+            losses[r] = 0.0
+            if need_grad:
+                row[:] = 0.0
+            continue
+        e = np.empty(_EXP_BLOCK, dtype=z.dtype)
+        bits = np.empty(_EXP_BLOCK, dtype=np.int64)
+        _tanh_inplace(row, n_vocab, 1.0 / cap, bits)  # t = y / cap
+        shift = cap * _row_max(row, n_vocab, row[0])  # max_c y_c
+        target = targets[r]
+        t_target = row[target]
+        row_sum = 0.0
+        for c0 in range(0, n_vocab, _EXP_BLOCK):
+            m = min(_EXP_BLOCK, n_vocab - c0)
+            e[:m] = row[c0:c0 + m]
+            _exp_inplace(e, m, cap, shift, bits)  # exp(y - shift)
+            row_sum += _row_sum(e, m)
+        losses[r] = math.log(row_sum) - (cap * t_target - shift)
+        if need_grad:
+            factor = weight / row_sum
+            for c0 in range(0, n_vocab, _EXP_BLOCK):
+                m = min(_EXP_BLOCK, n_vocab - c0)
+                e[:m] = row[c0:c0 + m]
+                _exp_inplace(e, m, cap, shift, bits)
+                t = row[c0:c0 + m]
+                for col in range(m):
+                    t[col] = factor * e[col] * (1.0 - t[col] * t[col])
+            row[target] -= weight * (1.0 - t_target * t_target)
+
+
+_SOFTCAP_CHUNK = 4096  # elements per work item of softcap
+
+
+@njit(parallel=True, cache=True)
+def softcap(x, cap, y):
+    """y = cap tanh(x / cap), elementwise: x, y (n,) flat."""
+    n = x.size
+    for chunk in prange((n + _SOFTCAP_CHUNK - 1) // _SOFTCAP_CHUNK):
+        c0 = chunk * _SOFTCAP_CHUNK
+        c1 = min(n, c0 + _SOFTCAP_CHUNK)
+        bits = np.empty(_EXP_BLOCK, dtype=np.int64)
+        out = y[c0:c1]
+        out[:] = x[c0:c1]
+        _tanh_inplace(out, c1 - c0, 1.0 / cap, bits)
+        for i in range(c1 - c0):
+            out[i] *= cap
 
 
 # ---------------------------------------------------------------- embedding

@@ -31,6 +31,7 @@ from minilars.ops import rope_tables  # noqa: E402
 from minilars.optim import AdamW, AdamWConfig  # noqa: E402
 from backend_pairs import (CFG, DTYPES, SEEDS, batch, check_cross_entropy_head, check_kv_cache_decoding,  # noqa: E402
                            check_rmsnorm, normal)
+from gradcheck import check_gradients  # noqa: E402
 from tolerances import assert_close  # noqa: E402
 
 NP = get_backend("numpy")
@@ -236,6 +237,304 @@ def test_inputs_the_kernels_do_not_take_fall_back_to_numpy():
     np.testing.assert_array_equal(*both("swiglu_forward", g, u))
     x = normal(rng, (4, 3), np.float16)
     np.testing.assert_array_equal(*both("embedding_backward", x, np.array([0, 2, 2, -1]), 3))  # numpy wraps -1
+
+
+# ---------------------------------------------------------------- sliding window, score scale, GeGLU, soft cap
+# The ops the model families of issue #19 add, against dense float64 references
+# written here from their definitions (a masked (T, T) softmax, the tanh GELU, the
+# capped logits): forward values with numpy, gradients with torch autograd under a
+# random upstream gradient where torch is installed, and with float64 finite
+# differences of the same references where it is not.
+def visible_keys(tq, tk, q_offset, window):
+    """(Tq, Tk) boolean: query i (position p = q_offset + i) sees key j iff j <= p and
+    p - j < window (transformers' sliding_window mask; window None: causal only)."""
+    p = q_offset + np.arange(tq)[:, None]
+    j = np.arange(tk)[None, :]
+    return (j <= p) & (p - j < (window if window is not None else tk + q_offset + tq))
+
+
+def dense_attention(q, k, v, q_offset=0, window=None, scale=None):
+    """o (B, Tq, H, hd) and lse (B, Tq, H) in float64 from the whole score matrix
+    s_ij = scale * q_i . k_j (scale None: 1/sqrt(hd)), -inf where not visible;
+    query head h reads kv head h // g."""
+    q, k, v = (np.asarray(a, dtype=np.float64) for a in (q, k, v))
+    g = q.shape[2] // k.shape[2]
+    scale = 1.0 / np.sqrt(q.shape[3]) if scale is None else scale
+    s = scale * np.einsum("bihd,bjhd->bhij", q, np.repeat(k, g, axis=2))
+    s = np.where(visible_keys(q.shape[1], k.shape[1], q_offset, window), s, -np.inf)
+    m = s.max(axis=-1, keepdims=True)
+    e = np.exp(s - m)
+    total = e.sum(axis=-1, keepdims=True)
+    o = np.einsum("bhij,bjhd->bihd", e / total, np.repeat(v, g, axis=2))
+    return o, (m + np.log(total))[..., 0].transpose(0, 2, 1)
+
+
+def torch_attention(q, k, v, window, scale):
+    """dense_attention's o in torch (float64 tensors), for autograd."""
+    import torch
+
+    g = q.shape[2] // k.shape[2]
+    scale = 1.0 / np.sqrt(q.shape[3]) if scale is None else scale
+    s = scale * torch.einsum("bihd,bjhd->bhij", q, k.repeat_interleave(g, dim=2))
+    s = s.masked_fill(~torch.from_numpy(visible_keys(q.shape[1], k.shape[1], 0, window)), float("-inf"))
+    return torch.einsum("bhij,bjhd->bihd", s.softmax(dim=-1), v.repeat_interleave(g, dim=2))
+
+
+GELU_C = np.sqrt(2.0 / np.pi)
+
+
+def dense_geglu(gate_up):
+    """h = gelu_tanh(g) * u, gelu_tanh(g) = 0.5 g (1 + tanh(sqrt(2/pi) (g + 0.044715 g^3)))."""
+    gate_up = np.asarray(gate_up, dtype=np.float64)
+    g, u = np.split(gate_up, 2, axis=1)
+    return 0.5 * g * (1.0 + np.tanh(GELU_C * (g + 0.044715 * g ** 3))) * u
+
+
+def dense_capped_loss(x, head, targets, ignore_index, cap):
+    """Mean over labelled rows of logsumexp(y_n) - y_n[t_n], y = cap tanh(x head^T / cap)
+    (no cap when cap is None), in float64 from the whole (N, V) logits."""
+    y = np.asarray(x, dtype=np.float64) @ np.asarray(head, dtype=np.float64).T
+    if cap is not None:
+        y = cap * np.tanh(y / cap)
+    labelled = targets != ignore_index
+    if not labelled.any():
+        return 0.0
+    y = y[labelled]
+    m = y.max(axis=1)
+    lse = m + np.log(np.exp(y - m[:, None]).sum(axis=1))
+    return float(np.mean(lse - y[np.arange(len(y)), targets[labelled]]))
+
+
+def close(actual, reference, dtype, name):
+    """actual has dtype, and its values are within dtype's tolerance of a float64 reference."""
+    assert isinstance(actual, np.ndarray) and actual.dtype == np.dtype(dtype), \
+        f"{name}: {getattr(actual, 'dtype', type(actual))} is not {dtype}"
+    assert_close(actual, np.asarray(reference, dtype=np.float64), dtype=dtype, name=name)
+
+
+WINDOWS = st.one_of(st.none(), st.integers(1, 24))
+SCALES = st.sampled_from([None, 0.0625, 1.0])  # Gemma 3 scales scores by query_pre_attn_scalar^-0.5, not hd^-0.5
+SLIDING = dict(b=st.integers(1, 2), t=st.integers(1, 20), n_kv=st.integers(1, 2), group=st.sampled_from([1, 2, 3, 9]),
+               hd=st.integers(2, 24), tile=st.integers(1, 9), window=WINDOWS, scale=SCALES, fused=st.booleans(),
+               dtype=DTYPES, seed=SEEDS)
+
+
+@given(q_offset=st.integers(0, 12), future=st.integers(0, 3), **SLIDING)
+@example(q_offset=0, future=0, b=1, t=1, n_kv=1, group=1, hd=2, tile=1, window=1, scale=None, fused=False,
+         dtype="float64", seed=0)  # T = 1, window 1
+@example(q_offset=0, future=0, b=1, t=6, n_kv=1, group=3, hd=4, tile=4, window=9, scale=1.0, fused=True,
+         dtype="float64", seed=1)  # T < window: causal
+@example(q_offset=0, future=0, b=2, t=19, n_kv=2, group=2, hd=8, tile=3, window=5, scale=0.0625, fused=True,
+         dtype="float32", seed=2)  # T > window over several tiles, tile not dividing T
+@example(q_offset=0, future=0, b=1, t=17, n_kv=1, group=9, hd=64, tile=4, window=1, scale=None, fused=False,
+         dtype="float32", seed=3)  # window 1: each query sees itself only
+@example(q_offset=11, future=0, b=2, t=1, n_kv=1, group=3, hd=8, tile=4, window=4, scale=None, fused=True,
+         dtype="float64", seed=4)  # generation: one new token, keys before its window left out
+@example(q_offset=7, future=2, b=1, t=5, n_kv=2, group=1, hd=6, tile=2, window=3, scale=1.0, fused=False,
+         dtype="float32", seed=5)  # a prefill chunk after a cached prefix, future keys masked
+def test_sliding_window_attention_forward_matches_dense_softmax(q_offset, future, b, t, n_kv, group, hd, tile,
+                                                                 window, scale, fused, dtype, seed):
+    tk = q_offset + t + future
+    q, k, v = attention_inputs(np.random.default_rng(seed), b, t, tk, n_kv, group, hd, dtype, fused and future == 0)
+    o, lse = NB.attention_forward(q, k, v, tile, q_offset=q_offset, window=window, scale=scale)
+    o_ref, lse_ref = dense_attention(q, k, v, q_offset, window, scale)
+    close(o, o_ref, dtype, "o")
+    close(lse, lse_ref, dtype, "lse")
+
+
+def attention_backward_case(b, t, n_kv, group, hd, window, scale, fused, dtype, seed):
+    """Inputs of attention_backward: q, k, v, a random upstream gradient do, and o, lse
+    from the dense reference (so the backward is checked apart from the forward)."""
+    rng = np.random.default_rng(seed)
+    q, k, v = attention_inputs(rng, b, t, t, n_kv, group, hd, dtype, fused)
+    o, lse = (a.astype(dtype) for a in dense_attention(q, k, v, 0, window, scale))
+    return q, k, v, normal(rng, o.shape, dtype), o, lse
+
+
+@given(**SLIDING)
+@example(b=1, t=1, n_kv=1, group=1, hd=2, tile=1, window=1, scale=None, fused=False, dtype="float64", seed=0)
+@example(b=1, t=6, n_kv=1, group=3, hd=4, tile=4, window=9, scale=1.0, fused=True, dtype="float64", seed=1)
+@example(b=2, t=19, n_kv=2, group=2, hd=8, tile=3, window=5, scale=0.0625, fused=True, dtype="float32", seed=2)
+@example(b=1, t=17, n_kv=1, group=9, hd=16, tile=4, window=1, scale=None, fused=False, dtype="float32", seed=3)
+@example(b=1, t=20, n_kv=1, group=1, hd=3, tile=7, window=2, scale=1.0, fused=False, dtype="float64", seed=4)
+def test_sliding_window_attention_backward_matches_torch_autograd(b, t, n_kv, group, hd, tile, window, scale, fused,
+                                                                  dtype, seed):
+    torch = pytest.importorskip("torch")
+    q, k, v, do, o, lse = attention_backward_case(b, t, n_kv, group, hd, window, scale, fused, dtype, seed)
+    leaves = [torch.tensor(a, dtype=torch.float64, requires_grad=True) for a in (q, k, v)]
+    torch_attention(*leaves, window, scale).backward(torch.tensor(do, dtype=torch.float64))
+    grads = NB.attention_backward(do, q, k, v, o, lse, tile, window=window, scale=scale)
+    for name, g, leaf in zip(("dq", "dk", "dv"), grads, leaves):
+        close(g, leaf.grad.numpy(), dtype, name)
+
+
+@pytest.mark.parametrize("t, tile, window, group", [(1, 1, 1, 1), (9, 4, 3, 3), (11, 3, 20, 1), (13, 5, 1, 2)])
+def test_sliding_window_attention_backward_matches_finite_differences(t, tile, window, group):
+    """Without torch: d/d(q, k, v) of sum(o * do), o the dense reference's, in float64."""
+    q, k, v, do, o, lse = attention_backward_case(1, t, 2, group, 5, window, 0.7, False, "float64", t)
+    dq, dk, dv = NB.attention_backward(do, q, k, v, o, lse, tile, window=window, scale=0.7)
+    check_gradients(lambda: float(np.sum(dense_attention(q, k, v, 0, window, 0.7)[0] * do)),
+                    {"q": dq, "k": dk, "v": dv}, {"q": q, "k": k, "v": v}, np.random.default_rng(t))
+
+
+@pytest.mark.parametrize("t, tile", [(1, 1), (7, 3), (12, 4)])
+def test_a_window_that_covers_every_key_is_the_causal_kernel_bit_for_bit(t, tile):
+    """window >= T and the default scale 1/sqrt(hd) given explicitly run the same
+    arithmetic as window=None, scale=None (the SmolLM2 path)."""
+    rng = np.random.default_rng(t)
+    q, k, v = attention_inputs(rng, 2, t, t, 1, 3, 8, "float32", True)
+    o, lse = NB.attention_forward(q, k, v, tile)
+    o_w, lse_w = NB.attention_forward(q, k, v, tile, window=t, scale=1 / np.sqrt(8))
+    do = normal(rng, o.shape, "float32")
+    grads = NB.attention_backward(do, q, k, v, o, lse, tile)
+    grads_w = NB.attention_backward(do, q, k, v, o, lse, tile, window=t + 5, scale=1 / np.sqrt(8))
+    for a, b_ in zip((o, lse, *grads), (o_w, lse_w, *grads_w)):
+        np.testing.assert_array_equal(a, b_)
+
+
+def test_decoding_never_reads_keys_outside_the_window():
+    """One new token at position 40 with window 4 sees keys 37..40; the cache's other
+    rows hold NaN, which would reach o through 0 * NaN in P V if a tile of them were
+    read."""
+    rng = np.random.default_rng(0)
+    q, k, v = attention_inputs(rng, 1, 1, 41, 1, 3, 8, "float32", False)
+    k[:, :37], v[:, :37] = np.nan, np.nan
+    o, lse = NB.attention_forward(q, k, v, 4, q_offset=40, window=4)
+    o_ref, lse_ref = dense_attention(q, k[:, 37:], v[:, 37:], 3, None)
+    close(o, o_ref, "float32", "o")
+    close(lse, lse_ref, "float32", "lse")
+
+
+class _CountingProducts:
+    """numpy as the kernels see it, counting the tile products (np.dot calls)."""
+
+    def __init__(self):
+        self.products = 0
+
+    def dot(self, *args):
+        self.products += 1
+        return np.dot(*args)
+
+    def __getattr__(self, name):
+        return getattr(np, name)
+
+
+@pytest.mark.skipif(__import__("os").environ.get("NUMBA_DISABLE_JIT") != "1",
+                    reason="counts the kernels' tile products as plain Python (the NUMBA_DISABLE_JIT run)")
+def test_a_sliding_layer_does_work_linear_in_t_times_window(monkeypatch):
+    """Tile pairs (query tile, key tile) visited: causal grows as T^2 / 2 tile^2; with a
+    window w, at most ceil((w - 1) / tile) + 1 key tiles per query tile (forward, 2
+    products a pair) and as many query tiles per key tile (backward, 5 a pair)."""
+    from minilars.backends import numba_kernels as K
+
+    counter = _CountingProducts()
+    monkeypatch.setattr(K, "np", counter)
+    tile, window = 4, 6
+    per_tile = -(-(window - 1) // tile) + 1
+    for t in (24, 48):
+        q, k, v, do, o, lse = attention_backward_case(1, t, 1, 1, 4, window, None, False, "float64", t)
+        n_tiles = t // tile
+        counter.products = 0
+        NB.attention_forward(q, k, v, tile, window=window)
+        assert counter.products <= 2 * n_tiles * per_tile
+        counter.products = 0
+        NB.attention_backward(do, q, k, v, o, lse, tile, window=window)
+        assert counter.products <= 5 * n_tiles * per_tile
+        counter.products = 0
+        NB.attention_forward(q, k, v, tile)
+        assert counter.products == 2 * n_tiles * (n_tiles + 1) // 2  # causal: every key tile up to the diagonal
+
+
+def test_bad_window_and_cap_are_named():
+    q = np.zeros((1, 2, 1, 4), np.float32)
+    with pytest.raises(ValueError, match="window"):
+        NB.attention_forward(q, q, q, 2, window=0)
+    with pytest.raises(ValueError, match="window"):
+        NB.attention_backward(q, q, q, q, q, np.zeros((1, 2, 1), np.float32), 2, window=-3)
+    with pytest.raises(ValueError, match="soft cap"):
+        NB.softcap(q, 0.0)
+    with pytest.raises(ValueError, match="soft cap"):
+        NB.cross_entropy_head(q[0, :, 0], q[0, :, 0], np.array([0, 1]), 2, -100, True, True, softcap=-1.0)
+
+
+@given(n=st.integers(1, 20), f=st.integers(1, 40), scale=st.sampled_from([1.0, 4.0, 60.0]), dtype=DTYPES,
+       seed=SEEDS)
+@example(n=3, f=257, scale=4.0, dtype="float32", seed=0)  # a row over two exp blocks of 256
+@example(n=1, f=1, scale=60.0, dtype="float64", seed=1)
+def test_geglu_matches_dense_gelu_tanh(n, f, scale, dtype, seed):
+    """scale 60: tanh saturates (exp(-2a) past float32's range on the negative side),
+    gelu(g) must be g * 0 or g * 1, not NaN."""
+    rng = np.random.default_rng(seed)
+    gate_up = normal(rng, (n, 2 * f), dtype)
+    gate_up[:, :f] *= scale
+    with np.errstate(over="ignore"):
+        close(NB.geglu_forward_fused(gate_up), dense_geglu(gate_up), dtype, "h")
+        dh = normal(rng, (n, f), dtype)
+        dgate_up = NB.geglu_backward_fused(dh, gate_up)
+    torch = pytest.importorskip("torch")
+    leaf = torch.tensor(gate_up, dtype=torch.float64, requires_grad=True)
+    g, u = leaf.chunk(2, dim=1)
+    (torch.nn.functional.gelu(g, approximate="tanh") * u).backward(torch.tensor(dh, dtype=torch.float64))
+    close(dgate_up, leaf.grad.numpy(), dtype, "[dg | du]")
+
+
+@pytest.mark.parametrize("n, f", [(1, 1), (4, 7), (2, 260)])
+def test_geglu_backward_matches_finite_differences(n, f):
+    rng = np.random.default_rng(f)
+    gate_up, dh = normal(rng, (n, 2 * f), np.float64, 2.0), normal(rng, (n, f), np.float64)
+    check_gradients(lambda: float(np.sum(dense_geglu(gate_up) * dh)),
+                    {"gate_up": NB.geglu_backward_fused(dh, gate_up)}, {"gate_up": gate_up}, rng)
+
+
+CAPS = st.sampled_from([0.5, 5.0, 30.0])  # 0.5: tanh saturates; 30: Gemma 2's final_logit_softcapping
+
+
+@given(n=st.integers(1, 30), d=st.integers(1, 8), vocab=st.integers(2, 40), chunk=st.integers(1, 33), cap=CAPS,
+       ignored=st.sampled_from([0.0, 0.3, 0.8, 1.0]), need_dx=st.booleans(), need_dhead=st.booleans(),
+       half_head=st.booleans(), dtype=DTYPES, seed=SEEDS)
+@example(n=7, d=3, vocab=300, chunk=3, cap=5.0, ignored=0.3, need_dx=True, need_dhead=True, half_head=False,
+         dtype="float64", seed=0)  # rows over two exp blocks of 256
+@example(n=6, d=2, vocab=3, chunk=4, cap=0.5, ignored=1.0, need_dx=True, need_dhead=True, half_head=False,
+         dtype="float32", seed=0)
+def test_soft_capped_cross_entropy_matches_dense_logits(n, d, vocab, chunk, cap, ignored, need_dx, need_dhead,
+                                                        half_head, dtype, seed):
+    rng = np.random.default_rng(seed)
+    x = normal(rng, (n, d), dtype, 2.0)
+    head = normal(rng, (vocab, d), np.float16 if half_head else dtype)
+    targets = np.where(rng.random(n) < ignored, -100, rng.integers(0, vocab, n))
+    loss, n_valid, dx, dhead = NB.cross_entropy_head(x, head, targets, chunk, -100, need_dx, need_dhead, softcap=cap)
+    assert isinstance(loss, float) and n_valid == int((targets != -100).sum())
+    assert_close(np.float64(loss), np.float64(dense_capped_loss(x, head, targets, -100, cap)), dtype=dtype,
+                 name="loss")
+    assert (dx is None) == (not need_dx) and (dhead is None) == (not need_dhead)
+    torch = pytest.importorskip("torch")
+    xt, ht = (torch.tensor(np.asarray(a, np.float64), requires_grad=True) for a in (x, head))
+    y = cap * torch.tanh(xt @ ht.T / cap)
+    labelled = torch.from_numpy(targets != -100)
+    if labelled.any():
+        torch.nn.functional.cross_entropy(y[labelled], torch.from_numpy(targets[targets != -100])).backward()
+    for name, got, leaf in (("dx", dx, xt), ("dhead", dhead, ht)):
+        if got is not None:
+            close(got, leaf.grad.numpy() if leaf.grad is not None else np.zeros(leaf.shape), dtype, name)
+
+
+def test_soft_capped_cross_entropy_matches_finite_differences():
+    rng = np.random.default_rng(0)
+    x, head = normal(rng, (9, 4), np.float64, 2.0), normal(rng, (11, 4), np.float64)
+    targets = np.array([3, -100, 0, 10, 10, 2, -100, 7, 1])
+    _, _, dx, dhead = NB.cross_entropy_head(x, head, targets, 4, -100, True, True, softcap=1.5)
+    check_gradients(lambda: dense_capped_loss(x, head, targets, -100, 1.5), {"x": dx, "head": dhead},
+                    {"x": x, "head": head}, rng)
+
+
+@given(shape=st.lists(st.integers(0, 9), min_size=1, max_size=3).map(tuple), cap=CAPS,
+       scale=st.sampled_from([1.0, 40.0]), dtype=DTYPES, seed=SEEDS)
+@example(shape=(2, 4097), cap=30.0, scale=40.0, dtype="float32", seed=0)  # two work items of 4096
+def test_softcap_matches_dense_tanh(shape, cap, scale, dtype, seed):
+    x = normal(np.random.default_rng(seed), shape, dtype, scale)
+    y = NB.softcap(x, cap)
+    assert y is not x
+    close(y, cap * np.tanh(x.astype(np.float64) / cap), dtype, "cap tanh(x / cap)")
 
 
 # ---------------------------------------------------------------- float16 casts
