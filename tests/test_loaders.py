@@ -375,8 +375,11 @@ def test_hf_errors_name_file_and_tensor(tmp_path, rng):
 
     st_file.write_bytes(good)
     conf = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps(dict(conf, rope_scaling={"rope_type": "yarn", "factor": 8.0})))
+    with pytest.raises(ModelLoadError, match="rope_type 'yarn'"):
+        load_hf_dir(d)
     (d / "config.json").write_text(json.dumps(dict(conf, rope_scaling={"rope_type": "llama3", "factor": 8.0})))
-    with pytest.raises(ModelLoadError, match="rope_scaling"):
+    with pytest.raises(ModelLoadError, match="rope_type 'llama3'.*needs 'low_freq_factor'"):
         load_hf_dir(d)
     (d / "config.json").write_text(json.dumps({k: v for k, v in conf.items() if k != "hidden_size"}))
     with pytest.raises(ModelLoadError, match="config.json lacks 'hidden_size'"):
