@@ -413,7 +413,7 @@ def load_hf_dir(path: str | Path, dtype=np.float32) -> tuple[ModelConfig, dict[s
     where = _shards(path)
     for name, file in where.items():
         if name not in shapes and not _ignorable(name, cfg):
-            raise ModelLoadError("unexpected tensor for a llama model with this config", file, name)
+            raise ModelLoadError(f"unexpected tensor for a {cfg.family} model with this config", file, name)
     missing = [n for n in shapes if n not in where]
     if missing:
         raise ModelLoadError(f"{len(missing)} tensors missing, first {missing[0]!r}", path)
