@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from minilars.config import ModelConfig, RopeScaling
@@ -200,3 +201,136 @@ def test_config_to_hf_reads_back_and_transformers_agrees(family):
     assert (hf.hidden_size, hf.num_hidden_layers, hf.num_key_value_heads, hf.head_dim) == (
         cfg.dim, cfg.n_layers, cfg.n_kv_heads, cfg.head_dim)
     assert read(hf.to_dict()) == cfg  # transformers 5 writes rope_parameters: the reader takes either
+
+
+# ---------------------------------------------------------------- GGUF: names, rows, norms, metadata
+
+def gguf_config(family: str) -> ModelConfig:
+    """tiny_config as a GGUF can say it: Gemma 3 with llama.cpp's fixed layer pattern
+    (6 layers: 5 sliding, 1 global), sliding rope base 10000 and score scale hd^-1/2;
+    Mistral without its window (the converter drops it)."""
+    from gguf_writer import gemma3_layer_types
+
+    if family == "gemma3":
+        return tiny_config("gemma3", n_layers=6, layer_types=gemma3_layer_types(6), attn_scale=None)
+    if family == "mistral":
+        return tiny_config("mistral", sliding_window=None, layer_types=())
+    return tiny_config(family)
+
+
+def random_hf_state(cfg: ModelConfig, seed: int = 0) -> dict[str, np.ndarray]:
+    from minilars.models.layout import expected_shapes
+
+    rng = np.random.default_rng(seed)
+    return {n: (rng.standard_normal(s) * (0.3 if len(s) == 1 else 1 / np.sqrt(s[-1]))).astype(np.float32)
+            for n, s in expected_shapes(cfg).items()}
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_gguf_round_trip_per_family(family, tmp_path):
+    """The converter's changes (names, q/k rows for llama only, Gemma's 1 + w, rope_freqs)
+    are undone exactly; the config comes back (Mistral as the llama architecture)."""
+    import gguf
+    from gguf_writer import write_gguf
+    from minilars.models.gguf_loader import load_gguf
+
+    cfg = gguf_config(family)
+    state = random_hf_state(cfg)
+    path = write_gguf(tmp_path / "m.gguf", cfg, state)
+    names = {t.name for t in gguf.GGUFReader(path).tensors}
+    got_cfg, loaded = load_gguf(path)
+    assert got_cfg == (cfg.with_(family="llama") if family == "mistral" else cfg)
+    assert sorted(loaded) == sorted(state)
+    for name, ref in state.items():
+        if family == "gemma3" and name.endswith("norm.weight"):  # the file holds float32(1 + w)
+            ref = (ref + np.float32(1)) - np.float32(1)
+        np.testing.assert_array_equal(loaded[name], ref, err_msg=name)
+    if family == "qwen2":
+        assert {"blk.0.attn_q.bias", "blk.0.attn_k.bias", "blk.0.attn_v.bias"} <= names
+    if family in ("qwen3", "gemma3"):
+        assert {"blk.0.attn_q_norm.weight", "blk.0.attn_k_norm.weight"} <= names
+    if family == "gemma3":
+        assert {"blk.0.post_attention_norm.weight", "blk.0.ffn_norm.weight", "blk.0.post_ffw_norm.weight"} <= names
+    assert ("rope_freqs.weight" in names) == (family == "llama")
+    assert ("output.weight" in names) == (not cfg.tie_embeddings)
+
+
+def test_gguf_stores_what_the_converter_stores(tmp_path):
+    """Independent of the loader: Gemma's norms are 1 + w in the file, llama's q rows
+    are permuted and Qwen's are not."""
+    import gguf
+    from gguf_writer import write_gguf
+    from minilars.models.gguf_loader import permute_qk
+
+    for family in ("gemma3", "llama", "qwen3"):
+        cfg = gguf_config(family)
+        state = random_hf_state(cfg)
+        tensors = {t.name: np.array(t.data) for t in gguf.GGUFReader(
+            write_gguf(tmp_path / f"{family}.gguf", cfg, state)).tensors}
+        q = state["model.layers.0.self_attn.q_proj.weight"]
+        stored_q = tensors["blk.0.attn_q.weight"].reshape(q.shape)
+        np.testing.assert_array_equal(stored_q, permute_qk(q, cfg.n_heads) if family == "llama" else q)
+        shift = 1.0 if family == "gemma3" else 0.0
+        np.testing.assert_array_equal(tensors["blk.0.attn_norm.weight"],
+                                      state["model.layers.0.input_layernorm.weight"] + np.float32(shift))
+
+
+def test_llama3_rope_freqs_give_back_the_scaling():
+    """Llama 3.2's own scaling (factor 32, 1, 4, 8192) comes back exactly from its divisors."""
+    from minilars.models.gguf_loader import llama3_rope_factors, llama3_scaling_from_freqs
+
+    scaling = RopeScaling("llama3", 32.0, 1.0, 4.0, 8192)
+    factors = llama3_rope_factors(scaling, 500000.0, 64).astype(np.float32).astype(np.float64)
+    assert 1.0 < factors[16] < 32.0  # some frequencies lie in the smoothed band
+    assert llama3_scaling_from_freqs(factors, 500000.0, 64, Path("m.gguf")) == scaling
+    with pytest.raises(ModelLoadError, match="rope_freqs.weight"):
+        llama3_scaling_from_freqs(factors[::-1].copy(), 500000.0, 64, Path("m.gguf"))
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("rope.scaling.type", "yarn", "rope.scaling.type = 'yarn'"),
+    ("expert_count", 8, "expert_count = 8"),
+    ("attn_logit_softcapping", 50.0, "attn_logit_softcapping"),
+])
+def test_gguf_keys_the_engine_does_not_implement(tmp_path, key, value, message):
+    import gguf
+    from gguf_writer import write_gguf
+    from minilars.models.gguf_loader import load_gguf
+
+    cfg = gguf_config("qwen2")
+    path = write_gguf(tmp_path / "m.gguf", cfg, random_hf_state(cfg))
+    # rewrite the file with one more key
+    reader = gguf.GGUFReader(path)
+    w = gguf.GGUFWriter(str(tmp_path / "bad.gguf"), "qwen2")
+    for name, field in reader.fields.items():
+        if name.startswith("qwen2."):
+            kind = field.types[0]
+            w.add_key_value(name, field.contents(), kind)
+    full = f"qwen2.{key}"
+    if isinstance(value, str):
+        w.add_string(full, value)
+    elif isinstance(value, float):
+        w.add_float32(full, value)
+    else:
+        w.add_uint32(full, value)
+    for t in reader.tensors:
+        w.add_tensor(t.name, np.array(t.data))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(ModelLoadError, match=message):
+        load_gguf(tmp_path / "bad.gguf")
+
+
+def test_gguf_unknown_architecture(tmp_path):
+    import gguf
+    from minilars.models.gguf_loader import load_gguf
+
+    w = gguf.GGUFWriter(str(tmp_path / "m.gguf"), "phi3")
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(ModelLoadError, match="architecture 'phi3' is not supported.*qwen2"):
+        load_gguf(tmp_path / "m.gguf")

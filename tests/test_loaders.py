@@ -36,88 +36,16 @@ from minilars.config import PRESETS, ModelConfig
 from minilars.models import ModelLoadError, Tokenizer, load_model_weights, resolve_model
 from minilars.models import cache as cache_mod
 from minilars.models.cache import WheelSource, cache_dir, ensure_cached
-from minilars.models.gguf_loader import gguf_name, load_gguf, permute_qk, unpermute_qk
+from minilars.models.gguf_loader import load_gguf, permute_qk, unpermute_qk
 from minilars.models.hf_loader import load_hf_dir, save_hf_dir
 from minilars.models.layout import expected_shapes
+from gguf_writer import CHATML, QUANT_STEP, byte_vocab, write_gguf
 
 TINY = PRESETS["tiny"]  # d=32, f=64, H=4, Hkv=2, hd=8, V=97: rows are multiples of the 32-wide blocks
-
-# Worst error of one block quantiser relative to the block's max |w|: a full
-# step (half a step of rounding plus the f16 rounding of the scale, with margin).
-QUANT_STEP = {Q.Q8_0: 1 / 127, Q.Q4_0: 1 / 8, Q.Q4_1: 1 / 15}
-
 
 def random_state(cfg: ModelConfig, rng) -> dict[str, np.ndarray]:
     return {n: rng.standard_normal(s).astype(np.float32) * (1.0 if len(s) == 1 else 0.1)
             for n, s in expected_shapes(cfg).items()}
-
-
-# --- writing GGUFs the way llama.cpp's converter does ------------------------------------
-
-def byte_vocab() -> tuple[list[str], list[str], list[int]]:
-    """A small byte-level BPE vocabulary: 3 control tokens, the 256 byte symbols, a few merges."""
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    alphabet = sorted(tokenizers.pre_tokenizers.ByteLevel.alphabet())
-    merges = ["h e", "l l", "he ll", "hell o", "Ġ w", "o r", "Ġw or", "Ġwor l", "Ġworl d", "Ġ t", "Ġt he"]
-    merged = [m.replace(" ", "") for m in merges]
-    tokens = specials + alphabet + merged
-    types = [3] * len(specials) + [1] * (len(alphabet) + len(merged))
-    return tokens, merges, types
-
-
-CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] "
-          "+ '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
-
-
-def write_gguf(path: Path, cfg: ModelConfig | None, state: dict[str, np.ndarray] | None = None,
-               qtype: Q = Q.F32, types: dict[str, Q] | None = None, vocab: bool = False,
-               pre: str = "smollm", template: str | None = CHATML) -> Path:
-    """A llama GGUF: HF names -> GGUF names, q/k permuted, 2-D weights stored as `qtype`."""
-    w = gguf.GGUFWriter(str(path), "llama")
-    if cfg is not None:
-        w.add_context_length(cfg.max_seq_len)
-        w.add_embedding_length(cfg.dim)
-        w.add_block_count(cfg.n_layers)
-        w.add_feed_forward_length(cfg.ffn_dim)
-        w.add_head_count(cfg.n_heads)
-        w.add_head_count_kv(cfg.n_kv_heads)
-        w.add_rope_freq_base(cfg.rope_theta)
-        w.add_layer_norm_rms_eps(cfg.rms_eps)
-        w.add_rope_dimension_count(cfg.head_dim)
-        w.add_vocab_size(cfg.vocab_size)
-    if vocab:
-        tokens, merges, token_types = byte_vocab()
-        w.add_tokenizer_model("gpt2")
-        w.add_tokenizer_pre(pre)
-        w.add_token_list(tokens)
-        w.add_token_types(token_types)
-        w.add_token_merges(merges)
-        w.add_bos_token_id(1)
-        w.add_eos_token_id(2)
-        w.add_pad_token_id(2)
-        if template is not None:
-            w.add_chat_template(template)
-    for name, arr in (state or {}).items():
-        arr = arr.astype(np.float32)
-        if name.endswith("q_proj.weight"):
-            arr = permute_qk(arr, cfg.n_heads)
-        elif name.endswith("k_proj.weight"):
-            arr = permute_qk(arr, cfg.n_kv_heads)
-        t = (types or {}).get(name, Q.F32 if arr.ndim == 1 else qtype)
-        if t == Q.F32:
-            w.add_tensor(gguf_name(name), arr)
-        elif t == Q.F16:
-            w.add_tensor(gguf_name(name), arr.astype(np.float16))
-        elif t in QUANT_STEP:
-            w.add_tensor(gguf_name(name), quantize(arr, t), raw_dtype=t)
-        else:  # a type the loader must refuse; the bytes only need the right length
-            raw = np.zeros(gguf.quant_shape_to_byte_shape(arr.shape, t), np.uint8)
-            w.add_tensor(gguf_name(name), raw, raw_dtype=t)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return path
 
 
 def reference_dequant(arr: np.ndarray, t: Q) -> np.ndarray:
