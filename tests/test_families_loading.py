@@ -10,6 +10,7 @@ What is checked:
 """
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -334,3 +335,189 @@ def test_gguf_unknown_architecture(tmp_path):
     w.close()
     with pytest.raises(ModelLoadError, match="architecture 'phi3' is not supported.*qwen2"):
         load_gguf(tmp_path / "m.gguf")
+
+
+# ---------------------------------------------------------------- against transformers
+# A tiny random transformers model of each family (the shapes of tiny_config: window 8
+# on a sliding layer, llama3 scaling with an untied head for llama, head_dim 16 != d/H
+# for qwen3 and gemma3), saved with save_pretrained, loaded by minilars from the
+# directory and from a GGUF written as llama.cpp's converter writes it; logits in
+# float32 within 1e-4 of transformers' relative to the logits' scale, on every backend.
+# The transformers configs are written out here, not derived from minilars.
+
+BACKENDS = ("numpy", "numba", "torch")
+TOKENS_T = 13  # longer than the window of 8
+
+
+def hf_config_kwargs(family: str, gguf_compatible: bool = False) -> dict:
+    """transformers config arguments of the tiny model (a GGUF-compatible variant where
+    llama.cpp fixes what config.json says: Gemma 3's layer pattern, Mistral's window)."""
+    common = dict(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  intermediate_size=64, max_position_embeddings=256, rms_norm_eps=1e-5, tie_word_embeddings=True)
+    if family == "llama":
+        return dict(common, tie_word_embeddings=False, rope_parameters={
+            "rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 64})
+    if family == "mistral":
+        return dict(common, sliding_window=None if gguf_compatible else 8)
+    if family == "qwen2":
+        return common
+    if family == "qwen3":
+        return dict(common, head_dim=16)
+    if family == "gemma3":
+        kw = dict(common, head_dim=16, rms_norm_eps=1e-6, sliding_window=8, final_logit_softcapping=5.0,
+                  rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 1e6},
+                                   "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}})
+        if gguf_compatible:  # llama.cpp: every 6th layer global, scores scaled by hd^-1/2, no soft cap key
+            return dict(kw, num_hidden_layers=6, query_pre_attn_scalar=16, final_logit_softcapping=None)
+        return dict(kw, layer_types=["sliding_attention", "full_attention"], query_pre_attn_scalar=12)
+    raise ValueError(family)
+
+
+def hf_model(family: str, seed: int = 0, gguf_compatible: bool = False, **changes):
+    """The transformers model with every parameter random and O(1) in effect: projections
+    N(0, 1/in), embeddings N(0, 1/d), norms 1 + 0.2 N(0, 1) as they act (Gemma stores
+    w of (1 + w)), biases 0.2 N(0, 1)."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    fam = FAMILIES[family]
+    config_class = type(transformers.AutoConfig.for_model(fam.hf_model_types[0]))
+    config = config_class(**dict(hf_config_kwargs(family, gguf_compatible), **changes))
+    model = getattr(transformers, fam.hf_architecture)._from_config(config, attn_implementation="eager")
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=gen)
+            if name.endswith("bias"):
+                p.copy_(0.2 * noise)
+            elif p.ndim == 1:
+                p.copy_((0.0 if family == "gemma3" else 1.0) + 0.2 * noise)
+            else:
+                p.copy_(noise / p.shape[-1] ** 0.5)
+    return model.eval()
+
+
+def tokens_targets(seed: int = 1):
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(0, 97, (2, TOKENS_T))
+    targets = rng.integers(0, 97, (2, TOKENS_T))
+    targets[0, :3] = -100
+    return tokens, targets
+
+
+def hf_logits(model, tokens) -> np.ndarray:
+    import torch
+
+    with torch.no_grad():
+        return model(torch.as_tensor(tokens)).logits.float().numpy()
+
+
+def assert_logits_close(actual, reference, name=""):
+    """Within 1e-4 of the reference relative to the logits' scale (issue 19's target)."""
+    from tolerances import assert_close
+
+    assert_close(actual, reference, tol=(1e-4 * float(np.abs(reference).max()), 0.0), name=name)
+
+
+def backend(name: str) -> str:
+    if name != "numpy":
+        pytest.importorskip(name)
+    return name
+
+
+def load(path, backend_name="numpy"):
+    from minilars.pretrained import load_model
+
+    model, _ = load_model(str(path), backend=backend(backend_name))
+    return model
+
+
+@pytest.mark.parametrize("backend_name", BACKENDS)
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_logits_from_the_hf_directory(family, backend_name, tmp_path):
+    ref = hf_model(family)
+    ref.save_pretrained(tmp_path)
+    assert "rope_parameters" in json.loads((tmp_path / "config.json").read_text())  # transformers 5's layout
+    model = load(tmp_path, backend_name)
+    assert model.cfg == tiny_config(family, rms_eps=model.cfg.rms_eps, final_softcap=model.cfg.final_softcap)
+    tokens, _ = tokens_targets()
+    assert_logits_close(model.logits(tokens), hf_logits(ref, tokens), name=f"{family} {backend_name}")
+
+
+def to_old_layout(directory: Path) -> None:
+    """Rewrite config.json with the rope in the top-level keys older transformers wrote."""
+    conf = json.loads((directory / "config.json").read_text())
+    params = conf.pop("rope_parameters")
+    if "full_attention" in params:  # Gemma 3
+        full, sliding = params["full_attention"], params["sliding_attention"]
+        conf["rope_local_base_freq"] = sliding["rope_theta"]
+        params = full
+    conf["rope_theta"] = params.pop("rope_theta")
+    conf["rope_scaling"] = None if params.get("rope_type", "default") == "default" else params
+    (directory / "config.json").write_text(json.dumps(conf))
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_logits_old_layout_sharded_and_bf16(family, tmp_path):
+    """The older rope layout, a sharded checkpoint with its index, and bf16 weights."""
+    import torch
+
+    tokens, _ = tokens_targets()
+    ref = hf_model(family)
+    ref.save_pretrained(tmp_path / "old")
+    to_old_layout(tmp_path / "old")
+    new_cfg = load_model_cfg(tmp_path / "old")
+    assert new_cfg.rope_theta == (1e6 if family == "gemma3" else 10000.0)
+    assert_logits_close(load(tmp_path / "old").logits(tokens), hf_logits(ref, tokens), name="old layout")
+
+    ref.save_pretrained(tmp_path / "sharded", max_shard_size="20KB")
+    assert (tmp_path / "sharded" / "model.safetensors.index.json").is_file()
+    assert len(list((tmp_path / "sharded").glob("*.safetensors"))) > 1
+    assert_logits_close(load(tmp_path / "sharded").logits(tokens), hf_logits(ref, tokens), name="sharded")
+
+    with torch.no_grad():  # the reference: bf16-rounded weights, computed in float32 (buffers as they were)
+        for p in ref.parameters():
+            p.copy_(p.to(torch.bfloat16).float())
+    copy.deepcopy(ref).to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    assert json.loads((tmp_path / "bf16" / "config.json").read_text())["dtype"] == "bfloat16"
+    assert_logits_close(load(tmp_path / "bf16").logits(tokens), hf_logits(ref, tokens), name="bf16")
+
+
+def load_model_cfg(directory: Path) -> ModelConfig:
+    from minilars.models.hf_loader import load_hf_dir
+
+    return load_hf_dir(directory)[0]
+
+
+def hf_state_numpy(model) -> dict[str, np.ndarray]:
+    return {n: p.detach().float().numpy().copy() for n, p in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("backend_name", BACKENDS)
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_logits_from_a_gguf(family, backend_name, tmp_path):
+    """The same model through a GGUF written as llama.cpp's converter writes it
+    (F32 tensors; Mistral as llama, Gemma 3 with llama.cpp's fixed layer pattern)."""
+    from gguf_writer import write_gguf
+
+    ref = hf_model(family, gguf_compatible=True)
+    ref.save_pretrained(tmp_path / "hf")
+    cfg = load_model_cfg(tmp_path / "hf")
+    state = hf_state_numpy(ref)
+    if cfg.tie_embeddings:
+        state.pop("lm_head.weight", None)
+    path = write_gguf(tmp_path / "m.gguf", cfg, state)
+    model = load(path, backend_name)
+    assert model.cfg == (cfg.with_(family="llama") if family == "mistral" else cfg)
+    tokens, _ = tokens_targets()
+    assert_logits_close(model.logits(tokens), hf_logits(ref, tokens), name=f"{family} gguf {backend_name}")
+
+
+def test_qwen2_sliding_layers_match_transformers(tmp_path):
+    """use_sliding_window: the layers from max_window_layers on slide (transformers 5)."""
+    ref = hf_model("qwen2", use_sliding_window=True, sliding_window=8, max_window_layers=1)
+    ref.save_pretrained(tmp_path)
+    model = load(tmp_path)
+    assert model.cfg.layer_types == ("full", "sliding") and model.cfg.sliding_window == 8
+    tokens, _ = tokens_targets()
+    assert_logits_close(model.logits(tokens), hf_logits(ref, tokens))
