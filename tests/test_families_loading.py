@@ -658,3 +658,53 @@ def test_peft_export_loads_onto_the_transformers_model(family, method, tmp_path)
     with peft_model.disable_adapter(), torch.no_grad():
         base = peft_model(input_ids=torch.as_tensor(tokens)).logits.numpy()
     assert np.abs(got - base).max() > 1e-2  # the adapter changes the model
+
+
+# ---------------------------------------------------------------- chat templates
+TEMPLATES = Path(__file__).parent / "fixtures" / "chat_templates"
+# template file -> (family, bos, eos, extra template variables)
+CHAT = {
+    "smollm2-135m-instruct.jinja": ("llama", "<|im_start|>", "<|im_end|>", {}),
+    "llama-3.2-instruct.jinja": ("llama", "<|begin_of_text|>", "<|eot_id|>", {"date_string": "26 Jul 2024"}),
+    "qwen2.5-0.5b-instruct.jinja": ("qwen2", None, "<|im_end|>", {}),
+    "qwen3-0.6b.jinja": ("qwen3", None, "<|im_end|>", {"enable_thinking": False}),
+    "gemma-3-it.jinja": ("gemma3", "<bos>", "<eos>", {}),
+}
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|begin_of_text|>", "<|start_header_id|>",
+            "<|end_header_id|>", "<|eot_id|>", "<bos>", "<eos>", "<start_of_turn>", "<end_of_turn>"]
+MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hello world"},
+            {"role": "assistant", "content": "the world"}, {"role": "user", "content": "  hello again  "}]
+
+
+def test_every_template_fixture_is_checked():
+    assert sorted(p.name for p in TEMPLATES.glob("*.jinja")) == sorted(CHAT)
+
+
+@pytest.mark.parametrize("name", sorted(CHAT))
+def test_chat_templates_render_as_transformers_does(name, tmp_path):
+    """Each family's published template through minilars's jinja2 path (the tokenizer an
+    HF directory loads with) gives the text transformers' apply_chat_template gives."""
+    transformers = pytest.importorskip("transformers")
+    from gguf_writer import byte_vocab
+    from minilars.models import Tokenizer, load_model_weights
+    from minilars.models.tokenizer import build_bpe
+
+    family, bos, eos, extra = CHAT[name]
+    tokens, merges, types = byte_vocab()
+    tokens, types = SPECIALS + tokens[3:], [3] * len(SPECIALS) + types[3:]
+    build_bpe(tokens, merges, types, split_digits=True).save(str(tmp_path / "tokenizer.json"))
+    template = (TEMPLATES / name).read_text()
+    conf = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": bos, "eos_token": eos,
+            "chat_template": template}
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(conf))
+    ours = Tokenizer.from_file(tmp_path / "tokenizer.json", tmp_path / "tokenizer_config.json")
+    theirs = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    for add_generation_prompt in (True, False):
+        expected = theirs.apply_chat_template(MESSAGES, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                              **extra)
+        assert ours.apply_chat_template(MESSAGES, add_generation_prompt=add_generation_prompt, **extra) == expected
+    # and an HF model directory of the family loads the same tokenizer and template
+    hf_model(family).save_pretrained(tmp_path)
+    _, _, tok = load_model_weights(tmp_path)
+    assert tok.chat_template == template and tok.eos_token == eos
+    assert "hello again" in tok.apply_chat_template(MESSAGES, **extra)
