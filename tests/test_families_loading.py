@@ -522,6 +522,20 @@ def test_logits_from_a_gguf(family, backend_name, tmp_path):
     assert_logits_close(model.logits(tokens), hf_logits(ref, tokens), name=f"{family} gguf {backend_name}")
 
 
+def test_smollm2_rope_parameters_regression_end_to_end(tmp_path):
+    """Issue 19: a tiny llama saved by transformers 5 with rope_parameters rope_theta 100000
+    (as SmolLM2's directory is) loads with 100000, and gives transformers' logits."""
+    ref = hf_model("llama", tie_word_embeddings=True,
+                   rope_parameters={"rope_type": "default", "rope_theta": 100000.0})
+    ref.save_pretrained(tmp_path)
+    conf = json.loads((tmp_path / "config.json").read_text())
+    assert conf["rope_parameters"] == {"rope_theta": 100000.0, "rope_type": "default"} and "rope_theta" not in conf
+    model = load(tmp_path)
+    assert model.cfg.rope_theta == 100000.0 and model.cfg.rope_scaling is None
+    tokens, _ = tokens_targets()
+    assert_logits_close(model.logits(tokens), hf_logits(ref, tokens))
+
+
 def test_qwen2_sliding_layers_match_transformers(tmp_path):
     """use_sliding_window: the layers from max_window_layers on slide (transformers 5)."""
     ref = hf_model("qwen2", use_sliding_window=True, sliding_window=8, max_window_layers=1)
@@ -708,3 +722,13 @@ def test_chat_templates_render_as_transformers_does(name, tmp_path):
     _, _, tok = load_model_weights(tmp_path)
     assert tok.chat_template == template and tok.eos_token == eos
     assert "hello again" in tok.apply_chat_template(MESSAGES, **extra)
+
+
+def test_models_command_lists_the_families(capsys):
+    from minilars.cli import main
+
+    assert main(["models"]) == 0
+    out = capsys.readouterr().out
+    for fam in FAMILIES.values():
+        assert f"  {fam.name} " in out and fam.hf_model_types[0] in out
+    assert "smollm2-135m" in out
