@@ -37,11 +37,12 @@ CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n
           "+ '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
 
 
-def byte_vocab() -> tuple[list[str], list[str], list[int]]:
+def byte_vocab(extra_merges: tuple[str, ...] = ()) -> tuple[list[str], list[str], list[int]]:
     """A small byte-level BPE vocabulary: 3 control tokens, the 256 byte symbols, a few merges."""
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
     alphabet = sorted(tokenizers.pre_tokenizers.ByteLevel.alphabet())
-    merges = ["h e", "l l", "he ll", "hell o", "Ġ w", "o r", "Ġw or", "Ġwor l", "Ġworl d", "Ġ t", "Ġt he"]
+    merges = ["h e", "l l", "he ll", "hell o", "Ġ w", "o r", "Ġw or", "Ġwor l", "Ġworl d", "Ġ t", "Ġt he",
+              *extra_merges]
     merged = [m.replace(" ", "") for m in merges]
     tokens = specials + alphabet + merged
     types = [3] * len(specials) + [1] * (len(alphabet) + len(merged))
@@ -98,7 +99,7 @@ def _write_metadata(w: gguf.GGUFWriter, cfg: ModelConfig, arch: str) -> None:
 
 def write_gguf(path: Path, cfg: ModelConfig | None, state: dict[str, np.ndarray] | None = None,
                qtype: Q = Q.F32, types: dict[str, Q] | None = None, vocab: bool = False,
-               pre: str = "smollm", template: str | None = CHATML) -> Path:
+               pre: str = "smollm", template: str | None = CHATML, extra_merges: tuple[str, ...] = ()) -> Path:
     """A GGUF of cfg's family: HF names -> GGUF names, the converter's per-tensor changes,
     2-D weights stored as `qtype` (or `types[name]`), 1-D ones as F32, as llama.cpp's
     quantisations keep norms and biases."""
@@ -110,7 +111,7 @@ def write_gguf(path: Path, cfg: ModelConfig | None, state: dict[str, np.ndarray]
     if cfg is not None:
         _write_metadata(w, cfg, arch)
     if vocab:
-        tokens, merges, token_types = byte_vocab()
+        tokens, merges, token_types = byte_vocab(tuple(extra_merges))
         w.add_tokenizer_model("gpt2")
         w.add_tokenizer_pre(pre)
         w.add_token_list(tokens)

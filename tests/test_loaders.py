@@ -11,7 +11,9 @@ What is checked:
   same attention scores as HF's rotate-half RoPE on the original weights.
 * HF directories: save/load round trip (tied and untied, with tokenizer), sharded
   index, bf16, and the same error rules.
-* The tokenizer rebuilt from GGUF metadata, and its chat template.
+* The tokenizer rebuilt from GGUF metadata (GPT-2, SmolLM2, Llama 3 and Qwen2
+  pre-tokenizers; the last two against transformers' reading of the same GGUF), and
+  its chat template.
 * The model cache: hashes verified, atomic, a no-op when cached (pip is faked).
 """
 from __future__ import annotations
@@ -342,9 +344,27 @@ def test_tokenizer_json_export_matches(tmp_path):
 
 
 def test_tokenizer_unsupported_pre(tmp_path):
-    path = write_gguf(tmp_path / "t.gguf", None, vocab=True, pre="llama-bpe")
-    with pytest.raises(ModelLoadError, match="'llama-bpe' is not supported"):
+    path = write_gguf(tmp_path / "t.gguf", None, vocab=True, pre="falcon")
+    with pytest.raises(ModelLoadError, match="'falcon' is not supported"):
         Tokenizer.from_gguf(path)
+
+
+@pytest.mark.parametrize("pre", ["qwen2", "llama-bpe", "gpt-2"])
+def test_tokenizer_pre_tokenizers_match_transformers_gguf_reading(tmp_path, pre):
+    """Llama 3's and Qwen2's split regexes as transformers rebuilds the same GGUF
+    vocabulary (transformers does not know "smollm": tests/test_real_model_loading.py
+    checks that one against SmolLM2's own tokenizer.json); merges across digits, contractions and spaces make the
+    pre-tokenizers give different ids, so a wrong one fails."""
+    transformers = pytest.importorskip("transformers")
+    extra = ["1 2", "12 3", "123 4", "' s", "Ġ Ġ", "Ċ Ċ", "Ġ 1"]
+    path = write_gguf(tmp_path / "t.gguf", None, vocab=True, pre=pre, extra_merges=extra)
+    ours = Tokenizer.from_gguf(path)
+    theirs = transformers.AutoTokenizer.from_pretrained(str(tmp_path), gguf_file="t.gguf")
+    texts = ["hello world 12345 it's  the\n\nworld's 3.14159", "  hello\tworld 1234 1 12 ABC'S\n\n\n x"]
+    for text in texts:
+        assert ours.encode(text) == theirs.encode(text, add_special_tokens=False), text
+    if pre == "qwen2":  # single digits: "123" never merges, as it does for llama-bpe
+        assert ours.tok.token_to_id("123") not in ours.encode("12345")
 
 
 def test_chat_template_chatml(tmp_path):
