@@ -292,7 +292,7 @@ class Model:
         window, scale = cfg.window(i), cfg.attn_scale
         if attention_output is not None:  # O = softmax(Q K^T) V as the forward computed it
             o = attention_output.o
-            keep(pre + "attn", AttentionCache(q, k, v, o, attention_output.lse, window, scale))
+            keep(pre + "attn", AttentionCache(q, k, v, o, attention_output.lse))
         elif kv is None:
             o, cache = attention_forward(q, k, v, self.attention_tile, be, window, scale)  # (B, T, H, hd)
             keep(pre + "attn", cache)
@@ -363,7 +363,7 @@ class Model:
                 dx = self._block_backward(i, dx, tape.batch, tape.seq_len, store, grads,
                                           need_dx=i > 0 or self.train_embeddings)
         if self.train_embeddings:
-            dembed = embedding_backward(dx, store.take("embed"), cfg.vocab_size, be)
+            dembed = embedding_backward(dx, store.take("embed"), cfg.vocab_size, be, cfg.embed_scale)
             if cfg.tie_embeddings:
                 dembed += dhead  # the head reads E unscaled
             else:
@@ -404,7 +404,8 @@ class Model:
         do = self._site_backward(i, "attn_out", da, store, grads)  # (N, H*hd)
         del da
         do = do.reshape(batch, seq_len, cfg.n_heads, cfg.head_dim)
-        dq, dk, dv = attention_backward(do, store.take(pre + "attn"), self.attention_tile, be)
+        dq, dk, dv = attention_backward(do, store.take(pre + "attn"), self.attention_tile, be, cfg.window(i),
+                                        cfg.attn_scale)
         del do
         cos, sin = self._rope(seq_len, i)
         dq = rope_backward(dq, cos[:seq_len], sin[:seq_len], be)

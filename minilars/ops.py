@@ -3,8 +3,9 @@
 `<op>_forward(..., be) -> (y, cache)` and `<op>_backward(dy, cache, ..., be) -> (dx, grads)`.
 A cache is a small dataclass that holds only what its backward needs; the model
 puts it through the activation store (minilars/store.py) so its bytes are counted.
-Weights are passed to backward explicitly: a cache holds activations only (and
-the few numbers, such as a window, that say which function forward computed).
+Weights, and the numbers that say which function forward computed (a norm's
+offset, a sliding window), are passed to backward explicitly: a cache holds
+activations only.
 
 Letters: B batch, T tokens, N = B*T, d hidden, f MLP width, H query heads, Hkv kv
 heads, hd head dim, V vocabulary.
@@ -26,7 +27,6 @@ if TYPE_CHECKING:
 @dataclass
 class EmbeddingCache:
     tokens: Array  # (N,) int
-    scale: float = 1.0  # the embedding scale s the rows were multiplied by
 
 
 def embedding_forward(table: Array, tokens: Array, be: Backend, scale: float = 1.0) -> tuple[Array, EmbeddingCache]:
@@ -36,14 +36,14 @@ def embedding_forward(table: Array, tokens: Array, be: Backend, scale: float = 1
     x = be.embedding_forward(table, tokens)
     if scale != 1.0:
         be.scale_(x, scale)
-    return x, EmbeddingCache(tokens, scale)
+    return x, EmbeddingCache(tokens)
 
 
-def embedding_backward(dy: Array, cache: EmbeddingCache, vocab_size: int, be: Backend) -> Array:
+def embedding_backward(dy: Array, cache: EmbeddingCache, vocab_size: int, be: Backend, scale: float = 1.0) -> Array:
     """dE[v] = s sum_{n: t_n = v} dy_n. Returns dE (V, d); tokens have no gradient."""
     dtable = be.embedding_backward(dy, cache.tokens, vocab_size)
-    if cache.scale != 1.0:
-        be.scale_(dtable, cache.scale)
+    if scale != 1.0:
+        be.scale_(dtable, scale)
     return dtable
 
 
@@ -175,8 +175,6 @@ class AttentionCache:
     v: Array  # (B, T, Hkv, hd)
     o: Array  # (B, T, H, hd) output
     lse: Array  # (B, T, H) log-sum-exp of each score row
-    window: int | None = None  # keys a query sees, itself included; None: every earlier one
-    scale: float | None = None  # score scale; None: 1/sqrt(hd)
 
 
 def attention_options(window: int | None, scale: float | None) -> dict:
@@ -197,14 +195,15 @@ def attention_forward(q: Array, k: Array, v: Array, tile: int, be: Backend, wind
     the mask hides the future and, with a window w, keys w or more positions back
     (Mistral, Gemma 3 sliding layers: query p sees keys p - w + 1 .. p)."""
     o, lse = be.attention_forward(q, k, v, tile, **attention_options(window, scale))
-    return o, AttentionCache(q, k, v, o, lse, window, scale)
+    return o, AttentionCache(q, k, v, o, lse)
 
 
-def attention_backward(do: Array, cache: AttentionCache, tile: int, be: Backend) -> tuple[Array, Array, Array]:
-    """Returns dq (B, T, H, hd), dk, dv (B, T, Hkv, hd); tile probabilities are
-    recomputed from the kept lse."""
+def attention_backward(do: Array, cache: AttentionCache, tile: int, be: Backend, window: int | None = None,
+                       scale: float | None = None) -> tuple[Array, Array, Array]:
+    """Returns dq (B, T, H, hd), dk, dv (B, T, Hkv, hd) of attention_forward with the
+    same window and scale; tile probabilities are recomputed from the kept lse."""
     return be.attention_backward(do, cache.q, cache.k, cache.v, cache.o, cache.lse, tile,
-                                 **attention_options(cache.window, cache.scale))
+                                 **attention_options(window, scale))
 
 
 # ---------------------------------------------------------------- SwiGLU

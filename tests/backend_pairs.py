@@ -76,11 +76,6 @@ def check_geglu(both, check, n, f, dtype, seed):
     check(*both("geglu_backward_fused", dh, gate_up), "d(gate_up)")
 
 
-def attention_options(window, scale) -> dict:
-    """Only the options that are set: a plain causal call stays the old signature."""
-    return {name: value for name, value in (("window", window), ("scale", scale)) if value is not None}
-
-
 def family_batch(cfg, seed=1, b=2, t=13):
     """Tokens and targets (b, t) for a family's tiny model: t = 13 > the sliding window 8."""
     rng = np.random.default_rng(seed)

@@ -20,11 +20,11 @@ from hypothesis import example, given, strategies as st  # noqa: E402
 from minilars.backends import get_backend  # noqa: E402
 from minilars.methods import MethodConfig, apply_method  # noqa: E402
 from minilars.model import Model  # noqa: E402
-from minilars.ops import rope_tables  # noqa: E402
+from minilars.ops import attention_options, rope_tables  # noqa: E402
 from minilars.optim import AdamW, AdamWConfig  # noqa: E402
 from minilars.store import StoragePlan  # noqa: E402
-from backend_pairs import (CFG, DTYPES, SEEDS, attention_options, batch, check_cross_entropy_head,  # noqa: E402
-                           check_geglu, check_kv_cache_decoding, check_rmsnorm, family_batch, normal)
+from backend_pairs import (CFG, DTYPES, SEEDS, batch, check_cross_entropy_head, check_geglu,  # noqa: E402
+                           check_kv_cache_decoding, check_rmsnorm, family_batch, normal)
 from minilars.models.families import FAMILIES, tiny_config  # noqa: E402
 from tolerances import assert_close  # noqa: E402
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from backend_pairs import family_batch
 from gradcheck import check_gradients
 from minilars.methods import Method, MethodConfig, apply_method, register, unregister
 from minilars.model import Model
@@ -40,14 +41,6 @@ def family_cfg(family: str):
     return tiny_config(family, final_softcap=5.0) if family == "gemma3" else tiny_config(family)
 
 
-def tokens_and_targets(cfg, seed=1, b=2, t=13):
-    """t = 13 > the window of 8: the sliding layers drop keys."""
-    rng = np.random.default_rng(seed)
-    tokens, targets = rng.integers(0, cfg.vocab_size, (b, t)), rng.integers(0, cfg.vocab_size, (b, t))
-    targets[0, :3] = -100
-    return tokens, targets
-
-
 def method_config(method: str) -> MethodConfig:
     """LARS recomputes blocks, as its default recipe does, but keeps their inputs
     exact (the default's input.x=half is a float16 approximation, checked in
@@ -64,7 +57,7 @@ def trained(family: str, method: str, backend: str = "numpy", **model_options) -
     cfg = family_cfg(family)
     model = Model.random(cfg, 0, dtype=np.float64, backend=backend, attention_tile=3, loss_chunk=5,
                          **model_options)
-    apply_method(model, method_config(method), calibration_tokens=tokens_and_targets(cfg, seed=7)[0])
+    apply_method(model, method_config(method), calibration_tokens=family_batch(cfg, seed=7)[0])
     rng = np.random.default_rng(2)
     be = model.be
     for name, p in sorted(model.trainable().items()):
@@ -78,7 +71,7 @@ def trained(family: str, method: str, backend: str = "numpy", **model_options) -
 def test_every_gradient_by_finite_differences(family, method, backend):
     model = trained(family, method, backend_name(backend))
     be = model.be
-    tokens, targets = tokens_and_targets(model.cfg)
+    tokens, targets = family_batch(model.cfg)
     dloss = float(np.random.default_rng(3).uniform(0.5, 2.0))
     grads = model.backward(model.forward(tokens, targets), dloss=dloss)
     trainable = model.trainable()
@@ -103,7 +96,7 @@ def test_merged_adapters_give_the_same_logits(family, method, backend):
     differ from the base model."""
     model = trained(family, method, backend_name(backend))
     be = model.be
-    tokens, _ = tokens_and_targets(model.cfg)
+    tokens, _ = family_batch(model.cfg)
     logits = be.to_numpy(model.logits(tokens))
     merged = Model(model.cfg, model.merged_params(), backend=backend, compute_dtype="float64")
     assert_close(be.to_numpy(merged.logits(tokens)), logits, name="merged logits")
@@ -146,7 +139,7 @@ def test_recomputed_blocks_give_the_plain_gradients(family, plan, mlp_chunk):
     plain = trained(family, "full")
     recomputed = trained(family, "full", mlp_chunk=mlp_chunk)
     recomputed.plan = StoragePlan.from_mapping(plan)
-    tokens, targets = tokens_and_targets(plain.cfg)
+    tokens, targets = family_batch(plain.cfg)
     grads = plain.backward(plain.forward(tokens, targets))
     tape = recomputed.forward(tokens, targets)
     grads_recomputed = recomputed.backward(tape)
@@ -164,7 +157,7 @@ def test_the_store_keeps_what_the_description_adds_and_llama_keeps_nothing_new()
     kept = {}
     for family in ("llama", "gemma3"):
         model = trained(family, "lora")
-        tape = model.forward(*tokens_and_targets(model.cfg))
+        tape = model.forward(*family_batch(model.cfg))
         kept[family] = {key.split(".", 2)[2].rsplit(".", 1)[0] for key in tape.store.site_peak
                         if key.startswith("blocks.0.")}
         assert len(model._rope_cache) == (2 if family == "gemma3" else 1)
@@ -219,7 +212,7 @@ def test_full_gradients_match_the_torch_reference(family):
     reference's autograd sees them."""
     model, ref = reference_pair(family)
     apply_method(model, "full")
-    tokens, targets = tokens_and_targets(model.cfg)
+    tokens, targets = family_batch(model.cfg)
     assert_close(model.logits(tokens), ref.forward(tokens).detach().numpy(), name="logits")
     tape = model.forward(tokens, targets)
     grads = to_hf(model.cfg, {name: np.asarray(g) for name, g in model.backward(tape).items()})
@@ -239,7 +232,7 @@ def test_adapter_gradients_match_the_torch_reference(family, method, tmp_path):
     from minilars.weights import HF_MODULE
 
     model, ref = reference_pair(family, seed=5)
-    tokens, targets = tokens_and_targets(model.cfg, seed=6)
+    tokens, targets = family_batch(model.cfg, seed=6)
     apply_method(model, method_config(method), calibration_tokens=tokens)
     rng = np.random.default_rng(7)
     for p in model.trainable().values():

@@ -267,7 +267,7 @@ def embedding_case(vocab, n, d, scale):
         lambda rng: ({"table": rng.standard_normal((vocab, d))}, {"tokens": rng.integers(0, vocab, n)}),
         lambda be, table, tokens: ops.embedding_forward(table, tokens, be, scale)[0],
         lambda be, g, table, tokens: {"table": ops.embedding_backward(
-            g, ops.embedding_forward(table, tokens, be, scale)[1], vocab, be)},
+            g, ops.embedding_forward(table, tokens, be, scale)[1], vocab, be, scale)},
         lambda table, tokens: table[torch_module().as_tensor(tokens)] * scale)
 
 
@@ -296,8 +296,8 @@ def attention_case(b, t, heads, n_kv, hd, tile, window, scale):
                  "v": rng.standard_normal((b, t, n_kv, hd))}, {})
 
     def backward(be, g, q, k, v):
-        return dict(zip("qkv", ops.attention_backward(g, ops.attention_forward(q, k, v, tile, be, window, scale)[1],
-                                                      tile, be)))
+        cache = ops.attention_forward(q, k, v, tile, be, window, scale)[1]
+        return dict(zip("qkv", ops.attention_backward(g, cache, tile, be, window, scale)))
     return OpCase(inputs, lambda be, q, k, v: ops.attention_forward(q, k, v, tile, be, window, scale)[0], backward,
                   lambda q, k, v: attention_reference(q, k, v, window, scale))
 
