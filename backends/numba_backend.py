@@ -340,7 +340,9 @@ def warmup(dtypes=("float32",)) -> float:
     the array layouts model.py passes, on tiny inputs: q/k from RoPE (contiguous),
     v, gate and up as column slices of a fused projection, a decoding step, and
     the contiguous arrays backward gets from the activation store. Other layouts
-    compile on first use. Returns the seconds it took."""
+    compile on first use, as do the GeGLU and soft-cap kernels (Gemma's), so that a
+    LLaMA-family run never pays for them; a sliding window or a score scale runs
+    the same attention kernels. Returns the seconds it took."""
     be = NumbaBackend()
     rng = np.random.default_rng(0)
     start = time.perf_counter()

@@ -517,8 +517,9 @@ def attention_backward(do, q, k, v, o, lse, tile, window, scale, dq, dk_heads, d
                     delta_i = delta[i0 + i]
                     for c in range(nv - lo):
                         ds_seen[c] = p_seen[c] * (ds_seen[c] - delta_i)  # dS = P (dP - D)
-                    p_row[:lo] = 0.0  # masked: at the window's edge
-                    ds_row[:lo] = 0.0
+                    if lo > 0:  # masked: at the window's edge
+                        p_row[:lo] = 0.0
+                        ds_row[:lo] = 0.0
                     p_row[nv:] = 0.0  # masked: on the diagonal pair
                     ds_row[nv:] = 0.0
                 np.dot(p.T, doi, kv_out)  # dV_j += P^T dO

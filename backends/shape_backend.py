@@ -42,6 +42,9 @@ from .numpy_backend import NumpyBackend
 # at least this many bytes (NPY_MIN_ELIDE_BYTES in numpy/_core/src/multiarray/temp_elide.c).
 ELIDE_MIN_BYTES = 256 * 1024
 _JIT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+# the tanh GELU's constants (numpy_backend.GELU_C, GELU_K): Python floats, as there, so
+# that the reference's expressions below allocate what they allocate in numpy
+_GELU_C, _GELU_K = math.sqrt(2.0 / math.pi), 0.044715
 
 
 # ---------------------------------------------------------------- the ledger
@@ -337,6 +340,11 @@ class ShapeArray:
     def __neg__(self):
         return self._binary(-1, sys.getrefcount(self), 0, True)
 
+    def __pow__(self, other):
+        """A new buffer: numpy reuses a temporary only for x ** 2 (its fast square),
+        which the kernels counted here do not write."""
+        return self._like(self.shape, np.result_type(self.dtype, other))
+
     def __matmul__(self, other):
         return self._like(self.shape[:-1] + other.shape[-1:], np.result_type(self.dtype, other.dtype))
 
@@ -387,6 +395,13 @@ def _copies(*arrays) -> int:
     """Bytes of the contiguous copies np.ascontiguousarray makes of the arrays that
     are not contiguous (numba's attention and RoPE kernels compile for one layout)."""
     return sum(a.nbytes for a in arrays if not a.contiguous)
+
+
+def _unary_result(argument: ShapeArray) -> ShapeArray:
+    """A numpy function of one array (np.tanh) on an expression: its output, a new
+    array, forms while the argument is alive; the argument, a temporary, goes when
+    the caller's expression is done with it."""
+    return argument._like(argument.shape)
 
 
 def _jittable(*arrays) -> bool:
@@ -593,11 +608,13 @@ class ShapeBackend(Backend):
         return self._rope(dy, cos, negate=True)
 
     @_moment("attention kernel", forward=True)
-    def attention_forward(self, q, k, v, tile, q_offset=0):
+    def attention_forward(self, q, k, v, tile, q_offset=0, window=None, scale=None):
         """o (B, T, H, hd), lse (B, T, H). numpy: keys and values as contiguous copies
         (B*Hkv, T, hd); at exp(s - m) the scores s, s - m, the new and the previous p
         (B*H, tile, tile), with the query tile and acc (tile, H*hd). numba: per thread
-        the stacked query rows, acc, P V (g*tile, hd), a K and a V tile and S (g*tile, tile)."""
+        the stacked query rows, acc, P V (g*tile, hd), a K and a V tile and S (g*tile, tile).
+        A window or a scale changes what is computed, not what is held (numpy's
+        (tile, tile) boolean mask and (B*H, tile) shift are below the planner's grain)."""
         b, t, heads, hd = q.shape
         n_kv = k.shape[2]
         tile = min(tile, max(t, k.shape[1]))
@@ -612,13 +629,14 @@ class ShapeBackend(Backend):
         return o, lse
 
     @_moment("attention")
-    def attention_backward(self, do, q, k, v, o, lse, tile):
+    def attention_backward(self, do, q, k, v, o, lse, tile, window=None, scale=None):
         """dq (B, T, H, hd), dk, dv (B, T, Hkv, hd). numpy, inside the tile loop: keys,
         values, dkeys, dvalues (B*Hkv, T, hd), delta (B, T, H), five score tiles (the
         previous pair's p and dS are still bound while the next s and exp(s - lse)
         form) and the (tile, H*hd) rows of q, do, dq; after it, dk and dv copied out
         while the loop's arrays are still alive. numba: per query head dk, dv when
-        heads are grouped; per thread D (T,), two (tile, tile) and eight (tile, hd)."""
+        heads are grouped; per thread D (T,), two (tile, tile) and eight (tile, hd).
+        The same with a window or a scale."""
         b, t, heads, hd = q.shape
         n_kv = k.shape[2]
         tile = min(tile, t)
@@ -658,6 +676,49 @@ class ShapeBackend(Backend):
             return out
         return self.new(gate_up.shape, gate_up.dtype)
 
+    @staticmethod
+    def _tanh_gelu_of(g):
+        """np.tanh(c (g + 0.044715 g^3)) as numpy_backend forms it: its temporaries, then
+        np.tanh's output."""
+        return _unary_result(_GELU_C * (g + _GELU_K * g ** 3))
+
+    @_moment("GeGLU", forward=True)
+    def geglu_forward_fused(self, gate_up):
+        """h (N, f). numba: h alone. numpy: numpy_backend's expression run on these
+        arrays (its temporaries and numpy's reuse of them are ShapeArray's): g^3, the
+        tanh's argument and t, then 0.5 g and 1 + t beside t as h forms."""
+        n, f = gate_up.shape[0], gate_up.shape[1] // 2
+        if self.flavour == "numba" and _jittable(gate_up) and gate_up.contiguous:
+            return self.new((n, f), gate_up.dtype)
+        g, u = gate_up[:, :f], gate_up[:, f:]
+        t = self._tanh_gelu_of(g)
+        return 0.5 * g * (1.0 + t) * u
+
+    @_moment("GeGLU")
+    def geglu_backward_fused(self, dh, gate_up):
+        """d(gate_up) (N, 2f). numba: the output alone. numpy: numpy_backend's
+        expression run on these arrays: t, gelu and gelu' (N, f) and their
+        temporaries, then [dg | du] written into a new (N, 2f)."""
+        if self.flavour == "numba" and _jittable(dh, gate_up) and gate_up.contiguous:
+            return self.new(gate_up.shape, gate_up.dtype)
+        f = dh.shape[1]
+        g, u = gate_up[:, :f], gate_up[:, f:]
+        t = self._tanh_gelu_of(g)
+        gelu = 0.5 * g * (1.0 + t)
+        dgelu = 0.5 * (1.0 + t) + 0.5 * g * (1.0 - t * t) * _GELU_C * (1.0 + 3.0 * _GELU_K * g * g)
+        dgate_up = self.new(gate_up.shape, gate_up.dtype)
+        dgate_up[:, :f] = dh * u * dgelu
+        dgate_up[:, f:] = dh * gelu
+        return dgate_up
+
+    @_moment("soft cap", outside_blocks=True)
+    def softcap(self, x, cap):
+        """cap tanh(x / cap), like x. numba (contiguous float32/float64): the output
+        alone. numpy: x / cap, then np.tanh's output beside it, then the product."""
+        if self.flavour == "numba" and _jittable(x) and x.contiguous:
+            return self.new(x.shape, x.dtype)
+        return cap * _unary_result(x / cap)
+
     def swiglu_forward(self, g, u):
         return self.swiglu_forward_fused(self.new((g.shape[0], 2 * g.shape[1]), g.dtype))
 
@@ -666,11 +727,14 @@ class ShapeBackend(Backend):
         return out[:, :g.shape[1]], out[:, g.shape[1]:]
 
     @_moment("loss and head gradient", outside_blocks=True)
-    def cross_entropy_head(self, x, head, targets, chunk, ignore_index, need_dx, need_dhead):
+    def cross_entropy_head(self, x, head, targets, chunk, ignore_index, need_dx, need_dhead, softcap=None):
         """dx (N, d), dhead (V, d) as asked. numpy: the next chunk's logits (c, V) form
         while the previous are still bound (with a float16 head, matmul_nt's upcast
         block and its product meanwhile); dhead += z^T x_c forms a (V, d) product.
-        numba: one preallocated logits block, the head cast once, a (V, d) chunk dhead."""
+        With a soft cap, tanh(z / cap) (c, V) stays bound beside z across the loop, and
+        np.tanh's argument, cap * tanh and 1 - tanh^2 are (c, V) temporaries: four
+        (c, V) at once. numba: one preallocated logits block, the head cast once, a
+        (V, d) chunk dhead; the soft cap is applied in place in that block."""
         n, d = x.shape
         vocab = head.shape[0]
         s = x.itemsize
@@ -681,13 +745,17 @@ class ShapeBackend(Backend):
         dhead_work = vocab * d * s if need_dhead else 0
         if self.flavour == "numba" and _jittable(x):
             self._spike(logits + chunk * 8 + (head.size * s if head.dtype != x.dtype else 0) + dhead_work)
-        else:
-            forming = (2 if n > chunk else 1) * logits
-            rows = self._upcast_rows(x, head, d)
-            if rows:
-                rows = min(rows, vocab)
-                forming += rows * d * s + chunk * rows * s
-            self._spike(max(forming, logits + chunk * d * s, logits + dhead_work))
+            return 0.0, n, dx, dhead
+        bound = 1 if softcap is None else 2  # (c, V) arrays bound from one chunk to the next
+        forming = (bound + 1 if n > chunk else 1) * logits
+        rows = self._upcast_rows(x, head, d)
+        if rows:
+            rows = min(rows, vocab)
+            forming += rows * d * s + chunk * rows * s
+        work = [forming, bound * logits + chunk * d * s, bound * logits + dhead_work]
+        if softcap is not None:  # np.tanh(z / cap) forming; 1 - capped^2 forming for the gradient
+            work += [(4 if n > chunk else 3) * logits, 4 * logits if need_dx or need_dhead else 0]
+        self._spike(max(work))
         return 0.0, n, dx, dhead
 
     @_moment("optimizer step")

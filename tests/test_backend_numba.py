@@ -6,6 +6,11 @@ and threaded code (T = 1, T not a multiple of the tile, one head, kv-group ratio
 not divide N, ignored and all-ignored rows), in float32 and float64, on the array
 layouts the model passes (column slices of a fused projection, a KV-cache prefix),
 and is compared with NumpyBackend's result through the one tolerance table.
+The ops of the model families (sliding-window and scaled attention, GeGLU, logit
+soft caps) are compared with dense float64 references written here from their
+definitions, forward and backward (torch autograd, finite differences), over the
+shapes that break a window: T = 1, T < window, T > window over several tiles,
+window 1, decoding past the window.
 
 Run it also as `NUMBA_DISABLE_JIT=1 pytest tests/test_backend_numba.py`: the same
 kernels then execute as plain Python, which keeps what they say honest.
