@@ -51,6 +51,7 @@ from gguf import GGUFValueType
 from gguf.quants import dequantize
 
 from minilars.config import ModelConfig, RopeScaling
+from minilars.ops import rope_inv_freq
 
 from .errors import ModelLoadError
 from .families import FAMILIES, Family, family_of_gguf_architecture
@@ -370,17 +371,10 @@ def _rope_scaling(reader, key, fam: Family, names: set[str], theta: float, head_
 
 def llama3_rope_factors(scaling: RopeScaling, theta: float, head_dim: int) -> np.ndarray:
     """Llama 3's divisor of each rope frequency, as convert_hf_to_gguf.py writes
-    rope_freqs.weight (and as transformers' _compute_llama3_parameters scales inv_freq):
-    1 where the wavelength is shorter than original / high_freq_factor, factor where it
-    is longer than original / low_freq_factor, and between them
-    1 / ((1 - s) / factor + s), s = (original / wavelength - low) / (high - low).
-    (hd/2,) float64"""
-    inv_freq = theta ** -(np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
-    wavelen = 2 * np.pi / inv_freq
-    lo, hi, orig, f = scaling.low_freq_factor, scaling.high_freq_factor, scaling.original_max_seq_len, scaling.factor
-    smooth = (orig / wavelen - lo) / (hi - lo)
-    between = 1.0 / ((1 - smooth) / f + smooth)
-    return np.where(wavelen < orig / hi, 1.0, np.where(wavelen > orig / lo, f, between))
+    rope_freqs.weight: the unscaled inverse frequencies over the engine's scaled ones
+    (minilars.ops.rope_inv_freq, transformers' _compute_llama3_parameters): 1 for
+    short wavelengths, factor for long ones, smoothed between. (hd/2,) float64"""
+    return rope_inv_freq(head_dim, theta) / rope_inv_freq(head_dim, theta, scaling)
 
 
 def llama3_scaling_from_freqs(factors: np.ndarray, theta: float, head_dim: int, path: Path) -> RopeScaling | None:
@@ -395,8 +389,7 @@ def llama3_scaling_from_freqs(factors: np.ndarray, theta: float, head_dim: int, 
     if np.all(factors == 1.0):
         return None
     factor = float(factors.max())
-    inv_freq = theta ** -(np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
-    wavelen = 2 * np.pi / inv_freq
+    wavelen = 2 * np.pi / rope_inv_freq(head_dim, theta)
     lo, hi = 1.0, 4.0
     candidates = [8192]
     band = (factors > 1.0) & (factors < factor)
