@@ -732,3 +732,26 @@ def test_models_command_lists_the_families(capsys):
     for fam in FAMILIES.values():
         assert f"  {fam.name} " in out and fam.hf_model_types[0] in out
     assert "smollm2-135m" in out
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_export_merged_loads_in_transformers(family, tmp_path):
+    """minilars's merged export (config_to_hf + to_hf) is a directory transformers loads
+    as the family's model, computing minilars's logits; and minilars reads it back."""
+    transformers = pytest.importorskip("transformers")
+    from minilars.methods import MethodConfig, apply_method
+    from minilars.model import Model
+    from minilars.peft_io import export_merged
+
+    cfg = tiny_config(family, final_softcap=5.0) if family == "gemma3" else tiny_config(family)
+    model = Model.random(cfg, seed=3)
+    apply_method(model, MethodConfig("lora", rank=4, targets=ALL_PROJECTIONS))
+    rng = np.random.default_rng(4)
+    for p in model.trainable().values():
+        p[...] += 0.1 * rng.standard_normal(p.shape)
+    export_merged(model, tmp_path)
+    ref = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="eager").eval()
+    assert type(ref).__name__ == FAMILIES[family].hf_architecture
+    tokens, _ = tokens_targets()
+    assert_logits_close(model.logits(tokens), hf_logits(ref, tokens))
+    assert load(tmp_path).cfg == cfg
