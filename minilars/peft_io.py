@@ -22,6 +22,7 @@ onto a model it was not trained for.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -47,12 +48,21 @@ class AdapterError(ValueError):
 
 def model_fingerprint(model: Model) -> str:
     """sha256 over the config and a sample of the frozen weights: equal fingerprints
-    mean the same base model."""
-    digest = hashlib.sha256(json.dumps(model.cfg.__dict__, sort_keys=True, default=str).encode())
+    mean the same base model. The architecture fields (ModelConfig's fields after
+    head_dim) count only where they differ from their LLaMA defaults, so adapters saved
+    before those fields existed keep their fingerprint."""
+    digest = hashlib.sha256(json.dumps(_identity(model.cfg), sort_keys=True, default=str).encode())
     for name in ("embed.weight", "final_norm.weight", "blocks.0.attn_in.weight"):
         sample = np.ascontiguousarray(model.be.to_numpy(model.params[name]).reshape(-1)[:4096], dtype=np.float32)
         digest.update(np.round(sample, 4).tobytes())
     return digest.hexdigest()[:16]
+
+
+def _identity(cfg) -> dict:
+    names = [f.name for f in dataclasses.fields(cfg)]
+    description = names[names.index("head_dim") + 1:]
+    defaults = {f.name: f.default for f in dataclasses.fields(cfg)}
+    return {k: v for k, v in cfg.__dict__.items() if k not in description or v != defaults[k]}
 
 
 def _key(layer: int, proj: str, suffix: str) -> str:
