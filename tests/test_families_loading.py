@@ -755,3 +755,29 @@ def test_export_merged_loads_in_transformers(family, tmp_path):
     tokens, _ = tokens_targets()
     assert_logits_close(model.logits(tokens), hf_logits(ref, tokens))
     assert load(tmp_path).cfg == cfg
+
+
+@pytest.mark.real_model
+def test_smollm2_directory_in_the_transformers_5_layout(smollm2_path, tmp_path):
+    """Issue 19 on the real weights: SmolLM2-135M saved as a Hugging Face directory with
+    the rope under rope_parameters (as transformers 5 writes it) gives the logits of
+    its GGUF in minilars, and transformers computes the same from that directory."""
+    transformers = pytest.importorskip("transformers")
+    from minilars.models import load_model_weights
+    from minilars.models.hf_loader import save_hf_dir
+
+    cfg, state, tok = load_model_weights(smollm2_path)
+    save_hf_dir(tmp_path, cfg, state, tokenizer=tok)
+    del state
+    conf = json.loads((tmp_path / "config.json").read_text())
+    conf["rope_parameters"] = {"rope_theta": conf.pop("rope_theta"), "rope_type": "default"}
+    del conf["rope_scaling"]
+    (tmp_path / "config.json").write_text(json.dumps(conf))
+    tokens = np.array([tok.encode("The capital of France is Paris, and the capital of Italy is")])
+    from_gguf = load(smollm2_path).logits(tokens)
+    model = load(tmp_path)
+    assert model.cfg.rope_theta == 100000.0
+    assert_logits_close(model.logits(tokens), from_gguf, name="hf directory vs gguf")
+    del model
+    ref = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert_logits_close(from_gguf, hf_logits(ref, tokens), name="minilars vs transformers")
