@@ -25,8 +25,8 @@ def load_model(spec: str, backend: str | Backend | None = "auto", weight_dtype: 
     backend: a name, "auto" (the fastest installed for `device`,
     backends.default_backend_name) or a Backend. weight_dtype float16 keeps the frozen
     projections and embeddings in half precision (half the weight memory); compute
-    upcasts one weight at a time. Norm weights stay float32 (the kernels cast them to
-    the compute dtype). seed: the tiny preset's weights (pretrained specs ignore it).
+    upcasts one weight at a time. Norm weights and biases (the 1-D parameters) stay
+    float32 (the kernels cast them to the compute dtype). seed: the tiny preset's weights (pretrained specs ignore it).
     model_options go to Model (loss_chunk, attention_tile, ...)."""
     if weight_dtype not in WEIGHT_DTYPES:
         raise ValueError(f"weight dtype must be one of {WEIGHT_DTYPES}, got {weight_dtype!r}")
@@ -35,7 +35,7 @@ def load_model(spec: str, backend: str | Backend | None = "auto", weight_dtype: 
     spec = str(spec)
     cfg, params, tokenizer = _tiny(seed) if spec == TINY else _pretrained(spec, weight_dtype)
     for name in params:
-        if name.endswith("norm.weight"):
+        if params[name].ndim == 1:  # norms and biases: small, and kept exact
             params[name] = params[name].astype(np.float32)
         else:
             params[name] = params[name].astype(weight_dtype, copy=False)

@@ -1,8 +1,8 @@
 """Pretrained weights in: GGUF files, Hugging Face directories, named presets.
 
-Every loader returns the same thing: a `ModelConfig` and a state dict with Hugging
-Face LLaMA names and (out, in) linear layouts, plus a `Tokenizer` when the source
-has one.
+Every loader returns the same thing: a `ModelConfig` (its family from the file) and a
+state dict with the family's Hugging Face names and (out, in) linear layouts, plus a
+`Tokenizer` when the source has one.
 """
 from __future__ import annotations
 

@@ -11,6 +11,11 @@ Two sources give the same object:
   `\\p{N}` code point on its own, then applies the GPT-2 regex; HF's tokenizer.json
   for SmolLM2 says the same as `Sequence[Digits(individual_digits=True),
   ByteLevel(add_prefix_space=False, use_regex=True)]`, which is what we build.
+  "llama-bpe" (Llama 3) and "qwen2" split with their own regex first
+  (`Sequence[Split(regex, isolated), ByteLevel(use_regex=False)]`, as their
+  tokenizer.json files do; Qwen2's also NFC-normalises). SentencePiece GGUFs
+  (tokenizer.ggml.model "llama", e.g. Gemma 3) are not rebuilt: load the model's
+  Hugging Face directory for its tokenizer.json.
 
 Chat templates are rendered as `transformers` does (`apply_chat_template`): a
 sandboxed Jinja environment with trim_blocks/lstrip_blocks, loop controls,
@@ -24,7 +29,7 @@ from functools import cached_property
 from pathlib import Path
 
 import tokenizers
-from tokenizers import AddedToken, decoders, pre_tokenizers, processors
+from tokenizers import AddedToken, Regex, decoders, normalizers, pre_tokenizers, processors
 from tokenizers.models import BPE
 
 from .errors import ModelLoadError
@@ -32,13 +37,24 @@ from .errors import ModelLoadError
 # llama.cpp's llama_token_type values (gguf.TokenType).
 _TOKEN_NORMAL, _TOKEN_CONTROL, _TOKEN_USER_DEFINED = 1, 3, 4
 
-# tokenizer.ggml.pre values whose llama.cpp regexes we reproduce -> split digits singly?
+# The regexes Llama 3's and Qwen2's tokenizer.json split with before byte-level BPE.
+_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+_QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+# tokenizer.ggml.pre values whose llama.cpp pre-tokenizers we reproduce ->
+# (split regex or None for GPT-2's, split digits singly, NFC-normalise).
 _PRE_TOKENIZERS = {
-    "gpt-2": False,
-    "smollm": True,
-    "starcoder": True,
-    "refact": True,
-    "codeshell": True,
+    "gpt-2": (None, False, False),
+    "smollm": (None, True, False),
+    "starcoder": (None, True, False),
+    "refact": (None, True, False),
+    "codeshell": (None, True, False),
+    "llama-bpe": (_LLAMA3_SPLIT, False, False),
+    "llama3": (_LLAMA3_SPLIT, False, False),
+    "llama-v3": (_LLAMA3_SPLIT, False, False),
+    "qwen2": (_QWEN2_SPLIT, False, True),
+    "deepseek-r1-qwen": (_QWEN2_SPLIT, False, True),
 }
 
 
@@ -92,7 +108,8 @@ class Tokenizer:
         reader = open_gguf(path) if reader is None else reader
         model = field_value(reader, "tokenizer.ggml.model")
         if model != "gpt2":
-            raise ModelLoadError(f"tokenizer.ggml.model {model!r} is not supported (only byte-level BPE 'gpt2')", path)
+            raise ModelLoadError(f"tokenizer.ggml.model {model!r} is not supported (only byte-level BPE 'gpt2'); "
+                                 f"load the model's Hugging Face directory, whose tokenizer.json minilars reads", path)
         pre = field_value(reader, "tokenizer.ggml.pre", "gpt-2")
         if pre not in _PRE_TOKENIZERS:
             raise ModelLoadError(f"tokenizer.ggml.pre {pre!r} is not supported "
@@ -102,7 +119,8 @@ class Tokenizer:
         types = field_value(reader, "tokenizer.ggml.token_type", [_TOKEN_NORMAL] * len(tokens or []))
         if not tokens or len(types) != len(tokens):
             raise ModelLoadError("tokenizer.ggml.tokens is missing or does not match tokenizer.ggml.token_type", path)
-        tok = build_bpe(tokens, merges, types, split_digits=_PRE_TOKENIZERS[pre], path=path)
+        split, digits, nfc = _PRE_TOKENIZERS[pre]
+        tok = build_bpe(tokens, merges, types, split_digits=digits, path=path, split_regex=split, nfc=nfc)
 
         def special_id(key):
             value = field_value(reader, f"tokenizer.ggml.{key}_token_id")
@@ -197,8 +215,9 @@ class Tokenizer:
 
 
 def build_bpe(tokens: list[str], merges: list[str], types: list[int], split_digits: bool,
-              path: Path | None = None) -> tokenizers.Tokenizer:
-    """A byte-level BPE `tokenizers.Tokenizer` laid out like HF's GPT-2-family tokenizer.json."""
+              path: Path | None = None, split_regex: str | None = None, nfc: bool = False) -> tokenizers.Tokenizer:
+    """A byte-level BPE `tokenizers.Tokenizer` laid out like HF's GPT-2-family tokenizer.json
+    (or, with `split_regex`, like Llama 3's / Qwen2's: that regex splits, then bytes map)."""
     vocab: dict[str, int] = {}
     for i, t in enumerate(tokens):
         vocab.setdefault(t, i)  # a duplicated string keeps its first id, as in llama.cpp
@@ -209,9 +228,16 @@ def build_bpe(tokens: list[str], merges: list[str], types: list[int], split_digi
             raise ModelLoadError(f"malformed merge {m!r} in tokenizer.ggml.merges", path)
         pairs.append((left, right))
     tok = tokenizers.Tokenizer(BPE(vocab=vocab, merges=pairs, fuse_unk=False, byte_fallback=False))
-    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True)
-    tok.pre_tokenizer = (pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
-                         if split_digits else byte_level)
+    if split_regex is not None:
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(split_regex), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False)])
+    else:
+        byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True)
+        tok.pre_tokenizer = (pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+                             if split_digits else byte_level)
+    if nfc:
+        tok.normalizer = normalizers.NFC()
     tok.decoder = decoders.ByteLevel()
     tok.post_processor = processors.ByteLevel(trim_offsets=False)
     # Control tokens must never come out of BPE merges of their characters, and must
