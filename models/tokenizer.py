@@ -13,9 +13,9 @@ Two sources give the same object:
   ByteLevel(add_prefix_space=False, use_regex=True)]`, which is what we build.
   "llama-bpe" (Llama 3) and "qwen2" split with their own regex first
   (`Sequence[Split(regex, isolated), ByteLevel(use_regex=False)]`, as their
-  tokenizer.json files do; Qwen2's also NFC-normalises). SentencePiece GGUFs
-  (tokenizer.ggml.model "llama", e.g. Gemma 3) are not rebuilt: load the model's
-  Hugging Face directory for its tokenizer.json.
+  tokenizer.json files do; Qwen2's also NFC-normalises). A SentencePiece vocabulary
+  (tokenizer.ggml.model "llama": Gemma 3, Llama 2, Mistral) has pieces and scores but
+  no merges; models/spm_tokenizer.py rebuilds its BPE as transformers does.
 
 Chat templates are rendered as `transformers` does (`apply_chat_template`): a
 sandboxed Jinja environment with trim_blocks/lstrip_blocks, loop controls,
@@ -33,6 +33,7 @@ from tokenizers import AddedToken, Regex, decoders, normalizers, pre_tokenizers,
 from tokenizers.models import BPE
 
 from .errors import ModelLoadError
+from .spm_tokenizer import GEMMA_ARCHITECTURES, build_sentencepiece_bpe
 
 # llama.cpp's llama_token_type values (gguf.TokenType).
 _TOKEN_NORMAL, _TOKEN_CONTROL, _TOKEN_USER_DEFINED = 1, 3, 4
@@ -101,34 +102,50 @@ class Tokenizer:
 
     @classmethod
     def from_gguf(cls, path: str | Path, reader=None) -> "Tokenizer":
-        """Rebuild the HF byte-level BPE tokenizer from a GGUF's `tokenizer.ggml.*` keys."""
+        """Rebuild the HF tokenizer (byte-level or SentencePiece BPE) from a GGUF's `tokenizer.ggml.*` keys."""
         from .gguf_loader import field_value, open_gguf  # gguf_loader is heavy; only GGUF users need it
 
         path = Path(path)
         reader = open_gguf(path) if reader is None else reader
         model = field_value(reader, "tokenizer.ggml.model")
-        if model != "gpt2":
-            raise ModelLoadError(f"tokenizer.ggml.model {model!r} is not supported (only byte-level BPE 'gpt2'); "
-                                 f"load the model's Hugging Face directory, whose tokenizer.json minilars reads", path)
-        pre = field_value(reader, "tokenizer.ggml.pre", "gpt-2")
-        if pre not in _PRE_TOKENIZERS:
-            raise ModelLoadError(f"tokenizer.ggml.pre {pre!r} is not supported "
-                                 f"(supported: {', '.join(sorted(_PRE_TOKENIZERS))})", path)
+        if model not in ("gpt2", "llama"):
+            raise ModelLoadError(f"tokenizer.ggml.model {model!r} is not supported (byte-level BPE 'gpt2' and "
+                                 f"SentencePiece BPE 'llama' are); load the model's Hugging Face directory, "
+                                 f"whose tokenizer.json minilars reads", path)
         tokens = field_value(reader, "tokenizer.ggml.tokens")
-        merges = field_value(reader, "tokenizer.ggml.merges", [])
         types = field_value(reader, "tokenizer.ggml.token_type", [_TOKEN_NORMAL] * len(tokens or []))
         if not tokens or len(types) != len(tokens):
             raise ModelLoadError("tokenizer.ggml.tokens is missing or does not match tokenizer.ggml.token_type", path)
-        split, digits, nfc = _PRE_TOKENIZERS[pre]
-        tok = build_bpe(tokens, merges, types, split_digits=digits, path=path, split_regex=split, nfc=nfc)
 
         def special_id(key):
             value = field_value(reader, f"tokenizer.ggml.{key}_token_id")
+            if value is not None and not 0 <= int(value) < len(tokens):
+                raise ModelLoadError(f"tokenizer.ggml.{key}_token_id {value} is outside the {len(tokens)} tokens", path)
             return None if value is None else int(value)
 
+        if model == "gpt2":
+            pre = field_value(reader, "tokenizer.ggml.pre", "gpt-2")
+            if pre not in _PRE_TOKENIZERS:
+                raise ModelLoadError(f"tokenizer.ggml.pre {pre!r} is not supported "
+                                     f"(supported: {', '.join(sorted(_PRE_TOKENIZERS))})", path)
+            split, digits, nfc = _PRE_TOKENIZERS[pre]
+            tok = build_bpe(tokens, field_value(reader, "tokenizer.ggml.merges", []), types, split_digits=digits,
+                            path=path, split_regex=split, nfc=nfc)
+            add_bos = False
+        else:  # SentencePiece; llama.cpp adds bos and a space prefix unless the file says not to
+            scores = field_value(reader, "tokenizer.ggml.scores")
+            gemma = field_value(reader, "general.architecture") in GEMMA_ARCHITECTURES
+            if not gemma and (scores is None or len(scores) != len(tokens)):
+                raise ModelLoadError("tokenizer.ggml.scores is missing or does not match tokenizer.ggml.tokens", path)
+            named = [i for i in map(special_id, ("bos", "eos", "unknown", "padding")) if i is not None]
+            tok = build_sentencepiece_bpe(tokens, scores, types, named, unk_id=special_id("unknown"),
+                                          add_space_prefix=bool(field_value(reader, "tokenizer.ggml.add_space_prefix",
+                                                                            True)),
+                                          rank_by_position=gemma)
+            add_bos = True
         return cls(tok, special_id("bos"), special_id("eos"), special_id("padding"),
                    field_value(reader, "tokenizer.chat_template"),
-                   bool(field_value(reader, "tokenizer.ggml.add_bos_token", False)))
+                   bool(field_value(reader, "tokenizer.ggml.add_bos_token", add_bos)))
 
     # ---- text <-> ids ---------------------------------------------------------------
 

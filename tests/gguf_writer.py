@@ -98,11 +98,17 @@ def _write_metadata(w: gguf.GGUFWriter, cfg: ModelConfig, arch: str) -> None:
 
 
 def write_gguf(path: Path, cfg: ModelConfig | None, state: dict[str, np.ndarray] | None = None,
-               qtype: Q = Q.F32, types: dict[str, Q] | None = None, vocab: bool = False,
-               pre: str = "smollm", template: str | None = CHATML, extra_merges: tuple[str, ...] = ()) -> Path:
+               qtype: Q = Q.F32, types: dict[str, Q] | None = None, vocab: bool | str = False,
+               pre: str = "smollm", template: str | None = CHATML, extra_merges: tuple[str, ...] = (),
+               add_space_prefix: bool | None = None, add_bos: bool | None = None) -> Path:
     """A GGUF of cfg's family: HF names -> GGUF names, the converter's per-tensor changes,
     2-D weights stored as `qtype` (or `types[name]`), 1-D ones as F32, as llama.cpp's
-    quantisations keep norms and biases."""
+    quantisations keep norms and biases.
+
+    vocab: False (none), True (byte_vocab, "gpt2", with the pre-tokenizer `pre`), or
+    "gemma" / "llama" (spm_vocab's SentencePiece layout, tokenizer.ggml.model "llama",
+    with add_space_prefix and add_bos_token as the converter writes them for the layout
+    unless given: Gemma3Model writes add_space_prefix false)."""
     arch = gguf_architecture(cfg)
     fam = family_of_gguf_architecture(arch)  # Mistral is written as llama, q/k permuted
     if cfg is not None:
@@ -110,7 +116,9 @@ def write_gguf(path: Path, cfg: ModelConfig | None, state: dict[str, np.ndarray]
     w = gguf.GGUFWriter(str(path), arch)
     if cfg is not None:
         _write_metadata(w, cfg, arch)
-    if vocab:
+    if vocab in ("gemma", "llama"):
+        _write_spm_vocab(w, vocab, add_space_prefix, add_bos, template)
+    elif vocab:
         tokens, merges, token_types = byte_vocab(tuple(extra_merges))
         w.add_tokenizer_model("gpt2")
         w.add_tokenizer_pre(pre)
@@ -149,3 +157,100 @@ def write_gguf(path: Path, cfg: ModelConfig | None, state: dict[str, np.ndarray]
     w.write_tensors_to_file()
     w.close()
     return path
+
+
+# ---------------------------------------------------------------- SentencePiece vocabularies
+
+# The text a tiny SentencePiece BPE is trained on (spm_vocab): English with repeats, so
+# that words and their parts become pieces and merges compete ("▁th" + "e" vs "▁t" + "he").
+SPM_CORPUS = ("the quick brown fox jumps over the lazy dog . the other dog sleeps there , "
+              "hello world ! hello there , world of the words . she sells sea shells by the sea shore ; "
+              "then they thought the thing through . 12 34 567 1234 ? it's their theory : "
+              "café naïve résumé über straße\n\nnew lines\n and tabs\t here")
+# Gemma 3's leading tokens (ids 0-5 as in its tokenizer.model), two of its <unusedN>,
+# and the chat turn markers; control (3) except [multimodal], user-defined (4) in Gemma's file.
+GEMMA_SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>", "[multimodal]", "<unused0>", "<unused1>",
+                  "<start_of_turn>", "<end_of_turn>"]
+
+
+def spm_pieces(corpus: str = SPM_CORPUS, n_merges: int = 260) -> list[str]:
+    """A SentencePiece-style BPE learned on `corpus`: spaces become "▁" and start each word
+    (a newline or tab is a character of its own word), the most frequent adjacent pair is
+    merged `n_merges` times (ties: the pair that sorts first). Returns the merged pieces,
+    best first, then the corpus's characters, as sentencepiece orders a BPE model's pieces."""
+    from collections import Counter
+
+    words = Counter("▁" + w for w in corpus.split(" ") if w)
+    chars = sorted({c for w in words for c in w})
+    split = {w: list(w) for w in words}
+    pieces: list[str] = []
+    for _ in range(n_merges):
+        pairs: Counter = Counter()
+        for w, count in words.items():
+            for a, b in zip(split[w], split[w][1:]):
+                pairs[a, b] += count
+        if not pairs:
+            break
+        (a, b), _ = min(pairs.items(), key=lambda kv: (-kv[1], kv[0]))
+        pieces.append(a + b)
+        for w in words:
+            s, out, i = split[w], [], 0
+            while i < len(s):
+                if i + 1 < len(s) and (s[i], s[i + 1]) == (a, b):
+                    out.append(a + b)
+                    i += 2
+                else:
+                    out.append(s[i])
+                    i += 1
+            split[w] = out
+    return pieces + [c for c in chars if c not in pieces]
+
+
+def spm_vocab(layout: str = "gemma", seed: int = 0) -> tuple[list[str], list[float], list[int], dict[str, int]]:
+    """(tokens, scores, token types, special ids) of a SentencePiece vocabulary laid out as
+    llama.cpp's converter writes one (`_create_vocab_sentencepiece`).
+
+    "gemma": Gemma 3's order (GEMMA_SPECIALS, the 256 byte tokens <0xNN> (type 6), the
+    pieces best first, then runs of spaces "  " "   " stored as user-defined text, as in
+    Gemma's tokenizer.model), and scores that do *not* follow that order (random), as
+    transformers says Gemma's do not: only the file order ranks Gemma's merges.
+    "llama": Llama 2's order (<unk> (type 2), <s>, </s>, the byte tokens, the pieces) with the
+    pieces shuffled and their rank kept in the scores (-rank), so that only the scores rank
+    the merges."""
+    rng = np.random.default_rng(seed)
+    pieces = spm_pieces()
+    byte_tokens = [f"<0x{b:02X}>" for b in range(256)]
+    if layout == "gemma":
+        spaces = ["  ", "   "]
+        tokens = GEMMA_SPECIALS + byte_tokens + pieces + spaces
+        types = [3] * 5 + [4] + [5, 5] + [3, 3] + [6] * 256 + [1] * len(pieces) + [4, 4]
+        scores = [0.0] * (len(GEMMA_SPECIALS) + 256) + [float(s) for s in rng.uniform(-1000, 0, len(pieces) + 2)]
+        return tokens, scores, types, {"bos": 2, "eos": 1, "unk": 3, "pad": 0}
+    if layout == "llama":
+        order = rng.permutation(len(pieces))
+        tokens = ["<unk>", "<s>", "</s>"] + byte_tokens + [pieces[i] for i in order]
+        types = [2, 3, 3] + [6] * 256 + [1] * len(pieces)
+        scores = [0.0] * 259 + [-float(i) for i in order]
+        return tokens, scores, types, {"bos": 1, "eos": 2, "unk": 0}
+    raise ValueError(f"unknown SentencePiece layout {layout!r}")
+
+
+def _write_spm_vocab(w: gguf.GGUFWriter, layout: str, add_space_prefix: bool | None, add_bos: bool | None,
+                     template: str | None) -> None:
+    """The tokenizer.* keys `_set_vocab_sentencepiece` writes (Gemma3Model: no space prefix)."""
+    tokens, scores, token_types, ids = spm_vocab(layout)
+    w.add_tokenizer_model("llama")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(tokens)
+    w.add_token_scores(scores)
+    w.add_token_types(token_types)
+    w.add_bos_token_id(ids["bos"])
+    w.add_eos_token_id(ids["eos"])
+    w.add_unk_token_id(ids["unk"])
+    if "pad" in ids:
+        w.add_pad_token_id(ids["pad"])
+    w.add_add_bos_token(True if add_bos is None else add_bos)
+    w.add_add_eos_token(False)
+    w.add_add_space_prefix(layout != "gemma" if add_space_prefix is None else add_space_prefix)
+    if template is not None:
+        w.add_chat_template(template)
