@@ -177,7 +177,9 @@ def spm_pieces(corpus: str = SPM_CORPUS, n_merges: int = 260) -> list[str]:
     """A SentencePiece-style BPE learned on `corpus`: spaces become "▁" and start each word
     (a newline or tab is a character of its own word), the most frequent adjacent pair is
     merged `n_merges` times (ties: the pair that sorts first). Returns the merged pieces,
-    best first, then the corpus's characters, as sentencepiece orders a BPE model's pieces."""
+    best first, then every other 2- or 3-character part of the corpus's words (so that
+    merges overlap and their order decides: "▁t|he|re" or "▁th|er|e"), then the corpus's
+    characters, as sentencepiece orders a BPE model's pieces."""
     from collections import Counter
 
     words = Counter("▁" + w for w in corpus.split(" ") if w)
@@ -203,7 +205,8 @@ def spm_pieces(corpus: str = SPM_CORPUS, n_merges: int = 260) -> list[str]:
                     out.append(s[i])
                     i += 1
             split[w] = out
-    return pieces + [c for c in chars if c not in pieces]
+    parts = sorted({w[i:i + n] for w in words for n in (2, 3) for i in range(len(w) - n + 1)} - set(pieces))
+    return pieces + parts + [c for c in chars if c not in pieces]
 
 
 def spm_vocab(layout: str = "gemma", seed: int = 0) -> tuple[list[str], list[float], list[int], dict[str, int]]:
