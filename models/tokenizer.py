@@ -143,9 +143,19 @@ class Tokenizer:
                                                                             True)),
                                           rank_by_position=gemma)
             add_bos = True
-        return cls(tok, special_id("bos"), special_id("eos"), special_id("padding"),
-                   field_value(reader, "tokenizer.chat_template"),
-                   bool(field_value(reader, "tokenizer.ggml.add_bos_token", add_bos)))
+        add_bos = bool(field_value(reader, "tokenizer.ggml.add_bos_token", add_bos))
+        bos = special_id("bos")
+        if add_bos and bos is not None:
+            # encode() prepends bos itself; the post-processor is for the tokenizer.json that
+            # save() writes, so that transformers adds bos as the GGUF says (tokenizer_config's
+            # add_bos_token alone does not make it).
+            bos_token = tok.id_to_token(bos)
+            bos_step = processors.TemplateProcessing(single=[bos_token, "$A"], pair=[bos_token, "$A", bos_token, "$B"],
+                                                     special_tokens=[(bos_token, bos)])
+            tok.post_processor = (bos_step if tok.post_processor is None
+                                  else processors.Sequence([tok.post_processor, bos_step]))
+        return cls(tok, bos, special_id("eos"), special_id("padding"), field_value(reader, "tokenizer.chat_template"),
+                   add_bos)
 
     # ---- text <-> ids ---------------------------------------------------------------
 

@@ -27,7 +27,8 @@ TEXTS = [
     "", "hello world", "the quick brown fox jumps over the lazy dog.", " leading space", "  two leading spaces",
     "trailing spaces  ", "a   b    c     d", "line one\nline two\n\n\nthree\n", "tabs\tand\t\ttabs", "\n",
     "café naïve résumé über straße", "日本語 😀 ∑ 𝔘 – ok", "ЖЖЖ x", "12345 1234 it's their theory: sea shells?",
-    "theirs thereby shellsea worldhello", "otherworldly seashells, thoroughly rethought", "▁literal▁pieces", "<0x41> is text, not a byte", "<unk> and <pad> and <mask> and [multimodal]", " ",
+    "theirs thereby shellsea worldhello", "otherworldly seashells, thoroughly rethought",  # unseen words
+    "▁literal▁pieces", "<0x41> is text, not a byte", "<unk> and <pad> and <mask> and [multimodal]", " ",
 ]
 
 
@@ -185,3 +186,20 @@ def test_gemma3_gguf_loads_and_generates(tmp_path, capsys):
     assert new, "the random model stopped at once: pick another seed"
     assert main(["generate", "--model", str(path), "--backend", "numpy", "--max-new-tokens", "3", prompt]) == 0
     assert capsys.readouterr().out == tok.decode(new, skip_special_tokens=True) + "\n"
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_saved_tokenizer_json_reads_back(layout, tmp_path):
+    """Tokenizer.save (what an exported model directory carries) gives a tokenizer.json that
+    minilars and transformers read back to the same ids and text."""
+    transformers = pytest.importorskip("transformers")
+    ours = Tokenizer.from_gguf(write_vocab(tmp_path, layout, template=GEMMA_TEMPLATE))
+    (tmp_path / "saved").mkdir()
+    ours.save(tmp_path / "saved")
+    again = Tokenizer.from_file(tmp_path / "saved" / "tokenizer.json", tmp_path / "saved" / "tokenizer_config.json")
+    theirs = transformers.AutoTokenizer.from_pretrained(tmp_path / "saved")
+    assert (again.bos_id, again.eos_id, again.pad_id, again.add_bos) == (ours.bos_id, ours.eos_id, ours.pad_id, True)
+    for text in TEXTS + special_texts(layout):
+        ids = ours.encode(text)
+        assert again.encode(text) == ids == theirs.encode(text), text
+        assert again.decode(ids) == ours.decode(ids) == theirs.decode(ids), text
