@@ -138,22 +138,14 @@ class Tokenizer:
             if not gemma and (scores is None or len(scores) != len(tokens)):
                 raise ModelLoadError("tokenizer.ggml.scores is missing or does not match tokenizer.ggml.tokens", path)
             named = [i for i in map(special_id, ("bos", "eos", "unknown", "padding")) if i is not None]
+            prefix = bool(field_value(reader, "tokenizer.ggml.add_space_prefix", True))
             tok = build_sentencepiece_bpe(tokens, scores, types, named, unk_id=special_id("unknown"),
-                                          add_space_prefix=bool(field_value(reader, "tokenizer.ggml.add_space_prefix",
-                                                                            True)),
-                                          rank_by_position=gemma)
+                                          add_space_prefix=prefix, rank_by_position=gemma)
             add_bos = True
         add_bos = bool(field_value(reader, "tokenizer.ggml.add_bos_token", add_bos))
         bos = special_id("bos")
         if add_bos and bos is not None:
-            # encode() prepends bos itself; the post-processor is for the tokenizer.json that
-            # save() writes, so that transformers adds bos as the GGUF says (tokenizer_config's
-            # add_bos_token alone does not make it).
-            bos_token = tok.id_to_token(bos)
-            bos_step = processors.TemplateProcessing(single=[bos_token, "$A"], pair=[bos_token, "$A", bos_token, "$B"],
-                                                     special_tokens=[(bos_token, bos)])
-            tok.post_processor = (bos_step if tok.post_processor is None
-                                  else processors.Sequence([tok.post_processor, bos_step]))
+            add_bos_step(tok, bos)
         return cls(tok, bos, special_id("eos"), special_id("padding"), field_value(reader, "tokenizer.chat_template"),
                    add_bos)
 
@@ -239,6 +231,17 @@ class Tokenizer:
         write_text(directory / "tokenizer.json", self.to_tokenizer_json())
         write_text(directory / "tokenizer_config.json", json.dumps(self.tokenizer_config(), indent=2,
                                                                    ensure_ascii=False))
+
+
+def add_bos_step(tok: tokenizers.Tokenizer, bos: int) -> None:
+    """Append "bos $A" to tok's post-processor. Tokenizer.encode prepends bos itself (it
+    encodes without the post-processor); this is for the tokenizer.json that save() writes,
+    from which transformers adds bos only if the post-processor says so (tokenizer_config's
+    add_bos_token alone does not make it)."""
+    token = tok.id_to_token(bos)
+    step = processors.TemplateProcessing(single=[token, "$A"], pair=[token, "$A", token, "$B"],
+                                         special_tokens=[(token, bos)])
+    tok.post_processor = step if tok.post_processor is None else processors.Sequence([tok.post_processor, step])
 
 
 def build_bpe(tokens: list[str], merges: list[str], types: list[int], split_digits: bool,
