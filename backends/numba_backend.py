@@ -30,6 +30,7 @@ import time
 import numpy as np
 
 from . import numba_kernels as K  # imports numba: this module is loaded only on request
+from .base import is_quantized
 from .numpy_backend import NumpyBackend
 
 _JIT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
@@ -230,7 +231,7 @@ class NumbaBackend(NumpyBackend):
 
     def cross_entropy_head(self, x, head, targets, chunk, ignore_index, need_dx, need_dhead):
         targets = np.asarray(targets)
-        if not _jittable(x) or x.ndim != 2 or targets.shape != (x.shape[0],) or targets.dtype.kind not in "iu":
+        if is_quantized(head) or not _jittable(x) or x.ndim != 2 or targets.shape != (x.shape[0],) or targets.dtype.kind not in "iu":
             return super().cross_entropy_head(x, head, targets, chunk, ignore_index, need_dx, need_dhead)
         n = x.shape[0]
         n_vocab = head.shape[0]
@@ -266,6 +267,13 @@ class NumbaBackend(NumpyBackend):
                 np.matmul(z.T, xc, out=dhead_chunk)  # dz^T x_c (V, d)
                 dhead += dhead_chunk
         return total / n_valid, n_valid, dx, dhead
+
+    def decode_tile(self, part, rows, out):
+        """GGUF blocks dequantised by the numba kernels (backends/quant_kernels.py), equal
+        to gguf-py's bit for bit."""
+        from .quant_kernels import decode_tile
+
+        decode_tile(part, rows, out)
 
     def adamw_update(self, p, g, m, v, *, lr, beta1, beta2, eps, weight_decay, step):
         arrays = (p, g, m, v)

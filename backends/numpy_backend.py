@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .base import Backend
+from .base import Backend, is_quantized
 
 _DTYPES = {"float16": np.float16, "float32": np.float32, "float64": np.float64, "int64": np.int64}
 
@@ -90,6 +90,9 @@ class NumpyBackend(Backend):
     UPCAST_BLOCK = 1 << 22  # elements per upcast block (16 MiB in float32)
 
     def matmul(self, a, b):
+        if is_quantized(b):  # GGUF blocks, a tile at a time (minilars/quant.py)
+            from minilars import quant
+            return quant.matmul(a, b, self.decode_tile)
         if b.dtype == a.dtype:
             return a @ b
         rows = max(1, self.UPCAST_BLOCK // max(1, b.shape[1]))
@@ -104,6 +107,9 @@ class NumpyBackend(Backend):
         return a.T @ b
 
     def matmul_nt(self, a, b):
+        if is_quantized(b):
+            from minilars import quant
+            return quant.matmul_nt(a, b, self.decode_tile)
         if b.dtype == a.dtype:
             return a @ b.T
         rows = max(1, self.UPCAST_BLOCK // max(1, b.shape[1]))
@@ -129,6 +135,8 @@ class NumpyBackend(Backend):
 
     # ---------------------------------------------------------------- ops
     def embedding_forward(self, table, tokens):
+        if is_quantized(table):
+            return table.gather_rows(tokens, self.decode_tile)
         return table[tokens]
 
     def embedding_backward(self, dy, tokens, vocab_size):
@@ -235,6 +243,11 @@ class NumpyBackend(Backend):
         return dg, dh * silu
 
     def cross_entropy_head(self, x, head, targets, chunk, ignore_index, need_dx, need_dhead):
+        if is_quantized(head):  # a vocabulary tile at a time; the frozen table has no dhead
+            from minilars import quant
+            if need_dhead:
+                raise ValueError("the head is kept as GGUF blocks, which do not train (load float weights)")
+            return (*quant.cross_entropy_head(x, head, targets, ignore_index, need_dx, self.decode_tile), None)
         n = x.shape[0]
         valid = targets != ignore_index
         n_valid = int(valid.sum())

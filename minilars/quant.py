@@ -61,7 +61,9 @@ class QuantizedRows:
             raise ValueError(f"ggml type {self.qtype.name} cannot be kept "
                              f"(kept: {', '.join(q.name for q in KEPT_TYPES)})")
         block, type_size = GGML_QUANT_SIZES[self.qtype]
-        if self.data.dtype != np.uint8 or self.data.ndim != 2:
+        # numpy's uint8, or the same bytes as a torch tensor on a device (the torch
+        # backend decodes there) or as a shape-only array (the planner)
+        if str(self.data.dtype) not in ("uint8", "torch.uint8") or len(self.data.shape) != 2:
             raise ValueError(f"blocks must be a 2-D uint8 array, got {self.data.dtype} {self.data.shape}")
         if self.n_cols % block or self.data.shape[1] != self.n_cols // block * type_size:
             raise ValueError(f"{self.data.shape[1]} bytes per row do not hold {self.n_cols} "
@@ -74,6 +76,10 @@ class QuantizedRows:
     @property
     def nbytes(self) -> int:
         return int(self.data.nbytes)
+
+    def with_data(self, data) -> "QuantizedRows":
+        """The same rows held in another array (a device's copy of the bytes)."""
+        return QuantizedRows(data, self.qtype, self.n_cols)
 
 
 def dequantize_rows_reference(part: QuantizedRows, rows: np.ndarray, out: np.ndarray) -> None:
@@ -155,6 +161,15 @@ class QuantizedWeight:
             out[:, start:start + tile.shape[0]] = tile[:, :k].T
         return out
 
+    def first_values(self, count: int, decode: TileDecoder = dequantize_rows_reference) -> np.ndarray:
+        """The first `count` values of W flattened row by row, float32 (a fingerprint's sample)."""
+        width = self.shape[1]
+        return self.leading_rows(-(-count // width), decode).reshape(-1)[:count]
+
+    def with_parts(self, convert) -> "QuantizedWeight":
+        """This weight with every part's bytes passed through convert (to a device, say)."""
+        return QuantizedWeight([p.with_data(convert(p.data)) for p in self.parts], self.transposed)
+
     def dequantize(self, decode: TileDecoder = dequantize_rows_reference) -> np.ndarray:
         """The whole weight in float32, engine layout (for export and tests; a training
         step never calls it)."""
@@ -226,51 +241,62 @@ LOSS_TILE_ELEMENTS = 1 << 20  # logits per (N, tile) work array in the loss (4 M
 def cross_entropy_head(x: np.ndarray, head: QuantizedWeight, targets: np.ndarray, ignore_index: int,
                        need_dx: bool, decode: TileDecoder = dequantize_rows_reference,
                        tile_elements: int = LOSS_TILE_ELEMENTS) -> tuple[float, int, np.ndarray | None]:
-    """Mean cross-entropy of z = x E^T over a table kept as blocks, a tile of the
-    vocabulary at a time with an online log-sum-exp (as FlashAttention's softmax), so
-    E is dequantised once for the loss and once for dx, whatever N is, and no (N, V)
-    or (chunk, V) array exists:
+    """Mean cross-entropy of z = x E^T over a table kept as blocks, one pass over the
+    vocabulary a tile at a time with an online log-sum-exp (FlashAttention's softmax,
+    Dao et al. 2022, Alg. 1), so E is dequantised once per call and no (N, V) or
+    (chunk, V) array exists. Per tile of E's rows (with m the running row max, s the
+    running sum of e^(z - m), a = sum_v e^(z_v - m) E_v):
 
-        pass 1, per vocabulary tile:  m' = max(m, max_v z),  s = s e^(m - m') + sum_v e^(z - m'),
-                                      z_n[t_n] picked up in its tile;  lse = m + log s
-        pass 2, per tile (need_dx):   dz = (e^(z - lse) - onehot(t)) / n_valid,  dx += dz E_tile
+        z = x E_tile^T,  m' = max(m, max_v z),  c = e^(m - m'),  p = e^(z - m')
+        s = s c + sum_v p,   a = a c + p E_tile,   z_t and E[t] picked up in their tile
+    then
+        loss = mean_n (m + log s - z_t),   dx_n = (a_n / s_n - E[t_n]) / n_valid
+
+    since dz = softmax(z) - onehot(t) and dx = dz E: softmax(z) E = a / s. The
+    products are the float path's (2 N V d FLOPs each for z and dz E); the head's
+    gradient is never formed (the table is frozen).
 
     x (N, d) float, head E (V, d) with transposed=False, targets (N,) ->
     (loss, n_valid, dx (N, d) or None)."""
-    n = x.shape[0]
+    n, d = x.shape
     v_total = head.stored_shape[0]
     valid = targets != ignore_index
     n_valid = int(valid.sum())
-    dx = np.zeros_like(x) if need_dx else None
     if n_valid == 0:
-        return 0.0, 0, dx
+        return 0.0, 0, (np.zeros_like(x) if need_dx else None)
     t = np.where(valid, targets, 0)
     if t.min() < 0 or t.max() >= v_total:
         raise IndexError(f"target out of range for a vocabulary of {v_total}")
-    vocab_tile = max(1, tile_elements // max(n, 1)) * head.stored_shape[1]  # values per tile of E
+    vocab_tile = max(1, tile_elements // max(n, 1)) * d  # values per tile of E
     m = np.full(n, -np.inf, dtype=np.float64)  # running row max
-    s = np.zeros(n, dtype=np.float64)  # running sum of exp(z - m)
+    s = np.zeros(n, dtype=np.float64)  # running sum of e^(z - m)
     z_target = np.zeros(n, dtype=np.float64)
+    acc = np.zeros_like(x) if need_dx else None  # (N, d) running sum of e^(z - m) E
+    e_target = np.zeros_like(x) if need_dx else None  # (N, d) E[t]
 
     for v0, e in decoded_tiles(head, decode, vocab_tile):
         e = e.astype(x.dtype, copy=False)  # E's rows v0.. (tile, d)
         z = x @ e.T  # (N, tile)
-        m_new = np.maximum(m, z.max(axis=1))
-        s = s * np.exp(m - m_new) + np.exp(z - m_new[:, None]).sum(axis=1)
-        m = m_new
-        mine = (t >= v0) & (t < v0 + e.shape[0])
+        mine = np.nonzero((t >= v0) & (t < v0 + e.shape[0]))[0]
         z_target[mine] = z[mine, t[mine] - v0]
+        m_new = np.maximum(m, z.max(axis=1))
+        c = np.exp(m - m_new)  # (N,) rescales what earlier tiles added
+        z -= m_new[:, None].astype(x.dtype)
+        np.exp(z, out=z)  # p, (N, tile)
+        s = s * c + z.sum(axis=1, dtype=np.float64)
+        m = m_new
+        if need_dx:
+            acc *= c[:, None].astype(x.dtype)
+            acc += z @ e  # (N, d)
+            e_target[mine] = e[t[mine] - v0]
     lse = m + np.log(s)  # (N,)
     loss = float(np.sum((lse - z_target)[valid])) / n_valid
+    dx = None
     if need_dx:
-        weight = (valid / n_valid).astype(x.dtype)[:, None]  # (N, 1)
-        for v0, e in decoded_tiles(head, decode, vocab_tile):
-            e = e.astype(x.dtype, copy=False)
-            dz = np.exp(x @ e.T - lse[:, None].astype(x.dtype))  # softmax p, (N, tile)
-            mine = np.nonzero((t >= v0) & (t < v0 + e.shape[0]))[0]
-            dz[mine, t[mine] - v0] -= 1.0
-            dz *= weight
-            dx += dz @ e
+        acc /= s[:, None].astype(x.dtype)  # softmax(z) E
+        acc -= e_target
+        acc *= (valid / n_valid).astype(x.dtype)[:, None]
+        dx = acc
     return loss, n_valid, dx
 
 
