@@ -48,6 +48,8 @@ class NumpyBackend(Backend):
 
     # ---------------------------------------------------------------- arrays
     def asarray(self, x, dtype=None):
+        if is_quantized(x):  # GGUF blocks stay blocks (minilars/quant.py)
+            return x
         return np.asarray(x, dtype=_DTYPES.get(dtype, dtype) if isinstance(dtype, str) else dtype)
 
     def to_numpy(self, x):
