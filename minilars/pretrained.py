@@ -82,6 +82,43 @@ def weight_summary(model: Model) -> str:
     return f"{formats} blocks, {sum(p.nbytes for p in kept) / 2**20:,.1f} MiB"
 
 
+def planned_weights(spec: str, weights: str):
+    """What the memory planner needs to know of `weights` for `spec` (its weight_format):
+    the format itself, float32 for keep on a float source, and for keep on a GGUF the
+    formats of each engine weight's parts, read from the file (its header, and q's and
+    k's rows, which are reordered; no other tensor is read)."""
+    if weights != "keep":
+        return weights
+    return weight_format_of_params(_kept_params(spec)) if spec != TINY else "float32"
+
+
+def weight_format_of(model: Model):
+    """The planner's weight_format of a loaded model: its kept formats, or its float dtype."""
+    return weight_format_of_params(model.params)
+
+
+def weight_format_of_params(params: dict):
+    from .quant import formats_of
+
+    if any(is_quantized(p) for p in params.values()):
+        return formats_of(params)
+    dtypes = {str(p.dtype).replace("torch.", "") for name, p in params.items() if p.ndim == 2}
+    return "float16" if dtypes == {"float16"} else "float32"
+
+
+def _kept_params(spec: str) -> dict:
+    """Engine params of a GGUF spec kept as blocks (no tokenizer); {} for other sources."""
+    from .models import resolve_model
+
+    path = resolve_model(spec)
+    if path.is_dir():
+        return {}
+    from .models.gguf_kept import load_gguf_kept
+
+    cfg, state = load_gguf_kept(path)
+    return from_hf(cfg, state)
+
+
 def _pretrained(spec: str, weights: str):
     """(config, engine params, Tokenizer | None) from a name, .gguf or HF directory:
     floats in the asked dtype, or, with keep, a GGUF's matrices as blocks."""
@@ -102,4 +139,5 @@ def _tiny(seed: int):
     return cfg, random_params(cfg, seed, np.float32), char_tokenizer(cfg.vocab_size)
 
 
-__all__ = ["TINY", "WEIGHTS_HELP", "WEIGHT_FORMATS", "load_model", "load_pretrained", "weight_summary"]
+__all__ = ["TINY", "WEIGHTS_HELP", "WEIGHT_FORMATS", "load_model", "load_pretrained", "planned_weights",
+           "weight_format_of", "weight_summary"]

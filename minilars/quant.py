@@ -316,6 +316,28 @@ def kept_weight(tensors: list, transposed: bool) -> QuantizedWeight | None:
     return QuantizedWeight(parts, transposed)
 
 
+# ---------------------------------------------------------------- formats, for the memory planner
+# A weight's formats as the planner takes them: ((ggml type name, stored rows), ...) per part.
+Formats = tuple[tuple[str, int], ...]
+
+
+def formats_of(params: dict) -> dict[str, Formats]:
+    """name -> the formats of each weight kept as blocks, e.g. (("Q4_1", 576), ("Q8_0", 192), ...)."""
+    return {name: tuple((p.qtype.name, p.n_rows) for p in w.parts)
+            for name, w in params.items() if isinstance(w, QuantizedWeight)}
+
+
+def weight_of_formats(formats: Formats, n_cols: int, transposed: bool, new_bytes) -> QuantizedWeight:
+    """A QuantizedWeight of these formats whose bytes are new_bytes((rows, bytes per row))
+    (the planner passes the shape backend's allocator: the blocks are counted, not made)."""
+    parts = []
+    for name, rows in formats:
+        qtype = Q[name]
+        block, type_size = GGML_QUANT_SIZES[qtype]
+        parts.append(QuantizedRows(new_bytes((rows, n_cols // block * type_size)), qtype, n_cols))
+    return QuantizedWeight(parts, transposed)
+
+
 # ---------------------------------------------------------------- quantising at load
 def quantize_weight(w: np.ndarray, fmt: str, transposed: bool) -> QuantizedWeight | np.ndarray:
     """A float engine weight quantised with gguf-py into `fmt` (q8_0 or q4_0). The
@@ -330,6 +352,6 @@ def quantize_weight(w: np.ndarray, fmt: str, transposed: bool) -> QuantizedWeigh
     return QuantizedWeight([QuantizedRows(quantize(stored, qtype), qtype, stored.shape[1])], transposed)
 
 
-__all__ = ["KEPT_TYPES", "LOAD_QUANTISERS", "QuantizedRows", "QuantizedWeight", "cross_entropy_head",
-           "dequantize_rows_reference",
+__all__ = ["KEPT_TYPES", "LOAD_QUANTISERS", "Formats", "QuantizedRows", "QuantizedWeight", "cross_entropy_head",
+           "dequantize_rows_reference", "formats_of", "weight_of_formats",
            "is_quantized", "kept_weight", "matmul", "matmul_nt", "quantize_weight", "times_stored", "times_stored_t"]

@@ -90,8 +90,9 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=1, help="rows per step B (default: %(default)s)")
     p.add_argument("--backend", default=None, choices=("numpy", "numba", "torch"),
                    help="kernel backend (default: numba where it imports, else numpy)")
-    p.add_argument("--weight-dtype", default="float32", choices=("float32", "float16"),
-                   help="dtype of the frozen weights (default: %(default)s)")
+    from minilars.pretrained import WEIGHT_FORMATS, WEIGHTS_HELP
+
+    p.add_argument("--weights", default="keep", choices=WEIGHT_FORMATS, help=WEIGHTS_HELP + " (default: %(default)s)")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps first (default: %(default)s)")
     p.add_argument("--steps", type=int, default=2, help="timed steps (default: %(default)s)")
     p.add_argument("--calibration-tokens", type=int, default=512,
@@ -116,19 +117,10 @@ def _backend(name):
 
 
 def _load(args, backend):
-    """(Model, config name) with --weight-dtype weights."""
-    if args.model == "tiny":
-        import numpy as np
-
-        from minilars.config import preset
-        from minilars.model import Model
-
-        model = Model.random(preset("tiny"), seed=args.seed, dtype=np.dtype(args.weight_dtype), backend=backend,
-                             compute_dtype="float32")
-        return model
+    """The Model with --weights weights ('tiny': random, from --seed)."""
     from minilars.pretrained import load_model
 
-    model, _tokenizer = load_model(args.model, backend, args.weight_dtype)
+    model, _tokenizer = load_model(args.model, backend, args.weights, seed=args.seed)
     return model
 
 
@@ -176,7 +168,7 @@ def run(args) -> dict:
     from minilars.planner import plan_memory
 
     result = {"mode": "run", "model": args.model, "method": args.method, "seq_len": args.seq_len,
-              "batch_size": args.batch_size, "weight_dtype": args.weight_dtype, "malloc": _malloc_env(),
+              "batch_size": args.batch_size, "weights": args.weights, "malloc": _malloc_env(),
               "rss_start_mib": RSS_START}
     backend_name, backend = _backend(args.backend)
     result["backend"] = backend_name
@@ -207,7 +199,10 @@ def run(args) -> dict:
     gc.collect()
     result["rss_ready_mib"] = rss_mib()
 
-    plan = plan_memory(model.cfg, method, args.seq_len, args.batch_size, args.weight_dtype, backend_name,
+    from minilars.pretrained import weight_format_of, weight_summary
+
+    result["weights_held"] = weight_summary(model)
+    plan = plan_memory(model.cfg, method, args.seq_len, args.batch_size, weight_format_of(model), backend_name,
                        inference=not training, model_name=args.model)
     result["plan"] = {"total": plan.total, "baseline": plan.baseline, "weights": plan.weights,
                       "trainable": plan.trainable, "optimizer": plan.optimizer, "gradients": plan.gradients,
