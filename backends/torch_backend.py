@@ -404,9 +404,12 @@ class TorchBackend(Backend):
 
     @_no_grad
     def decode_tile(self, part, rows, out):
-        """Rows of a part whose bytes are on the device, decoded there and copied into
-        the numpy array out (for export and fingerprints; the products never copy)."""
-        from .quant_torch import decode_rows
+        """Rows of a part decoded on the device (its bytes moved there if they are not)
+        and copied into the numpy array out (for export, fingerprints and tests; the
+        products never copy a tile back)."""
+        from .quant_torch import bytes_on, decode_rows
 
+        if not isinstance(part.data, torch.Tensor):
+            part = part.with_data(bytes_on(part.data, self.device))
         index = torch.as_tensor(np.asarray(rows, dtype=np.int64), device=self.device)
         out[:] = decode_rows(part, index).cpu().numpy()

@@ -48,15 +48,24 @@ def numba_decoder():
     return decode_tile
 
 
-DECODERS = {"numpy": lambda: dequantize_rows_reference, "numba": numba_decoder}
+def torch_decoder():
+    pytest.importorskip("torch")
+    from minilars.backends import get_backend
+
+    return get_backend("torch").decode_tile  # backends/quant_torch.py, on the CPU here
+
+
+DECODERS = {"numpy": lambda: dequantize_rows_reference, "numba": numba_decoder, "torch": torch_decoder}
 
 
 # ---------------------------------------------------------------- dequantisation
+@pytest.mark.parametrize("decoder", ["numba", "torch"])
 @pytest.mark.parametrize("qtype", FORMATS, ids=lambda q: q.name)
 @given(m=st.integers(1, 5), blocks=st.integers(1, 3), seed=st.integers(0, 2**31 - 1))
 @example(m=1, blocks=1, seed=0)
-def test_kernel_dequantisation_equals_gguf(qtype, m, blocks, seed):
-    decode = numba_decoder()
+def test_kernel_dequantisation_equals_gguf(decoder, qtype, m, blocks, seed):
+    """numba's kernels (backends/quant_kernels.py) and torch's (backends/quant_torch.py)."""
+    decode = DECODERS[decoder]()
     part = random_rows(qtype, m, blocks, seed)
     reference = dequantize(part.data, qtype).reshape(m, part.n_cols)
     rows = np.random.default_rng(seed).permutation(m)  # any order, as a gather asks for them
