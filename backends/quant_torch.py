@@ -114,8 +114,8 @@ _DECODERS = {Q.Q8_0: _q8_0, Q.Q4_0: _q4_0, Q.Q4_1: _q4_1, Q.Q4_K: _q4_k, Q.Q5_K:
 
 
 def decode_rows(part: QuantizedRows, rows) -> torch.Tensor:
-    """Stored rows `rows` (a slice, or an int64 tensor on the part's device) of a part
-    whose bytes are a tensor: (len(rows), n) float32 on that device."""
+    """Stored rows `rows` (a slice, or an int64 tensor on the part's device; part.order
+    already applied) of a part whose bytes are a tensor: (len(rows), n) float32 there."""
     data = part.data[rows]  # (k, row_bytes)
     if part.qtype == Q.F32:
         return data.contiguous().view(torch.float32)
@@ -126,9 +126,12 @@ def decode_rows(part: QuantizedRows, rows) -> torch.Tensor:
 
 
 def decoded_tiles(w: QuantizedWeight, tile_elements: int = TILE_ELEMENTS):
-    """(first stored row, tile (rows, n) float32 on the device) for consecutive tiles of S."""
+    """(first row, tile (rows, n) float32 on the device) for consecutive tiles of S."""
     for part, start, rows in w.tiles(tile_elements):
-        yield start, decode_rows(part, slice(int(rows[0]), int(rows[-1]) + 1))
+        if part.order is None:  # consecutive stored rows: a slice, no index tensor
+            yield start, decode_rows(part, slice(int(rows[0]), int(rows[-1]) + 1))
+        else:
+            yield start, decode_rows(part, torch.as_tensor(rows, device=part.data.device))
 
 
 # ---------------------------------------------------------------- the frozen products
@@ -169,7 +172,10 @@ def gather_rows(w: QuantizedWeight, rows: torch.Tensor) -> torch.Tensor:
     for part in w.parts:
         mine = torch.nonzero((rows >= offset) & (rows < offset + part.n_rows)).reshape(-1)
         if mine.numel():
-            out[mine] = decode_rows(part, rows[mine] - offset)
+            local = rows[mine] - offset
+            if part.order is not None:
+                local = torch.as_tensor(part.order, device=rows.device)[local]
+            out[mine] = decode_rows(part, local)
         offset += part.n_rows
     return out
 

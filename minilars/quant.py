@@ -45,16 +45,21 @@ LOAD_QUANTISERS = {"q8_0": Q.Q8_0, "q4_0": Q.Q4_0}
 # A tile of dequantised rows holds at most this many float32 values (4 MiB).
 TILE_ELEMENTS = 1 << 20
 
+# decode(part, stored rows, out): out[i] = stored row rows[i] of the part, in float32
 TileDecoder = Callable[["QuantizedRows", np.ndarray, np.ndarray], None]
 
 
 @dataclass(frozen=True)
 class QuantizedRows:
-    """One GGUF tensor's rows, as stored: data (m, n / block_size * type_size) uint8."""
+    """One GGUF tensor's rows, as stored: data (m, n / block_size * type_size) uint8.
+    order, when given, says which stored row is row i (llama.cpp stores q's and k's
+    rows permuted within each head, models/gguf_kept.py): the rows are read in that
+    order instead of copied into it, so the blocks stay a view of the file."""
 
     data: np.ndarray  # (m, row_bytes) uint8 blocks; may be a view of the file's memory map
     qtype: Q
     n_cols: int  # n values per row
+    order: np.ndarray | None = None  # (m,) int64: row i is stored row order[i]; None: in order
 
     def __post_init__(self):
         if self.qtype not in KEPT_TYPES:
@@ -68,6 +73,12 @@ class QuantizedRows:
         if self.n_cols % block or self.data.shape[1] != self.n_cols // block * type_size:
             raise ValueError(f"{self.data.shape[1]} bytes per row do not hold {self.n_cols} "
                              f"{self.qtype.name} values ({block} per {type_size}-byte block)")
+        if self.order is not None and sorted(self.order.tolist()) != list(range(self.data.shape[0])):
+            raise ValueError("order must be a permutation of the stored rows")
+
+    def stored(self, rows: np.ndarray) -> np.ndarray:
+        """The stored rows that hold rows `rows` (what a decoder reads)."""
+        return rows if self.order is None else self.order[rows]
 
     @property
     def n_rows(self) -> int:
@@ -79,7 +90,7 @@ class QuantizedRows:
 
     def with_data(self, data) -> "QuantizedRows":
         """The same rows held in another array (a device's copy of the bytes)."""
-        return QuantizedRows(data, self.qtype, self.n_cols)
+        return QuantizedRows(data, self.qtype, self.n_cols, self.order)
 
 
 def dequantize_rows_reference(part: QuantizedRows, rows: np.ndarray, out: np.ndarray) -> None:
@@ -123,14 +134,15 @@ class QuantizedWeight:
         return f"QuantizedWeight({self.formats}, shape={self.shape}, {self.nbytes} bytes)"
 
     def tiles(self, tile_elements: int = TILE_ELEMENTS):
-        """(part, first stored row of the tile in S, rows within the part) for consecutive
-        tiles of at most tile_elements values: the unit one kernel call dequantises."""
+        """(part, first row of the tile in S, the part's stored rows that hold it) for
+        consecutive tiles of at most tile_elements values: the unit one kernel call
+        dequantises."""
         per_tile = max(1, tile_elements // self.stored_shape[1])
         offset = 0
         for part in self.parts:
             for r0 in range(0, part.n_rows, per_tile):
                 r1 = min(r0 + per_tile, part.n_rows)
-                yield part, offset + r0, np.arange(r0, r1)
+                yield part, offset + r0, part.stored(np.arange(r0, r1))
             offset += part.n_rows
 
     def gather_rows(self, rows: np.ndarray, decode: TileDecoder = dequantize_rows_reference) -> np.ndarray:
@@ -145,7 +157,7 @@ class QuantizedWeight:
             mine = (rows >= offset) & (rows < offset + part.n_rows)
             if mine.any():
                 buf = np.empty((int(mine.sum()), n), dtype=np.float32)
-                decode(part, (rows[mine] - offset).astype(np.int64), buf)
+                decode(part, part.stored((rows[mine] - offset).astype(np.int64)), buf)
                 out[mine] = buf
             offset += part.n_rows
         return out
@@ -179,7 +191,7 @@ class QuantizedWeight:
 
 def _decode_all(part: QuantizedRows, decode: TileDecoder) -> np.ndarray:
     out = np.empty((part.n_rows, part.n_cols), dtype=np.float32)
-    decode(part, np.arange(part.n_rows), out)
+    decode(part, part.stored(np.arange(part.n_rows)), out)
     return out
 
 

@@ -11,9 +11,11 @@ are float32 copies, as the float loader gives them.
 
 Of the three things gguf_loader undoes, the names and dims are undone the same way
 (`hf_name`, reversed dims). llama.cpp's q/k row order (`gguf_loader.permute_qk`)
-is undone by reindexing whole stored rows: the permutation moves rows of the
-(out, in) matrix and never splits one, so the rows of blocks are gathered into the
-HF order, a copy of q's and k's blocks (1.1 MiB per model for SmolLM2 in Q4_1).
+is undone by reading whole stored rows in another order: the permutation moves
+rows of the (out, in) matrix and never splits one, so q's and k's QuantizedRows
+carry the order (`QuantizedRows.order`) and the decoders read row i from stored row
+order[i]; no block is copied (a copy of q's and k's blocks would be 8.1 MiB for
+SmolLM2 in Q4_1).
 `weights.from_hf` then fuses the streams' rows (q|k|v, gate|up) into one
 `QuantizedWeight` each (`quant.kept_weight`).
 """
@@ -67,10 +69,7 @@ def _kept_tensor(t, shape: tuple[int, ...], cfg: ModelConfig, name: str, path: P
     rows = t.data.reshape(shape[0], -1)  # (out, bytes per row) uint8, or float rows
     if t.tensor_type in (Q.F32, Q.F16):
         rows = rows.view(np.uint8)
-    order = _row_order(name, shape[0], cfg)
-    if order is not None:
-        rows = rows[order]  # whole rows of blocks, into HF order (a copy of these rows)
-    return QuantizedRows(rows, t.tensor_type, shape[1])
+    return QuantizedRows(rows, t.tensor_type, shape[1], order=_row_order(name, shape[0], cfg))
 
 
 def _row_order(name: str, n_rows: int, cfg: ModelConfig) -> np.ndarray | None:

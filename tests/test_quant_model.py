@@ -52,6 +52,10 @@ def rows_of(qtype: Q, m: int, n: int, seed: int) -> QuantizedRows:
     return random_rows(qtype, m, n // GGML_QUANT_SIZES[qtype][0], seed, scale=SCALE[qtype])
 
 
+def reordered(part: QuantizedRows, rng) -> QuantizedRows:
+    return QuantizedRows(part.data, part.qtype, part.n_cols, rng.permutation(part.n_rows))
+
+
 def kept_params(seed: int = 0) -> dict:
     """Engine params of CFG: matrices as blocks, norms float32."""
     rng = np.random.default_rng(seed)
@@ -62,12 +66,14 @@ def kept_params(seed: int = 0) -> dict:
         if len(shape) == 1:
             params[name] = (1.0 + 0.1 * rng.standard_normal(shape)).astype(np.float32)
         elif name == "embed.weight":  # the table in two parts, as kept_weight stacks them
-            params[name] = QuantizedWeight([rows_of(Q.Q8_0, 200, CFG.dim, seed + 1),
+            params[name] = QuantizedWeight([reordered(rows_of(Q.Q8_0, 200, CFG.dim, seed + 1), rng),
                                             rows_of(Q.Q4_1, CFG.vocab_size - 200, CFG.dim, seed + 2)], False)
         else:
             i, stream = int(name.split(".")[1]), name.split(".")[2]
             parts = [rows_of(q, m, shape[0], seed + 10 * i + j)
                      for j, (q, m) in enumerate(zip(FORMATS[i][stream], outs[stream]))]
+            if stream == "attn_in":  # q and k read in llama.cpp's order, as the kept loader reads them
+                parts[:2] = [reordered(p, rng) for p in parts[:2]]
             params[name] = QuantizedWeight(parts, transposed=True)
     return params
 
