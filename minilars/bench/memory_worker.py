@@ -21,6 +21,9 @@ steps, so they are resident as in any step after the first.
 
 --baseline measures the runtime baseline the planner adds (imports, backend,
 tokenizer; no weights). Method "frozen" runs the no-grad forward (the inference floor).
+A run does not keep the model's tokenizer (its steps read random ids), and gives the
+freed heap back after loading and after calibration, as `minilars finetune` does; the
+plan it reports leaves the tokenizer out accordingly.
 """
 from __future__ import annotations
 
@@ -131,7 +134,9 @@ def _method(args):
 
 
 def measure_baseline(args) -> dict:
-    """RSS with minilars, the backend and the tokenizer loaded, no weights."""
+    """RSS with minilars, the backend and the tokenizer loaded, no weights. On numba the
+    GGUF block decoders are compiled afterwards (into numba's on-disk cache, so that the
+    measured runs that follow only load those they use: compiling takes LLVM memory)."""
     backend_name, _ = _backend(args.backend)
     rss_imports = rss_mib()
     tokenizer_mib = None
@@ -142,17 +147,24 @@ def measure_baseline(args) -> dict:
         if path.suffix == ".gguf":
             from minilars.models import Tokenizer
             from minilars.models.gguf_loader import open_gguf
+            from minilars.pretrained import return_freed_heap
 
             reader = open_gguf(path)
             tok = Tokenizer.from_gguf(path, reader=reader)
             del reader
             gc.collect()
+            return_freed_heap()  # as load_model does: the reader's parse is freed memory
             tokenizer_mib = rss_mib() - rss_imports
             del tok
     gc.collect()
-    return {"mode": "baseline", "backend": backend_name, "rss_start_mib": RSS_START, "rss_imports_mib": rss_imports,
-            "tokenizer_mib": tokenizer_mib, "baseline_mib": rss_imports + (tokenizer_mib or 0),
-            "malloc": _malloc_env()}
+    result = {"mode": "baseline", "backend": backend_name, "rss_start_mib": RSS_START, "rss_imports_mib": rss_imports,
+              "tokenizer_mib": tokenizer_mib, "baseline_mib": rss_imports + (tokenizer_mib or 0),
+              "malloc": _malloc_env()}
+    if backend_name == "numba":
+        from minilars.backends.quant_kernels import warmup
+
+        warmup()
+    return result
 
 
 def _malloc_env() -> str:
@@ -166,6 +178,7 @@ def run(args) -> dict:
     from minilars.methods import apply_method
     from minilars.optim import AdamW
     from minilars.planner import plan_memory
+    from minilars.pretrained import return_freed_heap
 
     result = {"mode": "run", "model": args.model, "method": args.method, "seq_len": args.seq_len,
               "batch_size": args.batch_size, "weights": args.weights, "malloc": _malloc_env(),
@@ -174,8 +187,9 @@ def run(args) -> dict:
     result["backend"] = backend_name
     result["rss_imports_mib"] = rss_mib()
     t0 = time.perf_counter()
-    model = _load(args, backend)
+    model = _load(args, backend)  # the tokenizer is not kept: the steps run on random ids
     gc.collect()
+    return_freed_heap()
     result["load_seconds"] = time.perf_counter() - t0
     result["rss_loaded_mib"] = rss_mib()
     result["load_peak_mib"] = hwm_mib()
@@ -187,6 +201,8 @@ def run(args) -> dict:
     targets = rng.integers(0, vocab, (args.batch_size, args.seq_len))
     calibration = tokens[:, :args.calibration_tokens] if method.kind.needs_calibration else None
     apply_method(model, method, calibration)
+    gc.collect()
+    return_freed_heap()  # the calibration forward's work, freed (finetune does the same)
     result["method_described"] = method.describe()
     result["storage"] = args.storage if method.kind.reads("storage") else ""
     result["rank"] = args.rank if method.kind.has_rank else None
@@ -203,7 +219,7 @@ def run(args) -> dict:
 
     result["weights_held"] = weight_summary(model)
     plan = plan_memory(model.cfg, method, args.seq_len, args.batch_size, weight_format_of(model), backend_name,
-                       inference=not training, model_name=args.model)
+                       inference=not training, model_name=args.model, tokenizer=False)
     result["plan"] = {"total": plan.total, "baseline": plan.baseline, "weights": plan.weights,
                       "trainable": plan.trainable, "optimizer": plan.optimizer, "gradients": plan.gradients,
                       "activation_store": plan.activation_store, "transient": plan.transient,

@@ -268,6 +268,9 @@ def _run_owning(opts, out: Path, started: float, available: int | None, group=No
     calibration = _calibration_rows(opts, rows, tokenizer, cfg.max_seq_len)
     _prepare_model(model, method, opts, calibration.tokens, calibration.real, group)
     method = model.method
+    from minilars.pretrained import return_freed_heap
+
+    return_freed_heap()  # calibration's work arrays, freed: not resident while training
 
     from minilars.peft_io import model_fingerprint
 
