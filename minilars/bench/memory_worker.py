@@ -9,6 +9,7 @@ tokens, and prints one JSON object. AdamW's m and v are written once before the
 steps, so they are resident as in any step after the first.
 
     rss_*_mib          VmRSS after start, imports (+ numba warm-up), loading, method set-up
+    rss_*_parts        the same split into RssAnon and RssFile (file pages: libraries, the GGUF map)
     load_peak_mib      VmHWM after loading (the loader's peak)
     step_peak_mib      VmHWM over all steps: the kernel's high-water mark is reset
                        (`echo 5 > /proc/self/clear_refs`) just before the first step
@@ -56,6 +57,13 @@ def rss_mib() -> float | None:
 def hwm_mib() -> float | None:
     kib = _status_kib("VmHWM")
     return None if kib is None else kib / 1024
+
+
+def anon_file_mib() -> dict:
+    """RSS split into anonymous memory (the heap, arrays) and file-backed pages (the
+    libraries' code, the memory-mapped GGUF's blocks), which the kernel can drop and
+    read again under memory pressure."""
+    return {key: (None if (kib := _status_kib(key)) is None else kib / 1024) for key in ("RssAnon", "RssFile")}
 
 
 def maxrss_mib() -> float:
@@ -186,12 +194,14 @@ def run(args) -> dict:
     backend_name, backend = _backend(args.backend)
     result["backend"] = backend_name
     result["rss_imports_mib"] = rss_mib()
+    result["rss_imports_parts"] = anon_file_mib()
     t0 = time.perf_counter()
     model = _load(args, backend)  # the tokenizer is not kept: the steps run on random ids
     gc.collect()
     return_freed_heap()
     result["load_seconds"] = time.perf_counter() - t0
     result["rss_loaded_mib"] = rss_mib()
+    result["rss_loaded_parts"] = anon_file_mib()
     result["load_peak_mib"] = hwm_mib()
 
     method = _method(args)
@@ -214,6 +224,7 @@ def run(args) -> dict:
             state[...] = 0  # in every step after the first, even with --warmup 0
     gc.collect()
     result["rss_ready_mib"] = rss_mib()
+    result["rss_ready_parts"] = anon_file_mib()
 
     from minilars.pretrained import weight_format_of, weight_summary
 
@@ -250,6 +261,7 @@ def run(args) -> dict:
         if i >= args.warmup:
             times.append(time.perf_counter() - start)
     result["steady_peak_mib"] = hwm_mib()
+    result["rss_after_steps_parts"] = anon_file_mib()
     warm = result.get("step_peak_warmup_mib")
     result["step_peak_mib"] = max(result["steady_peak_mib"], warm) if warm else result["steady_peak_mib"]
     result["peak_rss_mib"] = max(result["pre_step_peak_mib"] or 0, maxrss_mib())
