@@ -67,6 +67,22 @@ def _config(spec: str):
                      "HF directory")
 
 
+def _has_tokenizer(spec: str) -> bool | None:
+    """Whether loading `spec` builds a tokenizer the process then holds: a GGUF with
+    tokenizer.ggml.tokens, an HF directory with tokenizer.json; None (the planner's
+    default) for a preset name."""
+    from pathlib import Path
+
+    path = Path(spec).expanduser()
+    if path.suffix == ".gguf" and path.is_file():
+        from minilars.models.gguf_loader import open_gguf
+
+        return "tokenizer.ggml.tokens" in open_gguf(path).fields
+    if path.is_dir():
+        return (path / "tokenizer.json").is_file()
+    return None
+
+
 def method_from_args(args):
     """The MethodConfig of --method, at the method's typical rank when --rank is not given."""
     from minilars.methods import MethodConfig, method_class
@@ -86,7 +102,9 @@ def run(args) -> int:
     method = method_from_args(args)
     backend = backend_name(args.backend)
     weights = planned_weights(args.model, args.weights)
-    plan = plan_memory(cfg, method, args.seq_len, args.batch_size, weights, backend, model_name=args.model)
+    tokenizer = _has_tokenizer(args.model)
+    plan = plan_memory(cfg, method, args.seq_len, args.batch_size, weights, backend, model_name=args.model,
+                       tokenizer=tokenizer)
     print(plan.describe())
     if args.phases:
         print("moments (total at each):")
@@ -96,11 +114,11 @@ def run(args) -> int:
         budget = parse_size(args.max_memory)
         kept = planned_weights(args.model, "keep")
         formats = fitting_weight_formats(cfg, method, args.seq_len, args.batch_size, budget, backend,
-                                         kept=kept if isinstance(kept, dict) else None)
+                                         kept=kept if isinstance(kept, dict) else None, tokenizer=tokenizer)
         print(f"weight formats in {format_size(budget)}: " + ", ".join(
             f"{name} {format_size(total)} ({'fits' if fits else 'does not fit'})" for name, total, fits in formats))
         try:
-            check_budget(cfg, method, args.seq_len, args.batch_size, weights, budget, backend)
+            check_budget(cfg, method, args.seq_len, args.batch_size, weights, budget, backend, tokenizer=tokenizer)
         except ValueError as exc:
             print(f"does not fit in {format_size(budget)}: {exc}")
             return 1
