@@ -213,6 +213,7 @@ def cross_entropy_head(x: torch.Tensor, head: QuantizedWeight, targets: torch.Te
         if need_dx:
             acc = acc * c[:, None].to(x.dtype) + z @ e
             e_target[mine] = e[t[mine] - v0]
+        del z, e  # before the next tile's: one tile and its logits at a time
     lse = m + torch.log(s)
     loss = float(torch.where(valid, lse - z_target, 0.0).sum()) / n_valid
     dx = None

@@ -504,13 +504,14 @@ class ShapeBackend(Backend):
 
     # ---------------------------------------------------------------- weights kept as GGUF blocks
     # A QuantizedWeight (minilars/quant.py) whose parts hold ShapeArrays of uint8: its
-    # bytes are counted as the blocks are, and a product holds, for a moment, the one
-    # float32 tile buffer it refills (decoded_tiles), the tile's product before it is
-    # added or copied into the output, and, outside numba, what gguf-py's decoder
-    # makes while it fills the tile (2.2-2.3 tiles on every format, by tracemalloc).
-    def _tile_work(self, rows: int, n: int) -> int:
+    # bytes are counted as the blocks are. A product holds, besides its output, the one
+    # float32 tile buffer it refills (decoded_tiles) and, one after the other, what
+    # gguf-py's decoder makes while it fills the tile (outside numba: 2.2-2.3 tiles on
+    # every format, by tracemalloc) and the tile's product before it is added or copied
+    # into the output.
+    def _tile_work(self, rows: int, n: int, product: int) -> int:
         tile = rows * n * 4
-        return tile + (0 if self.flavour == "numba" else 23 * tile // 10)
+        return tile + max(0 if self.flavour == "numba" else 23 * tile // 10, product)
 
     def _quantized_product(self, a, w, forward: bool, stored_t: bool):
         """x S^T (stored_t, out (N, m)) or x S (out (N, n)), one tile of S at a time."""
@@ -520,7 +521,7 @@ class ShapeBackend(Backend):
         m, n = w.stored_shape
         rows = min(max(1, TILE_ELEMENTS // n), max(p.n_rows for p in w.parts))
         out = self.new((a.shape[0], m if stored_t else n), a.dtype)
-        self._spike(self._tile_work(rows, n) + a.shape[0] * (rows if stored_t else n) * a.itemsize)
+        self._spike(self._tile_work(rows, n, a.shape[0] * (rows if stored_t else n) * a.itemsize))
         return out
 
     @_moment(None, forward=True)
@@ -574,8 +575,9 @@ class ShapeBackend(Backend):
         """A table kept as blocks: the rows of each part, decoded into a buffer
         (at most every token's) before they are copied into place."""
         if is_quantized(table):
-            self._spike(self._tile_work(tokens.shape[0], table.shape[1]))
-            return self.new((tokens.shape[0], table.shape[1]), np.float32)
+            out = self.new((tokens.shape[0], table.shape[1]), np.float32)
+            self._spike(self._tile_work(tokens.shape[0], table.shape[1], 0))
+            return out
         return self.new((tokens.shape[0], table.shape[1]), table.dtype)
 
     @_moment("embedding", outside_blocks=True)
@@ -726,15 +728,16 @@ class ShapeBackend(Backend):
 
     def _quantized_loss(self, x, head, need_dx):
         """minilars.quant.cross_entropy_head: dx (N, d) is its running sum a; besides it
-        E[t] (N, d), a vocabulary tile of E and its logits (N, tile), the product p E
-        (N, d) and the running statistics m, s, z_t and the rescaling c (N,) float64."""
+        E[t] (N, d), the tile buffer of E's rows, and then either the decoder's work or
+        a tile's logits (N, tile) with the product p E (N, d); the running statistics
+        m, s, z_t and the rescaling c are (N,) float64."""
         from minilars.quant import LOSS_TILE_ELEMENTS
 
         n, d = x.shape
         rows = min(max(1, LOSS_TILE_ELEMENTS // max(n, 1)), head.stored_shape[0])
         dx = self.new(x.shape, x.dtype) if need_dx else None
-        work = self._tile_work(rows, d) + n * rows * x.itemsize + 4 * n * 8
-        self._spike(work + (2 * x.nbytes if need_dx else 0))
+        product = n * rows * x.itemsize + (x.nbytes if need_dx else 0)
+        self._spike(self._tile_work(rows, d, product) + 4 * n * 8 + (x.nbytes if need_dx else 0))
         return 0.0, n, dx, None
 
     @_moment("optimizer step")

@@ -301,6 +301,7 @@ def cross_entropy_head(x: np.ndarray, head: QuantizedWeight, targets: np.ndarray
             acc *= c[:, None].astype(x.dtype)
             acc += z @ e  # (N, d)
             e_target[mine] = e[t[mine] - v0]
+        del z  # before the next tile's logits form: one (N, tile) array at a time
     lse = m + np.log(s)  # (N,)
     loss = float(np.sum((lse - z_target)[valid])) / n_valid
     dx = None

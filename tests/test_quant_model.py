@@ -299,3 +299,98 @@ def test_smollm2_kept_generates_as_float32(smollm2_path):
     assert list(generate_ids(kept, prompt, 8)) == list(generate_ids(floats, prompt, 8))
     tokens = np.array([prompt])
     assert_close(kept.logits(tokens), floats.logits(tokens), name="logits")
+
+
+# ---------------------------------------------------------------- the shape backend
+def _shape_kernels():
+    x_rows, d, f, vocab = 512, 576, 1536, 4096
+    return {
+        "matmul (x S^T)": (lambda be, a: be.matmul(a["x"], a["w_in"])),
+        "matmul_nt (dy S)": (lambda be, a: be.matmul_nt(a["dy"], a["w_in"])),
+        "matmul_nt of the table (x E^T)": (lambda be, a: be.matmul_nt(a["x"], a["table"])),
+        "embedding_forward": (lambda be, a: be.embedding_forward(a["table"], a["tokens"])),
+        "cross_entropy_head": (lambda be, a: be.cross_entropy_head(a["x"], a["table"], a["tokens"], 128, -100,
+                                                                   True, False)),
+    }, {"x": (x_rows, d), "dy": (x_rows, 2 * f), "w_in": ((("Q4_1", 2 * f),), d, True), "table": ((("Q8_0", vocab),), d, False),
+        "vocab": vocab, "rows": x_rows}
+
+
+@pytest.mark.parametrize("flavour", ["numpy", "numba"])
+@pytest.mark.parametrize("kernel", list(_shape_kernels()[0]))
+def test_shape_backend_counts_blocks_and_one_tile(kernel, flavour):
+    """A frozen product over blocks on the shape backend (backends/shape_backend.py)
+    counts what tracemalloc sees the real kernel hold: its output, the one tile
+    buffer, the tile's product, and (numpy) gguf-py's decoding temporaries; within
+    10 % or 128 KiB (the decoder's temporaries are stated as 2.3 tiles)."""
+    import tracemalloc
+
+    from minilars.backends.shape_backend import ShapeBackend
+    from minilars.quant import weight_of_formats
+
+    kernels, spec = _shape_kernels()
+    real = backend(flavour)
+    rng = np.random.default_rng(0)
+
+    def random_weight(formats, n, transposed):
+        (name, rows), = formats
+        return QuantizedWeight([random_rows(Q[name], rows, n // 32, 1, SCALE[Q[name]])], transposed)
+
+    arrays = {"x": rng.standard_normal(spec["x"]).astype(np.float32),
+              "dy": rng.standard_normal(spec["dy"]).astype(np.float32),
+              "w_in": random_weight(*spec["w_in"]), "table": random_weight(*spec["table"]),
+              "tokens": rng.integers(0, spec["vocab"], spec["rows"])}
+    kernels[kernel](real, arrays)  # numba: load this layout's decoder outside the measurement
+    if flavour == "numba":
+        import numba
+
+        threads = numba.get_num_threads()
+        numba.set_num_threads(1)
+    tracemalloc.start()
+    try:
+        base = tracemalloc.get_traced_memory()[0]
+        out = kernels[kernel](real, arrays)
+        now, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+        if flavour == "numba":
+            numba.set_num_threads(threads)
+    del out
+    be = ShapeBackend(flavour, threads=1)
+    shaped = {"x": be.new(spec["x"], "float32"), "dy": be.new(spec["dy"], "float32"), "tokens": be.new((spec["rows"],), "int64"),
+              **{k: weight_of_formats(*spec[k], lambda shape: be.new(shape, "uint8")) for k in ("w_in", "table")}}
+    start = be.ledger.bytes_now
+    be.ledger.reset()
+    shaped_out = kernels[kernel](be, shaped)
+    assert (be.ledger.bytes_peak - start, be.ledger.bytes_now - start) == \
+        (pytest.approx(peak - base, rel=0.1, abs=128 * 1024), pytest.approx(now - base, rel=0.1, abs=128 * 1024))
+    del shaped_out
+
+
+# ---------------------------------------------------------------- calibration and bench memory's cgroups
+def test_lars_calibrates_over_blocks_as_over_their_floats():
+    """The bases found over kept blocks span what the floats' bases span (P P^T equal
+    to float32 rounding: the range finder sees the same activations up to rounding)."""
+    be = get_backend("numpy")
+    params = kept_params()
+    kept, dense = Model(CFG, params, backend=be), Model(CFG, dense_params(params), backend=be)
+    tokens = np.random.default_rng(5).integers(0, CFG.vocab_size, (2, 32))
+    ours, _ = calibrate(kept, tokens, 8, seed=0)
+    theirs, _ = calibrate(dense, tokens, 8, seed=0)
+    assert ours.keys() == theirs.keys()
+    for name in ours:
+        assert_close(ours[name] @ ours[name].T, theirs[name] @ theirs[name].T, tol=(1e-3, 1e-3), name=name)
+
+
+def test_memory_limit_says_why_it_cannot(monkeypatch, capsys):
+    """Without root no memory cgroup can be made: bench memory --memory-limit stops
+    with the reason instead of running unlimited."""
+    import os
+
+    from minilars.bench.cgroup import CgroupUnavailable, MemoryLimit
+    from minilars.cli import main
+
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    with pytest.raises(CgroupUnavailable, match="root"):
+        MemoryLimit.create(512 << 20)
+    assert main(["bench", "memory", "--quick", "--memory-limit", "512MiB", "--out", "unused"]) == 2
+    assert "cannot run inside a memory limit here" in capsys.readouterr().err
