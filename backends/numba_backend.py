@@ -231,7 +231,8 @@ class NumbaBackend(NumpyBackend):
 
     def cross_entropy_head(self, x, head, targets, chunk, ignore_index, need_dx, need_dhead):
         targets = np.asarray(targets)
-        if is_quantized(head) or not _jittable(x) or x.ndim != 2 or targets.shape != (x.shape[0],) or targets.dtype.kind not in "iu":
+        if (is_quantized(head) or not _jittable(x) or x.ndim != 2 or targets.shape != (x.shape[0],)
+                or targets.dtype.kind not in "iu"):
             return super().cross_entropy_head(x, head, targets, chunk, ignore_index, need_dx, need_dhead)
         n = x.shape[0]
         n_vocab = head.shape[0]
