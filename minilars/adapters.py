@@ -26,7 +26,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from .backends import Array, Backend
-from .sites import LinearSite
+from .backends.base import is_quantized
+from .sites import LinearSite, dense_weight
 
 
 class _AdapterSite(LinearSite):
@@ -114,7 +115,7 @@ class LoRASite(_AdapterSite):
 
     def to_linear(self, be):
         delta = self.delta(be)
-        return be.cast(self.weight, delta.dtype) + delta
+        return be.cast(dense_weight(self.weight, be), delta.dtype) + delta
 
 
 # ---------------------------------------------------------------- IA3
@@ -185,7 +186,7 @@ class IA3Site(_AdapterSite):
         return (be.matmul_nt(dy, self.weight) if need_dx else None), grads
 
     def to_linear(self, be):
-        w = be.cast(self.weight, self.scales[next(iter(self.scales))].dtype)
+        w = be.cast(dense_weight(self.weight, be), self.scales[next(iter(self.scales))].dtype)
         if self.scale_input:
             return w * self.scales["input"][:, None] if self.targets else w
         w = w + 0  # a copy
@@ -217,7 +218,9 @@ class LARSSite(_AdapterSite):
         dM_s = z^T dy_s,   dx = dy W^T + (sum_s dy_s M_s^T) P^T.
 
     Between merge() and unmerge() (Model holds one block's sites merged while that
-    block runs forward or backward) the site computes with W_eff itself:
+    block runs forward or backward) the site computes with W_eff itself (except over
+    a weight kept as GGUF blocks, which is never merged: W_eff would be a float copy
+    of the block's weights; the site then runs y = x W + z M over the blocks):
         y = x W_eff,   dx = dy W_eff^T
     the same quantities, one (N, d_in) x (d_in, d_out) product each instead of the
     frozen product plus the rank-r products z M and (dy M^T) P^T, which are thin and
@@ -242,8 +245,9 @@ class LARSSite(_AdapterSite):
 
     def merge(self, be) -> None:
         """Form W_eff = W + P M for the products that follow, until unmerge(); M must
-        not change in between (the optimizer steps after the whole backward)."""
-        if self.targets:
+        not change in between (the optimizer steps after the whole backward). A weight
+        kept as blocks stays unmerged."""
+        if self.targets and not is_quantized(self.weight):
             self.merged = self.to_linear(be)
 
     def unmerge(self) -> None:
@@ -288,7 +292,7 @@ class LARSSite(_AdapterSite):
         return dx, grads
 
     def to_linear(self, be):
-        w = be.cast(self.weight, self.basis.dtype) + 0
+        w = be.cast(dense_weight(self.weight, be), self.basis.dtype) + 0
         for s in self.targets:
             w[:, self.slices[s]] += be.matmul(self.basis, self.M[s])
         return w

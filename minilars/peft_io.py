@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .backends.base import is_quantized
 from .files import atomic_write, write_text
 from .methods import method_for_adapter
 from .model import Model
@@ -50,7 +51,11 @@ def model_fingerprint(model: Model) -> str:
     mean the same base model."""
     digest = hashlib.sha256(json.dumps(model.cfg.identity(), sort_keys=True, default=str).encode())
     for name in ("embed.weight", "final_norm.weight", "blocks.0.attn_in.weight"):
-        sample = np.ascontiguousarray(model.be.to_numpy(model.params[name]).reshape(-1)[:4096], dtype=np.float32)
+        p = model.params[name]
+        if is_quantized(p):  # GGUF blocks: the same values, dequantised (a few rows, not the table)
+            sample = p.first_values(4096, model.be.decode_tile)
+        else:
+            sample = np.ascontiguousarray(model.be.to_numpy(p).reshape(-1)[:4096], dtype=np.float32)
         digest.update(np.round(sample, 4).tobytes())
     return digest.hexdigest()[:16]
 

@@ -20,6 +20,8 @@ attention output (its MLP norm is pre_feedforward_layernorm).
 """
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 
 from .config import ModelConfig
@@ -99,24 +101,35 @@ def from_hf(cfg: ModelConfig, state: dict[str, np.ndarray], dtype=np.float32) ->
     """Engine parameters from a Hugging Face state dict of `cfg`'s family. The dict is
     consumed: each HF array is popped once converted, so the peak stays near one copy
     of the weights plus one block."""
-    out = {"embed.weight": np.ascontiguousarray(state.pop("model.embed_tokens.weight"), dtype=dtype),
+    embed = state.pop("model.embed_tokens.weight")
+    out = {"embed.weight": _kept([embed], False) or np.ascontiguousarray(embed, dtype=dtype),
            "final_norm.weight": np.asarray(state.pop("model.norm.weight"), dtype=dtype)}
     if not cfg.tie_embeddings:
-        out["head.weight"] = np.ascontiguousarray(state.pop("lm_head.weight"), dtype=dtype)
+        head = state.pop("lm_head.weight")
+        out["head.weight"] = _kept([head], False) or np.ascontiguousarray(head, dtype=dtype)
     norms = hf_block_names(cfg)
     for i in range(cfg.n_layers):
         pre = f"model.layers.{i}."
         for engine, hf in norms.items():
             out[f"blocks.{i}.{engine}"] = np.asarray(state.pop(pre + hf), dtype=dtype)
         for stream, projs in STREAMS.items():
-            cols = [np.asarray(state.pop(f"{pre}{module}.weight"), dtype=dtype).T for _, module in projs]
-            out[f"blocks.{i}.{stream}.weight"] = np.ascontiguousarray(np.concatenate(cols, axis=1))
+            tensors = [state.pop(f"{pre}{module}.weight") for _, module in projs]
+            out[f"blocks.{i}.{stream}.weight"] = _kept(tensors, True) or np.ascontiguousarray(
+                np.concatenate([np.asarray(t, dtype=dtype).T for t in tensors], axis=1))
             if has_bias(cfg, stream):
                 biases = [np.asarray(state.pop(f"{pre}{module}.bias"), dtype=dtype) for _, module in projs]
                 out[f"blocks.{i}.{stream}.bias"] = np.concatenate(biases)
     state.pop("lm_head.weight", None)  # tied checkpoints sometimes store a copy
     check_shapes(cfg, out)
     return out
+
+
+def _kept(tensors: list, transposed: bool):
+    """One engine weight kept as GGUF blocks when any of the HF tensors is
+    (minilars.quant.kept_weight: their stored rows stacked); None when all are floats.
+    No blocks exist before minilars.quant is imported, so the check imports nothing."""
+    quant = sys.modules.get("minilars.quant")
+    return quant.kept_weight(tensors, transposed) if quant is not None else None
 
 
 def to_hf(cfg: ModelConfig, params: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -421,29 +421,42 @@ def load_gguf(path: str | Path, dtype=np.float32, reader: gguf.GGUFReader | None
     reader = open_gguf(path) if reader is None else reader
     cfg = config_from_gguf(reader, path)
     fam = FAMILIES[cfg.family]
+    state = {}
+    for t, name, shape in checked_tensors(reader, cfg, path, SUPPORTED_TYPES):
+        state[name] = _dequantize(t, shape, dtype, cfg, fam, name)
+        if not np.isfinite(state[name]).all():  # no trained model holds them: damaged bytes
+            raise ModelLoadError("holds NaN or inf values; the file is corrupt", path, t.name)
+    return cfg, in_forward_order(state, cfg, path)
+
+
+def checked_tensors(reader, cfg: ModelConfig, path: Path, types):
+    """(tensor, HF name, HF shape) for each weight of the file, its name, type and
+    shape checked against the config before anything is read."""
     shapes = expected_shapes(cfg)
-    state: dict[str, np.ndarray] = {}
     for t in reader.tensors:
         if t.name == "rope_freqs.weight":  # Llama 3's rope scaling, read into cfg.rope_scaling
             continue
         name = hf_name(t.name, cfg)
         if name is None or name not in shapes:
             raise ModelLoadError(f"unexpected tensor for a {cfg.family} model with this config", path, t.name)
-        if t.tensor_type not in SUPPORTED_TYPES:
-            raise ModelLoadError(f"type {t.tensor_type.name} is not supported "
-                                 f"(supported: {', '.join(q.name for q in SUPPORTED_TYPES)})", path, t.name)
+        if t.tensor_type not in types:
+            raise ModelLoadError(f"type {t.tensor_type.name} is not supported here "
+                                 f"(supported: {', '.join(q.name for q in types)})", path, t.name)
         shape = tuple(int(x) for x in reversed(t.shape))  # GGUF dims are fastest-first
         if shape != shapes[name]:
             raise ModelLoadError(f"shape {shape} does not match the config, which implies "
                                  f"{shapes[name]} for {name}", path, t.name)
-        state[name] = _dequantize(t, shape, dtype, cfg, fam, name)
-        if not np.isfinite(state[name]).all():  # no trained model holds them: damaged bytes
-            raise ModelLoadError("holds NaN or inf values; the file is corrupt", path, t.name)
+        yield t, name, shape
+
+
+def in_forward_order(state: dict, cfg: ModelConfig, path: Path) -> dict:
+    """The state dict in forward-pass order, whatever the file's order; a missing tensor is named."""
+    shapes = expected_shapes(cfg)
     missing = [n for n in shapes if n not in state]
     if missing:
         raise ModelLoadError(f"{len(missing)} tensors missing, first {gguf_name(missing[0], cfg)!r} "
                              f"({missing[0]})", path)
-    return cfg, {name: state[name] for name in shapes}  # forward-pass order, whatever the file's order
+    return {name: state[name] for name in shapes}
 
 
 def _dequantize(t, shape: tuple[int, ...], dtype: np.dtype, cfg: ModelConfig, fam: Family, name: str
