@@ -6,8 +6,9 @@ size of each mmapped block freed (up to 32 MiB). After the first few frees, ever
 tensor under 32 MiB comes from the heap, and a heap keeps its freed blocks resident
 (it returns memory only from its top). A step that recomputes decoder layers frees
 and allocates each layer's activations in a new order, so the heap grows layer
-after layer while the bytes in use stay flat: at T = 2048 on SmolLM2-135M, 290 MiB
-in use against 1,150 MiB of free heap held (docs/hf.md, "Where the memory went").
+after layer while the bytes in use stay flat: at T = 2048 on SmolLM2-135M, 283 MiB
+in use against 1,121 MiB of free heap held after backward (docs/hf.md, "Where the
+memory went").
 
 Fixing the threshold (mallopt M_MMAP_THRESHOLD) stops the raising: every block at
 or above it is mmapped and unmapped when freed, so resident memory follows the
