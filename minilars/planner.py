@@ -122,6 +122,7 @@ class MemoryPlan:
     n_trainable: int = 0
     phases: tuple = ()  # (moment, total bytes) for every moment modelled, in step order
     calibration_peak: int = 0  # peak while the method was applied (LARS: its calibration forward), baseline included
+    disk: int = 0  # bytes the `offload` storage policy writes to its file at the peak (not RAM; not in total)
 
     @property
     def persistent(self) -> int:
@@ -147,6 +148,8 @@ class MemoryPlan:
             lines.append(f"  {name.ljust(width)}  {format_size(value):>12}")
         lines.append(f"  {'activation store peak (its own)'.ljust(width)}  {format_size(self.store_peak):>12}")
         lines.append(f"  {'peak while applying the method'.ljust(width)}  {format_size(self.calibration_peak):>12}")
+        if self.disk:
+            lines.append(f"  {'offloaded to disk (not in RAM)'.ljust(width)}  {format_size(self.disk):>12}")
         return "\n".join(lines)
 
 
@@ -295,7 +298,7 @@ def plan_memory(cfg: ModelConfig, method: MethodConfig | str, seq_len: int, batc
         store_peak=step.store.bytes_peak, store_peak_by_kind=step.store.peak_by_kind(),
         n_trainable=model.n_trainable(),
         phases=tuple((moment, baseline + total) for moment, total in ledger.moments.items()),
-        calibration_peak=baseline + calibration_peak)
+        calibration_peak=baseline + calibration_peak, disk=step.store.disk_peak)
 
 
 def _model_name(cfg: ModelConfig) -> str:
