@@ -415,6 +415,8 @@ class _ShapeOffload:
 
     def free(self, spilled) -> None:
         self.bytes_now -= spilled.nbytes
+        if self.bytes_now == 0:
+            self.buffer = None  # OffloadFile drops its buffer with its last bytes
 
 
 class ShapeBackend(Backend):

@@ -16,7 +16,8 @@ written back, as any file's).
     .read(spilled) -> array   the bytes back into the reused buffer (a view of it: the
                               caller copies or casts before the next read)
     .free(spilled)            the bytes no longer needed; when none are, the file is
-                              truncated and the next step writes from offset 0
+                              truncated, the buffer dropped, and the next step writes
+                              from offset 0
 """
 from __future__ import annotations
 
@@ -87,9 +88,10 @@ class OffloadFile:
 
     def free(self, spilled: Spilled) -> None:
         self.bytes_now -= spilled.nbytes
-        if self.bytes_now == 0:  # nothing left to read: start over, give the disk back
+        if self.bytes_now == 0:  # nothing left to read: start over, give the disk and the buffer back
             os.ftruncate(self.fd, 0)
             self.end = 0
+            self._buffer = np.empty(0, dtype=np.uint8)
 
     def close(self) -> None:
         if self.fd >= 0:
