@@ -11,6 +11,7 @@ import os
 import numpy as np
 import pytest
 
+from minilars.backends import get_backend
 from minilars.config import preset
 from minilars.files import WriteError
 from minilars.methods import MethodConfig, apply_method
@@ -33,7 +34,7 @@ def _step(storage, backend="numpy", seed=0, t=13):
     model = Model.random(TINY, seed=1, backend=backend, attention_tile=4)
     apply_method(model, MethodConfig("lars", rank=4, storage=storage), calibration_tokens=tokens)
     for p in model.trainable().values():
-        p += 0.3 * np.random.default_rng(2).standard_normal(p.shape).astype(p.dtype)
+        p += model.be.asarray(0.3 * np.random.default_rng(2).standard_normal(p.shape), "float32")
     tape = model.forward(tokens, targets)
     store = tape.store
     kept = (store.bytes_peak, store.disk_peak)  # after the forward
@@ -49,17 +50,19 @@ def test_policy_parses_with_and_without_a_directory():
     assert StoragePlan.from_mapping(dict(_offload())).recompute_blocks
 
 
-@pytest.mark.parametrize("backend", ["numpy", "numba"])
+@pytest.mark.parametrize("backend", ["numpy", "numba", "torch"])
 def test_offloaded_step_gives_the_same_gradients_bit_for_bit(backend, tmp_path):
-    if backend == "numba":
-        pytest.importorskip("numba")
+    if backend != "numpy":
+        pytest.importorskip(backend)
     loss_half, half, (ram_half, disk_half), _ = _step(DEFAULT, backend)
     loss_off, off, (ram_off, disk_off), _ = _step(_offload(tmp_path), backend)
-    assert loss_off == loss_half
+    assert float(loss_off) == float(loss_half)
     assert set(off) == set(half)
+    to_numpy = get_backend(backend).to_numpy
     for name in half:
-        assert off[name].dtype == half[name].dtype and off[name].shape == half[name].shape
-        assert off[name].tobytes() == half[name].tobytes(), name
+        a, b = to_numpy(half[name]), to_numpy(off[name])
+        assert a.dtype == b.dtype and a.shape == b.shape
+        assert a.tobytes() == b.tobytes(), name
     # the float16 block inputs moved from the store's RAM to the file: N d 2 bytes per block
     per_block = 2 * 13 * TINY.dim * 2
     assert disk_half == 0 and disk_off == TINY.n_layers * per_block
