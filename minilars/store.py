@@ -107,8 +107,8 @@ def parse_policy(text: str | Policy) -> Policy:
         return Offload(offload.group(1) or None)
     match = _POLICY_RE.match(text)
     if not match:
-        raise ValueError(f"cannot read storage policy {text!r}; expected exact, half, offload, offload(DIR), recompute, "
-                         "subspace(R) or subspace(R, calibration)")
+        raise ValueError(f"cannot read storage policy {text!r}; expected exact, half, offload, offload(DIR), "
+                         "recompute, subspace(R) or subspace(R, calibration)")
     kind, rank, source = match.groups()
     if kind == "subspace":
         if rank is None:

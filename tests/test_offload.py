@@ -107,7 +107,10 @@ def test_full_disk_names_the_file_and_the_bytes(tmp_path, monkeypatch):
 
 
 def test_full_disk_stops_the_step_with_that_message(tmp_path, monkeypatch):
-    monkeypatch.setattr(os, "pwrite", lambda fd, data, offset: (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space left on device")))
+    def no_space(fd, data, offset):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "pwrite", no_space)
     with pytest.raises(WriteError, match=r"cannot write .*minilars-offload-.*No space left on device"):
         _step(_offload(tmp_path))
 
