@@ -22,7 +22,8 @@ machine's available memory are skipped with the reason.
 
 --malloc-mmap-threshold BYTES runs every system's worker with MALLOC_MMAP_THRESHOLD_
 set (the baselines under the allocator setting LARS makes itself);
---lars-cpu-mmap-threshold none runs LARS with glibc's allocator left as it is.
+--lars-cpu-mmap-threshold none runs LARS with glibc's allocator left as it is;
+--lars-mlp-chunk-tokens none runs each layer's MLP whole (LarsConfig.mlp_chunk_tokens=None).
 
 Needs minilars[hf] (torch, transformers, peft) and `minilars models pull smollm2-135m`.
 """
@@ -56,6 +57,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="set MALLOC_MMAP_THRESHOLD_ (bytes) for every worker: glibc's mmap threshold fixed")
     p.add_argument("--lars-cpu-mmap-threshold", default=str(1 << 20),
                    help="LarsConfig.cpu_mmap_threshold in bytes, or 'none' (allocator left alone)")
+    p.add_argument("--lars-mlp-chunk-tokens", default="1024",
+                   help="LarsConfig.mlp_chunk_tokens, or 'none' (each layer's MLP run whole)")
     p.add_argument("--json", help="append each point's result as one JSON line to this file")
     p.add_argument("--worker", metavar="SYSTEM", help=argparse.SUPPRESS)  # one point, in this process
     p.add_argument("--seq-len", type=int, help=argparse.SUPPRESS)
@@ -91,7 +94,9 @@ def worker(args) -> dict:
 
         calibration = torch.from_numpy(np.random.default_rng(args.seed + 1).integers(0, vocab, (1, 512)))
         threshold = None if args.lars_cpu_mmap_threshold == "none" else int(args.lars_cpu_mmap_threshold)
-        model = get_lars_model(model, LarsConfig(r=args.lars_rank, cpu_mmap_threshold=threshold), calibration)
+        chunk = None if args.lars_mlp_chunk_tokens == "none" else int(args.lars_mlp_chunk_tokens)
+        config = LarsConfig(r=args.lars_rank, cpu_mmap_threshold=threshold, mlp_chunk_tokens=chunk)
+        model = get_lars_model(model, config, calibration)
     else:
         if args.worker == "lora-gc":
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -123,6 +128,7 @@ def worker(args) -> dict:
             "steps_s": times, "first_loss": losses[0], "trainable": sum(p.numel() for p in params),
             "malloc_mmap_threshold": os.environ.get("MALLOC_MMAP_THRESHOLD_"),
             "lars_cpu_mmap_threshold": args.lars_cpu_mmap_threshold if args.worker == "lars" else None,
+            "lars_mlp_chunk_tokens": args.lars_mlp_chunk_tokens if args.worker == "lars" else None,
             "torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__}
 
 
@@ -142,7 +148,7 @@ def run_point(args, system: str, seq_len: int) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", system, "--seq-len", str(seq_len),
            "--model", args.model, "--warmup", str(args.warmup), "--steps", str(args.steps), "--threads", str(args.threads),
            "--lars-rank", str(args.lars_rank), "--lora-rank", str(args.lora_rank), "--seed", str(args.seed),
-           "--lars-cpu-mmap-threshold", args.lars_cpu_mmap_threshold]
+           "--lars-cpu-mmap-threshold", args.lars_cpu_mmap_threshold, "--lars-mlp-chunk-tokens", args.lars_mlp_chunk_tokens]
     # Passive OpenMP waits: on a shared machine, threads spinning for a busy core multiply step times.
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "OMP_WAIT_POLICY": "PASSIVE"}
     if args.malloc_mmap_threshold is not None:
@@ -169,7 +175,8 @@ def main(argv=None) -> int:
     systems = args.systems.split(",")
     print(f"uptime: {open('/proc/loadavg').read().split()[:3]} (1, 5, 15 min load), "
           f"{args.threads} threads; one process per point; MALLOC_MMAP_THRESHOLD_={args.malloc_mmap_threshold}, "
-          f"LARS cpu_mmap_threshold={args.lars_cpu_mmap_threshold}", flush=True)
+          f"LARS cpu_mmap_threshold={args.lars_cpu_mmap_threshold}, mlp_chunk_tokens={args.lars_mlp_chunk_tokens}",
+          flush=True)
     last: dict[str, dict] = {}
     rows = []
     for seq_len in seq_lens:

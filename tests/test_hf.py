@@ -18,6 +18,7 @@ peft = pytest.importorskip("peft")
 
 from minilars.hf import LarsConfig, LarsLinear, LarsLinearFunction, get_lars_model  # noqa: E402
 from minilars.hf.loss import lars_causal_lm_loss  # noqa: E402
+from minilars.hf.tokenwise import find_mlp  # noqa: E402
 
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 VOCAB = 61
@@ -152,6 +153,60 @@ def test_half_layer_storage_keeps_float16_layer_inputs_and_nothing_that_grows_wi
     for name, layer in exact.lars_layers().items():
         err = (grads[name] - layer.lars_M.grad).norm() / layer.lars_M.grad.norm()
         assert err < 1e-2, (name, float(err))  # float16 rounding of the kept input, as the engine's `half`
+
+
+# ---------------------------------------------------------------- the MLP in token chunks
+def lars_step(base, ids, **config):
+    """(loss, {name: dM}) of one LARS step with M randomized, layers recomputed."""
+    lars = get_lars_model(copy.deepcopy(base), LarsConfig(r=4, layer_storage="exact", **config), ids)
+    randomize_m(lars)
+    lars.train()
+    loss = lars(input_ids=ids, labels=ids).loss
+    loss.backward()
+    return loss.detach(), {name: layer.lars_M.grad for name, layer in lars.lars_layers().items()}
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_mlp_in_token_chunks_gives_the_loss_and_every_dm_of_the_whole_mlp(kind, dtype):
+    base = tiny_model(kind, dtype)
+    ids = tokens(rows=2, seq_len=13)  # 13 = 5 + 5 + 3: the last chunk is short
+    tol = dict(rtol=1e-10, atol=1e-10) if dtype == torch.float64 else TOL[torch.float32]
+    loss, grads = lars_step(base, ids, mlp_chunk_tokens=5)
+    loss_ref, grads_ref = lars_step(base, ids, mlp_chunk_tokens=None)
+    torch.testing.assert_close(loss, loss_ref, **tol)
+    assert grads.keys() == grads_ref.keys() and any("mlp" in name for name in grads)
+    for name, dm_ref in grads_ref.items():
+        assert dm_ref.abs().max() > 0, name
+        torch.testing.assert_close(grads[name], dm_ref, **tol, msg=name)
+
+
+@pytest.mark.parametrize("chunk", [5, None])
+def test_mlp_in_token_chunks_keeps_no_t_by_f_tensor(chunk):
+    """Every tensor autograd saves in the step (forward, recompute, each chunk's
+    backward): none has T = 16 rows of width f = 48 when chunked; the whole MLP has."""
+    base = tiny_model("llama", torch.float32)
+    T, f = 16, base.config.intermediate_size
+    ids = tokens(rows=1, seq_len=T)
+    lars = get_lars_model(copy.deepcopy(base), LarsConfig(r=4, mlp_chunk_tokens=chunk), ids)
+    randomize_m(lars)
+    lars.train()
+    shapes = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: shapes.append(tuple(t.shape)) or t, lambda t: t):
+        lars(input_ids=ids, labels=ids).loss.backward()
+    rows = {s[1] for s in shapes if len(s) == 3 and s[2] == f}  # (B, rows, f) activations; weights are 2-d
+    assert rows == ({T} if chunk is None else {5, T % 5}), shapes
+
+
+def test_find_mlp_takes_the_layers_mlp_and_skips_token_mixing_ones():
+    base = tiny_model("llama")
+    layer = base.model.layers[0]
+    assert find_mlp(layer) is layer.mlp
+    assert find_mlp(base.model.layers) is None  # no MLP attribute: left whole, no error
+    shifting = torch.nn.Module()
+    shifting.feed_forward = torch.nn.Module()
+    shifting.feed_forward.time_shift = torch.nn.ZeroPad2d((0, 0, 1, -1))  # RWKV's token shift
+    assert find_mlp(shifting) is None
 
 
 # ---------------------------------------------------------------- export
@@ -352,6 +407,8 @@ def test_bad_input_is_named():
         LarsConfig(layer_storage="quarter")
     with pytest.raises(ValueError, match="cpu_mmap_threshold"):
         LarsConfig(cpu_mmap_threshold=0)
+    with pytest.raises(ValueError, match="mlp_chunk_tokens"):
+        LarsConfig(mlp_chunk_tokens=0)
 
 
 # ---------------------------------------------------------------- memory on the CPU

@@ -21,6 +21,15 @@ class LarsConfig:
                           "when already 16-bit), the layer rerun in backward (minilars's default recipe, "
                           "docs/lars.md); 'exact': its input in its own dtype, rerun in backward; 'none': plain "
                           "autograd (every frozen activation kept)."})
+    mlp_chunk_tokens: int | None = field(
+        default=1024,
+        metadata={"help": "With layer_storage 'half' or 'exact': each decoder layer's MLP (its `mlp`, "
+                          "`feed_forward` or `block_sparse_moe` submodule; none found: left whole) runs in slices "
+                          "of this many tokens in the forward and in the recompute, keeping only its input and "
+                          "backpropagating one slice at a time, so at most (mlp_chunk_tokens, f) intermediates "
+                          "exist at once instead of (T, f) ones. Exact because the MLP is token-wise (row t of "
+                          "its output depends on row t of its input only, minilars/hf/tokenwise.py); None runs "
+                          "it whole (needed for a feed-forward that mixes tokens)."})
     loss_chunk: int = field(default=256, metadata={"help": "Tokens per slice of the chunked logits and loss: at most "
                                                            "(loss_chunk, V) float32 logits exist at once."})
     calibration_seed: int = field(default=0, metadata={"help": "Seed of the randomized range finder; layer i uses "
@@ -49,6 +58,10 @@ class LarsConfig:
                              f"got {self.target_modules!r}")
         if self.layer_storage not in LAYER_STORAGE:
             raise ValueError(f"LarsConfig.layer_storage must be one of {LAYER_STORAGE}, got {self.layer_storage!r}")
+        if self.mlp_chunk_tokens is not None and (
+                not isinstance(self.mlp_chunk_tokens, int) or self.mlp_chunk_tokens < 1):
+            raise ValueError("LarsConfig.mlp_chunk_tokens must be a positive integer or None, "
+                             f"got {self.mlp_chunk_tokens!r}")
         if not isinstance(self.loss_chunk, int) or self.loss_chunk < 1:
             raise ValueError(f"LarsConfig.loss_chunk must be a positive integer, got {self.loss_chunk!r}")
         if self.cpu_mmap_threshold is not None and (

@@ -89,7 +89,7 @@ def get_lars_model(model: nn.Module, config: LarsConfig, calibration) -> LarsMod
         _set_module(model, name, lars)
     if layers is not None and config.layer_storage != "none":
         for layer in layers:
-            enable_recompute(layer, config.layer_storage)
+            enable_recompute(layer, config.layer_storage, config.mlp_chunk_tokens)
     if config.cpu_mmap_threshold is not None and any(t.weight.device.type == "cpu" for t in targets.values()):
         allocator.fix_mmap_threshold(config.cpu_mmap_threshold)
     return LarsModel(model, config, streams, layers)

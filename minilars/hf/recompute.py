@@ -14,6 +14,8 @@ import types
 
 import torch
 
+from .tokenwise import mlp_in_chunks
+
 KEEP_DTYPE = {"half": torch.float16, "exact": None}
 
 
@@ -69,9 +71,11 @@ class _Recomputed(torch.autograd.Function):
         return (None, None, dx, *dparams)
 
 
-def recomputed_forward(layer: torch.nn.Module, keep_dtype, *args, **kwargs):
+def recomputed_forward(layer: torch.nn.Module, keep_dtype, mlp_chunk: int | None, *args, **kwargs):
     """The layer's forward under the recompute policy: plain when nothing needs a
-    gradient (inference, calibration), recomputed otherwise."""
+    gradient (inference, calibration), recomputed otherwise, its MLP then run in
+    chunks of mlp_chunk tokens (tokenwise.py; None: whole) in the forward and in the
+    recompute."""
     forward = type(layer).forward.__get__(layer)
     params = [p for p in layer.parameters() if p.requires_grad]
     hidden, rebuild = split_hidden(args, kwargs)
@@ -81,7 +85,8 @@ def recomputed_forward(layer: torch.nn.Module, keep_dtype, *args, **kwargs):
 
     def run(h):  # the layer on a given input; its first output is the hidden state
         a, k = rebuild(h)
-        out = forward(*a, **k)
+        with mlp_in_chunks(layer, mlp_chunk):
+            out = forward(*a, **k)
         outputs["rest"] = out[1:] if isinstance(out, tuple) else None
         return out[0] if isinstance(out, tuple) else out
 
@@ -90,10 +95,10 @@ def recomputed_forward(layer: torch.nn.Module, keep_dtype, *args, **kwargs):
     return result if rest is None else (result, *rest)
 
 
-def enable_recompute(layer: torch.nn.Module, layer_storage: str) -> None:
+def enable_recompute(layer: torch.nn.Module, layer_storage: str, mlp_chunk: int | None = None) -> None:
     """Route the layer's forward through recomputed_forward (undone by disable_recompute)."""
     keep = KEEP_DTYPE[layer_storage]
-    layer.forward = types.MethodType(lambda self, *a, **k: recomputed_forward(self, keep, *a, **k), layer)
+    layer.forward = types.MethodType(lambda self, *a, **k: recomputed_forward(self, keep, mlp_chunk, *a, **k), layer)
 
 
 def disable_recompute(layer: torch.nn.Module) -> None:
