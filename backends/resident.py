@@ -1,7 +1,8 @@
 """What a process keeps resident that it need not: pages handed back to the OS.
 
 Two kinds of pages stay in a process's RSS after their work is done
-(docs/memory.md, "Where the peak goes"):
+(docs/memory.md, "Where the peak goes"), and one allocator setting keeps freed
+blocks from staying:
 
 - freed C heap: glibc keeps freed memory in its arenas for the next malloc, and
   returns only the top of the heap past a threshold. `return_freed_heap()` is
@@ -13,16 +14,24 @@ Two kinds of pages stay in a process's RSS after their work is done
   madvise(MADV_DONTNEED). They are clean file pages (the mapping has no private,
   written copy of any page), so nothing is lost: the next compile faults them
   back in from the page cache, or from the file.
+- glibc's dynamic mmap threshold: it rises to the size of each mmapped block freed
+  (up to 32 MiB), after which those blocks come from the heap and stay resident when
+  freed. `fix_mmap_threshold(nbytes)` (mallopt M_MMAP_THRESHOLD, as the
+  MALLOC_MMAP_THRESHOLD_ environment variable) stops the rising: every block at or
+  above nbytes is mmapped and unmapped when freed. minilars.hf sets it for torch's
+  CPU tensors (docs/hf.md, "Where the memory went"); the setting is the process's.
 
-Both are Linux (glibc) only and do nothing elsewhere; neither changes a value the
+All are Linux (glibc) only and do nothing elsewhere; none changes a value the
 process computes.
 """
 from __future__ import annotations
 
 import ctypes
+import platform
 import sys
 
 MADV_DONTNEED = 4  # linux/mman.h
+M_MMAP_THRESHOLD = -3  # glibc malloc.h
 
 
 def return_freed_heap() -> None:
@@ -78,3 +87,16 @@ def release_library_pages(library: str) -> int:
         if libc.madvise(start, end - start, MADV_DONTNEED) == 0:
             advised += end - start
     return advised
+
+
+def fix_mmap_threshold(nbytes: int) -> bool:
+    """Set glibc's mmap threshold to `nbytes` for this process (and stop glibc raising
+    it; see the module docstring). True when set; False where the C library is not
+    glibc (nothing changed)."""
+    if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    return bool(mallopt(M_MMAP_THRESHOLD, int(nbytes)))

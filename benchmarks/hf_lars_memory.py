@@ -6,7 +6,7 @@ local GGUF cache, no model hub), batch 1, random tokens, AdamW; three systems:
     lars      minilars.hf.get_lars_model, r 16 on all seven projections, default
               recipe (each layer's input kept in float16 and the layer recomputed in
               backward, loss in slices of 256 tokens, glibc's mmap threshold fixed at
-              1 MiB: minilars/hf/allocator.py); calibrated on 512 other tokens
+              1 MiB: backends/resident.py); calibrated on 512 other tokens
     lora      peft LoRA r 8 on the same seven projections
     lora-gc   the same with transformers' gradient checkpointing (non-reentrant)
 
@@ -75,7 +75,6 @@ def build_llama(name: str, torch, transformers):
 
 
 def worker(args) -> dict:
-    import ctypes
     import gc
 
     import numpy as np
@@ -83,6 +82,7 @@ def worker(args) -> dict:
     import torch
     import transformers
 
+    from minilars.backends.resident import return_freed_heap
     from minilars.bench.memory_worker import hwm_mib, reset_hwm, rss_mib
 
     torch.set_num_threads(args.threads)
@@ -107,7 +107,7 @@ def worker(args) -> dict:
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
     gc.collect()
-    ctypes.CDLL("libc.so.6").malloc_trim(0)  # the loader's freed copies leave RSS
+    return_freed_heap()  # the loader's freed copies leave RSS
     setup_mib = rss_mib()
     reset_hwm()
     rng = np.random.default_rng(args.seed)

@@ -439,10 +439,10 @@ def test_unpadded_training_step_runs_causal_sdpa_without_a_t_by_t_mask(kind, mon
 
 
 def test_cpu_model_fixes_the_glibc_mmap_threshold_unless_told_not_to(monkeypatch):
-    from minilars.hf import allocator
+    import importlib
 
     seen = []
-    monkeypatch.setattr(allocator, "fix_mmap_threshold", seen.append)
+    monkeypatch.setattr(importlib.import_module("minilars.hf.model"), "fix_mmap_threshold", seen.append)
     get_lars_model(tiny_model("llama"), LarsConfig(r=4), tokens())
     get_lars_model(tiny_model("llama"), LarsConfig(r=4, cpu_mmap_threshold=None), tokens())
     get_lars_model(tiny_model("llama"), LarsConfig(r=4, cpu_mmap_threshold=4096), tokens())
@@ -451,7 +451,7 @@ def test_cpu_model_fixes_the_glibc_mmap_threshold_unless_told_not_to(monkeypatch
 
 _MMAP_PROBE = """
 import ctypes, sys, torch
-from minilars.hf.allocator import fix_mmap_threshold
+from minilars.backends.resident import fix_mmap_threshold
 class Info(ctypes.Structure):
     _fields_ = [(n, ctypes.c_size_t) for n in "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks "
                 "fordblks keepcost".split()]
