@@ -14,6 +14,7 @@ import types
 
 import torch
 
+from .replay import ForwardState
 from .tokenwise import mlp_in_chunks
 
 KEEP_DTYPE = {"half": torch.float16, "exact": None}
@@ -46,10 +47,7 @@ class _Recomputed(torch.autograd.Function):
         ctx.save_for_backward(kept)
         ctx.run, ctx.dtype = run, hidden.dtype
         ctx.params = params  # leaf parameters, not activations: held by reference
-        ctx.device_type = hidden.device.type
-        ctx.cpu_rng = torch.get_rng_state()
-        ctx.cuda_rng = torch.cuda.get_rng_state(hidden.device) if hidden.is_cuda else None
-        ctx.autocast = (torch.is_autocast_enabled(ctx.device_type), torch.get_autocast_dtype(ctx.device_type))
+        ctx.state = ForwardState(hidden)
         return run(hidden)
 
     @staticmethod
@@ -57,13 +55,8 @@ class _Recomputed(torch.autograd.Function):
         (kept,) = ctx.saved_tensors
         params = ctx.params
         x = kept.to(ctx.dtype).requires_grad_(ctx.needs_input_grad[2])
-        devices = [kept.device] if ctx.cuda_rng is not None else []
-        with torch.random.fork_rng(devices=devices, device_type=ctx.device_type if devices else "cuda"):
-            torch.set_rng_state(ctx.cpu_rng)
-            if ctx.cuda_rng is not None:
-                torch.cuda.set_rng_state(ctx.cuda_rng, kept.device)
-            with torch.enable_grad(), torch.autocast(ctx.device_type, dtype=ctx.autocast[1], enabled=ctx.autocast[0]):
-                out = ctx.run(x)
+        with ctx.state.rng(), ctx.state.rerun():
+            out = ctx.run(x)
         inputs = ([x] if x.requires_grad else []) + [p for p, need in zip(params, ctx.needs_input_grad[3:]) if need]
         grads = list(torch.autograd.grad(out, inputs, dout, allow_unused=True)) if inputs else []
         dx = grads.pop(0) if x.requires_grad else None

@@ -22,6 +22,8 @@ import types
 
 import torch
 
+from .replay import ForwardState
+
 MLP_NAMES = ("mlp", "feed_forward", "block_sparse_moe")
 
 
@@ -64,10 +66,7 @@ class _TokenChunked(torch.autograd.Function):
     def forward(ctx, run, chunk, x, *params):
         ctx.save_for_backward(x)
         ctx.run, ctx.chunk, ctx.params = run, chunk, params
-        ctx.device_type = x.device.type
-        ctx.cpu_rng = torch.get_rng_state()
-        ctx.cuda_rng = torch.cuda.get_rng_state(x.device) if x.is_cuda else None
-        ctx.autocast = (torch.is_autocast_enabled(ctx.device_type), torch.get_autocast_dtype(ctx.device_type))
+        ctx.state = ForwardState(x)
         return _run_chunks(run, x, chunk)
 
     @staticmethod
@@ -77,15 +76,10 @@ class _TokenChunked(torch.autograd.Function):
         params = [p for p, need in zip(ctx.params, need_params) if need]
         dx = torch.empty_like(x) if need_x else None
         dparams = [None] * len(params)
-        devices = [x.device] if ctx.cuda_rng is not None else []
-        with torch.random.fork_rng(devices=devices, device_type=ctx.device_type if devices else "cuda"):
-            torch.set_rng_state(ctx.cpu_rng)
-            if ctx.cuda_rng is not None:
-                torch.cuda.set_rng_state(ctx.cuda_rng, x.device)
+        with ctx.state.rng():  # one replay for all chunks: they draw in the forward's order
             for s, e in _spans(x.shape[-2], ctx.chunk):
                 xc = x[..., s:e, :].detach().requires_grad_(need_x)
-                with torch.enable_grad(), torch.autocast(ctx.device_type, dtype=ctx.autocast[1],
-                                                         enabled=ctx.autocast[0]):
+                with ctx.state.rerun():
                     yc = ctx.run(xc)  # (..., c, d): this chunk's (c, f) tensors live until its grad is taken
                 inputs = ([xc] if need_x else []) + params
                 grads = list(torch.autograd.grad(yc, inputs, dy[..., s:e, :], allow_unused=True))
