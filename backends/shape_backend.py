@@ -409,7 +409,7 @@ def _jittable(*arrays) -> bool:
 class _ShapeOffload:
     """OffloadFile's stand-in on shapes: the reused read buffer, no file."""
 
-    def __init__(self, backend):
+    def __init__(self):
         self.buffer = None
         self.bytes_now = 0
 
@@ -524,7 +524,7 @@ class ShapeBackend(Backend):
     def open_offload(self, directory):
         """No file: the plan counts the bytes written (ActivationStore.disk_peak) and
         models the one read buffer that OffloadFile reuses."""
-        return _ShapeOffload(self)
+        return _ShapeOffload()
 
     def offload(self, x, file):
         from minilars.offload import Spilled

@@ -31,6 +31,15 @@ import numpy as np
 from .files import write_error
 
 
+def offload_directory(directory: str | os.PathLike | None) -> Path:
+    """The directory an offload file goes in (None: the system temp dir), checked to
+    exist: ValueError naming it otherwise."""
+    path = Path(directory) if directory else Path(tempfile.gettempdir())
+    if not path.is_dir():
+        raise ValueError(f"offload directory {str(path)!r} does not exist or is not a directory")
+    return path
+
+
 @dataclass(frozen=True)
 class Spilled:
     """Where an array went: its bytes at `offset`, and how to view them again."""
@@ -51,10 +60,7 @@ class OffloadFile:
     fd = -1  # until the file is open (a missing directory fails before)
 
     def __init__(self, directory: str | os.PathLike | None = None):
-        directory = Path(directory) if directory else Path(tempfile.gettempdir())
-        if not directory.is_dir():
-            raise ValueError(f"offload directory {str(directory)!r} does not exist or is not a directory")
-        self.fd, name = tempfile.mkstemp(prefix="minilars-offload-", dir=directory)
+        self.fd, name = tempfile.mkstemp(prefix="minilars-offload-", dir=offload_directory(directory))
         self.path = Path(name)  # for messages: the name is gone once unlinked
         os.unlink(name)  # on Linux and macOS the pages live until the fd is closed
         self.end = 0  # bytes written (the next write's offset)
