@@ -478,3 +478,31 @@ def test_fixed_mmap_threshold_maps_blocks_that_glibc_would_put_on_its_heap():
                                       check=True).stdout.split()[-1]) for arm in ("default", "fixed")}
     assert mapped["default"] == 0, mapped
     assert mapped["fixed"] >= 4 << 20, mapped
+
+
+def test_recomputed_layers_replay_the_dropout_masks_of_their_forward():
+    """Attention dropout (p = 0.3, train mode) draws random masks: a layer rerun in
+    backward must draw the same ones (minilars/hf/replay.py), or its dM would be taken
+    through other masks than the loss. Recomputed ('exact') against plain autograd
+    ('none'), the same seed before each forward: the same loss and every dM."""
+    base = tiny_model("llama")
+    base.config.attention_dropout = 0.3
+    for layer in base.model.layers:
+        layer.self_attn.attention_dropout = 0.3
+    ids = tokens(rows=2, seq_len=12)
+    results = []
+    for storage in ("exact", "none"):
+        lars = get_lars_model(copy.deepcopy(base), LarsConfig(r=4, layer_storage=storage), ids)
+        randomize_m(lars)
+        lars.train()
+        torch.manual_seed(123)
+        loss = lars(input_ids=ids, labels=ids).loss
+        loss.backward()
+        results.append((loss.detach(), {name: layer.lars_M.grad for name, layer in lars.lars_layers().items()}))
+    (loss, grads), (loss_ref, grads_ref) = results
+    torch.manual_seed(123)
+    base.train()
+    assert not torch.allclose(base(input_ids=ids, labels=ids).loss, base.eval()(input_ids=ids, labels=ids).loss)
+    torch.testing.assert_close(loss, loss_ref, **TOL[torch.float64])
+    for name, dm_ref in grads_ref.items():
+        torch.testing.assert_close(grads[name], dm_ref, **TOL[torch.float64], msg=name)
