@@ -57,7 +57,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="set MALLOC_MMAP_THRESHOLD_ (bytes) for every worker: glibc's mmap threshold fixed")
     p.add_argument("--lars-cpu-mmap-threshold", default=str(1 << 20),
                    help="LarsConfig.cpu_mmap_threshold in bytes, or 'none' (allocator left alone)")
-    p.add_argument("--lars-mlp-chunk-tokens", default="1024",
+    p.add_argument("--lars-mlp-chunk-tokens", default="512",
                    help="LarsConfig.mlp_chunk_tokens, or 'none' (each layer's MLP run whole)")
     p.add_argument("--json", help="append each point's result as one JSON line to this file")
     p.add_argument("--worker", metavar="SYSTEM", help=argparse.SUPPRESS)  # one point, in this process

@@ -22,7 +22,7 @@ class LarsConfig:
                           "docs/lars.md); 'exact': its input in its own dtype, rerun in backward; 'none': plain "
                           "autograd (every frozen activation kept)."})
     mlp_chunk_tokens: int | None = field(
-        default=1024,
+        default=512,
         metadata={"help": "With layer_storage 'half' or 'exact': each decoder layer's MLP (its `mlp`, "
                           "`feed_forward` or `block_sparse_moe` submodule; none found: left whole) runs in slices "
                           "of this many tokens in the forward and in the recompute, keeping only its input and "
