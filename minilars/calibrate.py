@@ -49,7 +49,7 @@ def calibrate(model: Model, tokens, rank: int | None, seed: int = 0,
     positions see exactly what they see in training.
 
     whiten: each stream basis's columns are divided by the rms of z = x P over the
-    kept tokens (whitened_basis), so an optimiser step on M moves every direction's
+    kept tokens (Backend.whiten_columns), so an optimiser step on M moves every direction's
     output alike instead of most along the high-energy ones."""
     be = model.be
     stream_bases: dict[str, Array] = {}
@@ -69,19 +69,8 @@ def calibrate(model: Model, tokens, rank: int | None, seed: int = 0,
         if rank is not None:
             for stream, x in inputs.items():
                 basis = be.orthonormal_range(x, rank, seed=seed + i)
-                stream_bases[f"blocks.{i}.{stream}"] = whitened_basis(x, basis, be) if whiten else basis
+                stream_bases[f"blocks.{i}.{stream}"] = be.whiten_columns(x, basis) if whiten else basis
     return stream_bases, storage_bases
-
-
-def whitened_basis(x: Array, basis: Array, be) -> Array:
-    """P D^-1 with D = diag(rms_n (x P)_{n,j}): x (N, d_in), P (d_in, r) -> (d_in, r).
-    A change of basis of the same subspace, so W + P M spans what it spanned; a
-    column with no energy in x (rank above x's) keeps its scale."""
-    z = be.matmul(x, basis)  # (N, r)
-    rms = be.to_numpy(be.sum(z * z, axis=0)) / max(x.shape[0], 1)
-    rms = np.sqrt(rms.astype(np.float64))
-    scale = np.where(rms > 0, 1.0 / np.where(rms > 0, rms, 1.0), 1.0)
-    return basis * be.asarray(scale.astype(be.to_numpy(basis).dtype))
 
 
 def stream_inputs(model: Model, tokens, token_mask=None, streams: tuple[str, ...] = tuple(STREAMS),

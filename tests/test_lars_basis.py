@@ -1,4 +1,4 @@
-"""LARS's whitened basis (`--basis whitened`, issue 23): P D^-1 with D the rms of each
+"""LARS's whitened basis (`--basis whitened`, Backend.whiten_columns): P D^-1 with D the rms of each
 column of z = x P over the calibration tokens. A change of basis of the same
 subspace: every z column has unit rms, the span is P's, and the PEFT export still
 equals the trained model."""
@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 
 from minilars.backends import get_backend
-from minilars.calibrate import whitened_basis
 from minilars.methods import MethodConfig
 
 
@@ -28,7 +27,7 @@ def test_whitened_columns_have_unit_rms_and_the_same_span(backend_name):
     be = get_backend(backend_name)
     x = anisotropic(400, 24, seed=0)
     basis = be.orthonormal_range(be.asarray(x), 6, seed=1)
-    white = be.to_numpy(whitened_basis(be.asarray(x), basis, be))
+    white = be.to_numpy(be.whiten_columns(be.asarray(x), basis))
     p = be.to_numpy(basis)
     z = x @ white  # computed here in numpy from the returned basis
     np.testing.assert_allclose(np.sqrt((z ** 2).mean(axis=0)), 1.0, rtol=1e-10)
@@ -44,7 +43,7 @@ def test_a_column_without_energy_keeps_its_scale():
     x = np.zeros((10, 4))
     x[:, 0] = np.arange(10.0)  # energy along the first axis only
     basis = np.eye(4)[:, :2]
-    white = whitened_basis(x, basis, be)
+    white = be.whiten_columns(x, basis)
     assert np.isfinite(white).all()
     np.testing.assert_array_equal(white[:, 1], basis[:, 1])
     assert white[0, 0] == pytest.approx(1 / np.sqrt((np.arange(10.0) ** 2).mean()))
@@ -70,11 +69,10 @@ def test_whitened_lars_exports_the_lora_it_equals(tmp_path):
     transformers model equal minilars's, and the saved A is not orthonormal."""
     peft = pytest.importorskip("peft")
     import torch
-    from test_families_loading import assert_logits_close, hf_model, load, tokens_targets
+    from test_families_loading import ALL_PROJECTIONS, assert_logits_close, hf_model, load, tokens_targets
 
     from minilars.methods import apply_method
     from minilars.peft_io import save_adapter
-    from minilars.weights import ALL_PROJECTIONS
 
     ref = hf_model("llama")
     ref.save_pretrained(tmp_path / "hf")
@@ -95,3 +93,16 @@ def test_whitened_lars_exports_the_lora_it_equals(tmp_path):
 
     a = next(v for k, v in load_file(tmp_path / "adapter" / "adapter_model.safetensors").items() if "lora_A" in k)
     assert not np.allclose(a @ a.T, np.eye(a.shape[0]), atol=1e-3)  # the scaled basis was saved
+
+
+def test_the_planner_plans_a_whitened_run_like_an_orthonormal_one():
+    """The shape backend runs the whitening (no values): the step's plan is the
+    default's, and calibration adds at most one (N, r) product and one scaled basis."""
+    from minilars.config import preset
+    from minilars.planner import plan_memory
+
+    cfg = preset("tiny")
+    plain = plan_memory(cfg, MethodConfig.from_options("lars", {}), 128, 1, "float32", "numpy")
+    white = plan_memory(cfg, MethodConfig.from_options("lars", {"basis": "whitened"}), 128, 1, "float32", "numpy")
+    assert white.total == plain.total
+    assert white.calibration_peak >= plain.calibration_peak
