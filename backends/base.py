@@ -110,6 +110,16 @@ class Backend(ABC):
         directions of x (N, width): randomized range finder (Halko et al. 2011,
         Alg. 4.4 with subspace iteration) on x^T. Exact span when rank >= rank(x)."""
 
+    def whiten_columns(self, x: Array, basis: Array) -> Array:
+        """P D^-1 with D = diag(rms_n (x P)_{n,j}): x (N, width), P (width, r) -> (width, r).
+        Every column of z = x (P D^-1) has unit rms over x's rows; the span is P's. A
+        column with no energy in x (a rank above x's) keeps its scale."""
+        z = self.matmul(x, basis)  # (N, r)
+        mean_sq = self.to_numpy(self.sum(z * z, axis=0)).astype(np.float64) / max(x.shape[0], 1)
+        rms = np.sqrt(mean_sq)
+        scale = np.where(rms > 0, 1.0 / np.where(rms > 0, rms, 1.0), 1.0)  # (r,)
+        return basis * self.asarray(scale.astype(np.float64), dtype=basis.dtype)
+
     # ---------------------------------------------------------------- ops
     @abstractmethod
     def embedding_forward(self, table: Array, tokens: Array) -> Array:

@@ -614,6 +614,11 @@ class ShapeBackend(Backend):
 
     # ---------------------------------------------------------------- ops
     @_moment("embedding", outside_blocks=True)
+    def whiten_columns(self, x, basis):
+        """z = x P (N, r) is made and dropped; the scaled basis is a new (width, r) array."""
+        self.matmul(x, basis)
+        return basis.copy()
+
     def embedding_forward(self, table, tokens):
         """A table kept as blocks: the rows of each part, decoded into a buffer
         (at most every token's) before they are copied into place."""

@@ -34,7 +34,8 @@ class _Recorder(LinearSite):
 
 
 def calibrate(model: Model, tokens, rank: int | None, seed: int = 0,
-              streams: tuple[str, ...] = tuple(STREAMS), token_mask=None) -> tuple[dict[str, Array], dict[str, Array]]:
+              streams: tuple[str, ...] = tuple(STREAMS), token_mask=None,
+              whiten: bool = False) -> tuple[dict[str, Array], dict[str, Array]]:
     """Returns (stream_bases, storage_bases):
     stream_bases["blocks.{i}.{stream}"] = P (d_in, rank), the top-`rank` directions of
     that stream's inputs (none when rank is None);
@@ -45,7 +46,11 @@ def calibrate(model: Model, tokens, rank: int | None, seed: int = 0,
     (padding excluded: its activations carry no loss, and a row padded to T would
     otherwise spend directions of the basis on repeats of the pad token). The
     forward still runs over every position, so with causal attention the kept
-    positions see exactly what they see in training."""
+    positions see exactly what they see in training.
+
+    whiten: each stream basis's columns are divided by the rms of z = x P over the
+    kept tokens (Backend.whiten_columns), so an optimiser step on M moves every direction's
+    output alike instead of most along the high-energy ones."""
     be = model.be
     stream_bases: dict[str, Array] = {}
     storage_bases: dict[str, Array] = {}
@@ -63,7 +68,8 @@ def calibrate(model: Model, tokens, rank: int | None, seed: int = 0,
     for i, inputs in stream_inputs(model, tokens, token_mask, streams, capture):
         if rank is not None:
             for stream, x in inputs.items():
-                stream_bases[f"blocks.{i}.{stream}"] = be.orthonormal_range(x, rank, seed=seed + i)
+                basis = be.orthonormal_range(x, rank, seed=seed + i)
+                stream_bases[f"blocks.{i}.{stream}"] = be.whiten_columns(x, basis) if whiten else basis
     return stream_bases, storage_bases
 
 

@@ -9,6 +9,8 @@ minilars_adapter.json recording the method so it reloads as LARS.
 """
 from __future__ import annotations
 
+import argparse
+
 import numpy as np
 
 from ..adapters import LARSSite
@@ -20,6 +22,15 @@ from .lora import lora_peft_config
 from .method_config import MethodConfig, apply_frozen
 from .registry import register
 from .storage import LARS_DEFAULT_STORAGE, LARS_OFFLOAD_STORAGE
+
+
+BASIS_KINDS = ("orthonormal", "whitened")
+
+
+def _basis_kind(text) -> str:
+    if text not in BASIS_KINDS:
+        raise argparse.ArgumentTypeError(f"basis {text!r}: choose one of {', '.join(BASIS_KINDS)}")
+    return text
 
 
 @register
@@ -35,6 +46,9 @@ class LARS(Method):
                           "with the block inputs in a file in the temp dir, not in RAM; "
                           "'block=recompute,input.x=offload(DIR)' picks the directory), 'exact', or "
                           "'attn.*=subspace(32),mlp.*=half'"),
+        MethodOption("basis", _basis_kind, "orthonormal", "how the calibrated basis is scaled",
+                     note="'orthonormal' (P as calibrated) or 'whitened' (each column of P divided by the "
+                          "rms of z = x P over the calibration tokens, so every z column has unit variance)"),
     )
     needs_calibration = True
     saves_adapter = True
@@ -48,7 +62,8 @@ class LARS(Method):
     def study_runs(cls):
         flags = ("--method", cls.name, "--rank", str(cls.typical_rank), "--storage")
         return {cls.name: StudyRun((*flags, "default"), cls.study_lrs, cls),  # lars_default()
-                f"{cls.name}-exact": StudyRun((*flags, "exact"), cls.study_lrs, cls)}  # every activation exact
+                f"{cls.name}-exact": StudyRun((*flags, "exact"), cls.study_lrs, cls),  # every activation exact
+                f"{cls.name}-whitened": StudyRun((*flags, "default", "--basis", "whitened"), cls.study_lrs, cls)}
 
     @classmethod
     def rank_limit(cls, d_in, d_out):
@@ -72,7 +87,8 @@ class LARS(Method):
             self.stream_bases, model.bases = bases
         else:
             self.stream_bases, model.bases = calibrate(model, calibration_tokens, c.rank, seed=c.seed,
-                                                       token_mask=calibration_mask)
+                                                       token_mask=calibration_mask,
+                                                       whiten=c.option("basis") == "whitened")
 
     def adapter(self, weight, where):
         basis = self.stream_bases[f"blocks.{where.block}.{where.stream}"]

@@ -71,7 +71,7 @@ class MethodConfig:
                 fields["storage"] = parse_storage(value)
             elif option.name in ("rank", "alpha"):
                 fields[option.name] = value
-            else:
+            elif value != option.default:  # a default is not recorded: equal to the config built in code
                 extra.append((option.name, value))
         return cls(name, seed=seed, extra=tuple(extra), **fields)
 
