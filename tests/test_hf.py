@@ -95,8 +95,15 @@ def test_lars_linear_dm_and_dx_match_autograd_of_the_unfactored_weight(bias):
     torch.testing.assert_close(y, y_ref, **TOL[torch.float64])
     torch.testing.assert_close(dm, dm_ref, **TOL[torch.float64])
     torch.testing.assert_close(dx, dx_ref, **TOL[torch.float64])
-    activations = [t for t in saved if t.shape[:2] == (B, T)]
-    assert [tuple(t.shape) for t in activations] == [(B, T, r)], "only z = x P is kept, never x"
+    activations = [t for t in saved if t.shape[0] in (B, B * T)]  # kept per token: (B, T, ...) or (B T, ...)
+    assert [tuple(t.shape) for t in activations] == [(B * T, r)], "only z = x P (N, r) is kept, never x"
+    # the same values laid out strided (T-major, as a gradient through a transpose arrives)
+    x_strided = x.detach().transpose(0, 1).contiguous().transpose(0, 1).requires_grad_(True)
+    y_strided = LarsLinearFunction.apply(x_strided, w, b, p, m)
+    dx_strided, dm_strided = torch.autograd.grad(y_strided, (x_strided, m), dy.transpose(0, 1).contiguous().transpose(0, 1))
+    torch.testing.assert_close(y_strided, y_ref, **TOL[torch.float64])
+    torch.testing.assert_close(dx_strided, dx_ref, **TOL[torch.float64])
+    torch.testing.assert_close(dm_strided, dm_ref, **TOL[torch.float64])
 
 
 # ---------------------------------------------------------------- whole model against peft LoRA
@@ -506,3 +513,54 @@ def test_recomputed_layers_replay_the_dropout_masks_of_their_forward():
     torch.testing.assert_close(loss, loss_ref, **TOL[torch.float64])
     for name, dm_ref in grads_ref.items():
         torch.testing.assert_close(grads[name], dm_ref, **TOL[torch.float64], msg=name)
+
+
+def count_mlp_runs(lars_model) -> list:
+    """A counter of the token positions the decoder layers' MLPs compute, chunks
+    included: the rows each down_proj call sees (a module call fires its hooks; the
+    MLP's own forward is called directly by the chunking)."""
+    rows = [0]
+    for layer in lars_model.base_model.model.layers:
+        layer.mlp.down_proj.register_forward_hook(
+            lambda module, args, out: rows.__setitem__(0, rows[0] + args[0].shape[-2]))
+    return rows
+
+
+@pytest.mark.parametrize("kind", ["llama", "gemma2"])
+def test_a_layer_rerun_skips_the_mlp_values_only_when_nothing_after_it_keeps_them(kind):
+    """llama's MLP output goes into a residual add (which keeps nothing): from the
+    second step on, each layer's rerun gives its place zeros and the MLP runs twice per
+    step (forward, the chunks' rerun), as under gradient checkpointing, not three
+    times. Gemma 2 normalises the MLP output (post_feedforward_layernorm keeps it):
+    the values are computed. Both: the loss and every dM of the whole MLP."""
+    if kind == "llama":
+        base = tiny_model("llama")
+    else:
+        torch.manual_seed(0)
+        base = transformers.Gemma2ForCausalLM(transformers.Gemma2Config(
+            vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=8, max_position_embeddings=64, attn_implementation="eager",
+            sliding_window=8)).to(torch.float64).eval()
+    ids = tokens(rows=2, seq_len=13)
+    lars = get_lars_model(copy.deepcopy(base), LarsConfig(r=4, layer_storage="exact", mlp_chunk_tokens=5), ids)
+    whole = get_lars_model(copy.deepcopy(base), LarsConfig(r=4, layer_storage="exact", mlp_chunk_tokens=None), ids)
+    rows = count_mlp_runs(lars)
+    for model in (lars, whole):
+        randomize_m(model)
+        model.train()
+    for step in range(2):
+        rows[0] = 0
+        results = []
+        for model in (lars, whole):
+            model.zero_grad(set_to_none=True)
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            results.append((loss.detach(), {n: layer.lars_M.grad for n, layer in model.lars_layers().items()}))
+        (loss, grads), (loss_ref, grads_ref) = results
+        torch.testing.assert_close(loss, loss_ref, **TOL[torch.float64])
+        for name, dm_ref in grads_ref.items():
+            torch.testing.assert_close(grads[name], dm_ref, **TOL[torch.float64], msg=f"step {step} {name}")
+    skipped = [layer.mlp._lars_values_unused for layer in lars.base_model.model.layers]
+    assert skipped == [kind == "llama"] * 2
+    runs = 2 if kind == "llama" else 3  # the forward, [the layer's rerun,] the chunks' reruns
+    assert rows[0] == runs * 13 * 2  # in the second step: 13 positions, 2 layers

@@ -22,19 +22,33 @@ class LarsLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, basis, m):
-        z = x.to(basis.dtype) @ basis  # (..., d_in) @ (d_in, r) -> (..., r)
-        y = nn.functional.linear(x, weight, bias) + (z @ m).to(x.dtype)  # (..., d_out)
+        x2 = x.reshape(-1, x.shape[-1])  # (N, d_in): leading dimensions flattened (a copy only if x is strided)
+        z = x2.to(basis.dtype) @ basis  # (N, r)
+        y = nn.functional.linear(x2, weight, bias)  # (N, d_out)
+        if m.dtype == y.dtype:
+            y.addmm_(z, m)  # y += z M, in one call
+        else:
+            y += (z @ m).to(y.dtype)
         ctx.save_for_backward(z, weight, basis, m)
-        return y
+        return y.reshape(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx, dy):
         z, weight, basis, m = ctx.saved_tensors
+        # (N, d_out) in rows: a gradient that arrives strided (through attention's head
+        # transpose) is copied once here, not multiplied as a batch of broadcast weights
+        dy2 = dy.reshape(-1, dy.shape[-1])
         dx = dm = None
         if ctx.needs_input_grad[0]:
-            dx = dy @ weight + ((dy.to(m.dtype) @ m.T) @ basis.T).to(dy.dtype)  # (..., d_in)
+            dx = dy2 @ weight  # (N, d_in)
+            dz = dy2.to(m.dtype) @ m.T  # (N, r)
+            if basis.dtype == dx.dtype:
+                dx.addmm_(dz, basis.T)  # dx += (dy M^T) P^T
+            else:
+                dx += (dz @ basis.T).to(dx.dtype)
+            dx = dx.reshape(*dy.shape[:-1], dx.shape[-1])
         if ctx.needs_input_grad[4]:
-            dm = z.reshape(-1, z.shape[-1]).T @ dy.reshape(-1, dy.shape[-1]).to(m.dtype)  # (r, d_out)
+            dm = z.T @ dy2.to(m.dtype)  # (r, d_out)
         return dx, None, None, None, dm
 
 

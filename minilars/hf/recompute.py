@@ -56,7 +56,7 @@ class _Recomputed(torch.autograd.Function):
         params = ctx.params
         x = kept.to(ctx.dtype).requires_grad_(ctx.needs_input_grad[2])
         with ctx.state.rng(), ctx.state.rerun():
-            out = ctx.run(x)
+            out = ctx.run(x, rerun=True)  # only out's graph is read: its values may be skipped (tokenwise.py)
         inputs = ([x] if x.requires_grad else []) + [p for p, need in zip(params, ctx.needs_input_grad[3:]) if need]
         grads = list(torch.autograd.grad(out, inputs, dout, allow_unused=True)) if inputs else []
         dx = grads.pop(0) if x.requires_grad else None
@@ -76,9 +76,9 @@ def recomputed_forward(layer: torch.nn.Module, keep_dtype, mlp_chunk: int | None
         return forward(*args, **kwargs)
     outputs = {}
 
-    def run(h):  # the layer on a given input; its first output is the hidden state
+    def run(h, rerun=False):  # the layer on a given input; its first output is the hidden state
         a, k = rebuild(h)
-        with mlp_in_chunks(layer, mlp_chunk):
+        with mlp_in_chunks(layer, mlp_chunk, rerun):
             out = forward(*a, **k)
         outputs["rest"] = out[1:] if isinstance(out, tuple) else None
         return out[0] if isinstance(out, tuple) else out
