@@ -288,10 +288,16 @@ class LARSSite(_AdapterSite):
         return dx, grads
 
     def to_linear(self, be):
-        w = be.cast(self.weight, self.basis.dtype) + 0
-        for s in self.targets:
-            w[:, self.slices[s]] += be.matmul(self.basis, self.M[s])
-        return w
+        """W + P M in one backend call (be.add_low_rank: the numba backend forms it in
+        one pass over W), with M (r, d_out) the targets' M_s in their columns, zero
+        in the others."""
+        if list(self.targets) == list(self.outputs):  # every projection of the stream: M is theirs side by side
+            m = be.concat([self.M[s] for s in self.outputs], axis=1)
+        else:
+            m = be.zeros((self.rank, sum(self.outputs.values())), self.basis.dtype)
+            for s in self.targets:
+                m[:, self.slices[s]] = self.M[s]
+        return be.add_low_rank(self.weight, self.basis, m)
 
     def as_lora(self) -> dict[str, tuple[Array, Array]]:
         """PEFT LoRA factors with scaling 1: lora_A = P^T (r, d_in), lora_B = M_s^T (d_out_s, r)."""
