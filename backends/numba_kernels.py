@@ -392,15 +392,19 @@ def _tile(buffer, rows, cols):
     return buffer[:rows * cols].reshape((rows, cols))
 
 
+_DIAGONAL_PARTS = 4  # a diagonal tile pair is done as this many row blocks (attention forward, backward)
+
+
 @njit(cache=True)
-def _online_softmax_rows(s, rows_per_head, first_query, first_key, window, m, l, acc, bits):
+def _online_softmax_rows(s, group, first_query, first_key, window, m, l, acc, bits):
     """The online-softmax step of the FlashAttention forward (Dao et al. 2022, Alg. 1,
     lines 9-12) for one score tile s (R, tk), in place. Row r is query position
-    p = first_query + r % rows_per_head; key column c is position first_key + c and
-    is visible when p - window < first_key + c <= p, i.e. for lo <= c < nv with
-    lo = max(0, p - window + 1 - first_key), nv = min(tk, p - first_key + 1)
-    (causal, and inside the sliding window; a window >= p + 1 masks nothing
-    before p). With m the running row max and l the running sum of exponentials:
+    p = first_query + r // group (the g query heads of a kv head, query-major); key
+    column c is position first_key + c and is visible when p - window < first_key + c
+    <= p, i.e. for lo <= c < nv with lo = max(0, p - window + 1 - first_key),
+    nv = min(tk, p - first_key + 1) (causal, and inside the sliding window; a window
+    >= p + 1 masks nothing before p). With m the running row max and l the running
+    sum of exponentials:
         m'  = max(m, max_c s_rc),   s_rc <- exp(s_rc - m')  (0 where masked)
         l  <- l exp(m - m') + sum_c s_rc,   acc_r <- acc_r exp(m - m'),   m <- m'
     so that acc + s V is the next accumulator. bits: scratch for _exp_inplace."""
@@ -408,7 +412,7 @@ def _online_softmax_rows(s, rows_per_head, first_query, first_key, window, m, l,
     hd = acc.shape[1]
     for r in range(n_rows):
         row = s[r]
-        p = first_query + r % rows_per_head
+        p = first_query + r // group
         lo = max(0, p - window + 1 - first_key)  # first visible key column
         nv = min(tk, p - first_key + 1)  # one past the last
         if nv <= lo:
@@ -442,10 +446,13 @@ def attention_forward(q, k, v, tile, q_offset, window, scale, o, lse):
     O(Tq * (window + tile)), not O(Tq * Tk).
 
     Work items are (batch, kv head, query tile); an item stacks the g query heads
-    of its kv head into one (g*tq, hd) block Q, so each key tile feeds one product
-    S = Q K_j^T (g*tq, tk) and one P V_j. Query tiles are visited 0, n-1, 1, n-2, ...
-    so the contiguous blocks of items that prange gives each thread carry equal
-    causal work."""
+    of its kv head into one (tq*g, hd) block Q, query-major (row i*g + hh is query
+    i of head kvh*g + hh), so each key tile feeds one product S = Q K_j^T
+    (tq*g, tk) and one P V_j. A key tile that reaches past the first query (the
+    diagonal one) goes as _DIAGONAL_PARTS row blocks, each against the keys up to
+    its last query only, as in attention_backward. Query tiles are visited 0, n-1,
+    1, n-2, ... so the contiguous blocks of items that prange gives each thread
+    carry equal causal work."""
     n_b, tq_total, n_heads, hd = q.shape
     tk_total, n_kv = k.shape[1], k.shape[2]
     group = n_heads // n_kv
@@ -456,40 +463,95 @@ def attention_forward(q, k, v, tile, q_offset, window, scale, o, lse):
         t = w // 2 if w % 2 == 0 else n_tiles - 1 - w // 2
         i0 = t * tile
         tq = min(tile, tq_total - i0)
-        rows = group * tq  # row r = hh * tq + i: query i0 + i of head kvh * group + hh
+        rows = group * tq
         qg = np.empty((rows, hd), dtype=q.dtype)
-        for hh in range(group):
-            for i in range(tq):
+        for i in range(tq):
+            for hh in range(group):
                 for d in range(hd):
-                    qg[hh * tq + i, d] = q[b, i0 + i, kvh * group + hh, d] * scale
+                    qg[i * group + hh, d] = q[b, i0 + i, kvh * group + hh, d] * scale
         m = np.full(rows, -np.inf, dtype=q.dtype)  # running max
         l = np.zeros(rows, dtype=np.float64)  # running sum of exponentials
         acc = np.zeros((rows, hd), dtype=q.dtype)  # running sum of p v
         k_buf = np.empty(tile * hd, dtype=q.dtype)
         v_buf = np.empty(tile * hd, dtype=q.dtype)
         s_buf = np.empty(rows * tile, dtype=q.dtype)
-        pv = np.empty((rows, hd), dtype=q.dtype)
+        pv_buf = np.empty(rows * hd, dtype=q.dtype)
         bits = np.empty(_EXP_BLOCK, dtype=np.int64)
-        first_key = max(0, q_offset + i0 - window + 1)  # keys before it are outside every window
-        last_key = min(tk_total, q_offset + i0 + tq)  # keys after the tile's last query are masked
+        first_query = q_offset + i0
+        first_key = max(0, first_query - window + 1)  # keys before it are outside every window
+        last_key = min(tk_total, first_query + tq)  # keys after the tile's last query are masked
         for j0 in range(first_key, last_key, tile):
             tk = min(tile, last_key - j0)
-            kj, vj, s = _tile(k_buf, tk, hd), _tile(v_buf, tk, hd), _tile(s_buf, rows, tk)
+            kj, vj = _tile(k_buf, tk, hd), _tile(v_buf, tk, hd)
             for c in range(tk):
                 for d in range(hd):
                     kj[c, d] = k[b, j0 + c, kvh, d]
                     vj[c, d] = v[b, j0 + c, kvh, d]
-            np.dot(qg, kj.T, s)  # S = Q K_j^T (rows, tk)
-            _online_softmax_rows(s, tq, q_offset + i0, j0, window, m, l, acc, bits)
-            np.dot(s, vj, pv)  # P V_j (rows, hd)
-            acc += pv
-        for hh in range(group):
-            for i in range(tq):
-                r = hh * tq + i
+            parts = 1 if j0 + tk <= first_query + 1 else min(_DIAGONAL_PARTS, tq)  # keys past the first query?
+            for s_ in range(parts):
+                i_a, i_b = s_ * tq // parts, (s_ + 1) * tq // parts  # queries i_a .. i_b - 1 of the tile
+                keys = min(tk, first_query + i_b - j0)  # the keys up to the block's last query
+                if keys <= 0 or i_b == i_a:
+                    continue
+                r0, r1 = i_a * group, i_b * group
+                s = _tile(s_buf, r1 - r0, keys)
+                pv = _tile(pv_buf, r1 - r0, hd)
+                np.dot(qg[r0:r1], kj[:keys].T, s)  # S = Q K_j^T (rows, keys)
+                _online_softmax_rows(s, group, first_query + i_a, j0, window, m[r0:r1], l[r0:r1], acc[r0:r1], bits)
+                np.dot(s, vj[:keys], pv)  # P V_j (rows, hd)
+                acc[r0:r1] += pv
+        for i in range(tq):
+            for hh in range(group):
+                r = i * group + hh
                 inv = 1.0 / l[r]
                 for d in range(hd):
                     o[b, i0 + i, kvh * group + hh, d] = acc[r, d] * inv
                 lse[b, i0 + i, kvh * group + hh] = m[r] + math.log(l[r])
+
+
+@njit(cache=True)
+def _backward_pair(do, q, lse, delta, b, h, i0, tq, j0, kj, vj, dkj, dvj, window, scale, dq,
+                   q_buf, do_buf, p_buf, ds_buf, kv_buf, dq_buf, bits):
+    """attention_backward's work for query rows i0 .. i0 + tq - 1 of head h against
+    the tk = len(kj) keys from j0 (kj, vj (tk, hd) gathered; dkj, dvj (tk, hd) their
+    gradients so far, added to): five (tq x tk x hd) BLAS products and the row work
+    between them; dq rows i0.. are added to."""
+    tk, hd = kj.shape
+    qi, doi, dq_out = _tile(q_buf, tq, hd), _tile(do_buf, tq, hd), _tile(dq_buf, tq, hd)
+    kv_out = _tile(kv_buf, tk, hd)
+    for i in range(tq):
+        for d in range(hd):
+            qi[i, d] = q[b, i0 + i, h, d] * scale
+            doi[i, d] = do[b, i0 + i, h, d]
+    p, ds = _tile(p_buf, tq, tk), _tile(ds_buf, tq, tk)
+    np.dot(qi, kj.T, p)  # S (tq, tk)
+    np.dot(doi, vj.T, ds)  # dP = dO V^T
+    for i in range(tq):
+        p_row, ds_row = p[i], ds[i]
+        lo = max(0, i0 + i - window + 1 - j0)  # visible key columns of row i: lo <= c < nv
+        nv = min(tk, i0 + i - j0 + 1)
+        if nv <= lo:  # the row's window ends before these keys
+            p_row[:] = 0.0
+            ds_row[:] = 0.0
+            continue
+        p_seen, ds_seen = p_row[lo:nv], ds_row[lo:nv]
+        _exp_inplace(p_seen, nv - lo, 1.0, lse[b, i0 + i, h], bits)  # P = exp(S - lse)
+        delta_i = delta[i0 + i]
+        for c in range(nv - lo):
+            ds_seen[c] = p_seen[c] * (ds_seen[c] - delta_i)  # dS = P (dP - D)
+        if lo > 0:  # masked: at the window's edge
+            p_row[:lo] = 0.0
+            ds_row[:lo] = 0.0
+        p_row[nv:] = 0.0  # masked: on the diagonal
+        ds_row[nv:] = 0.0
+    np.dot(p.T, doi, kv_out)  # dV_j += P^T dO
+    dvj += kv_out
+    np.dot(ds.T, qi, kv_out)  # dK_j += dS^T Q
+    dkj += kv_out
+    np.dot(ds, kj, dq_out)  # dQ_i += dS K_j
+    for i in range(tq):
+        for d in range(hd):
+            dq[b, i0 + i, h, d] += dq_out[i, d] * scale
 
 
 @njit(parallel=True, cache=True)
@@ -507,8 +569,11 @@ def attention_backward(do, q, k, v, o, lse, tile, window, scale, dq, dk_heads, d
     contributions to dk_heads/dv_heads[b, :, h] (B, T, H, hd), which reduce_kv_heads
     sums over the g query heads of each kv head (with g = 1 they are dk, dv).
     An item loops over key tiles j and, inside, over the query tiles i >= j that
-    reach into the window of a key of tile j: five (tile x tile x hd) BLAS products
-    per pair; what it holds is O(tile^2), never O(T)."""
+    reach into the window of a key of tile j (_backward_pair: five tile x tile x hd
+    BLAS products per pair); what it holds is O(tile^2), never O(T). The diagonal
+    pair (i = j), half of it masked, goes as _DIAGONAL_PARTS row blocks, block s
+    against the keys up to its last row only: with 4, 5/8 of the pair's products
+    (T = 512, tile 256, one thread: 16.7 -> 13.2 ms; docs/speed.md)."""
     n_b, t_total, n_heads, hd = q.shape
     n_kv = k.shape[2]
     group = n_heads // n_kv
@@ -531,7 +596,7 @@ def attention_backward(do, q, k, v, o, lse, tile, window, scale, dq, dk_heads, d
         for j0 in range(0, t_total, tile):
             tk = min(tile, t_total - j0)
             kj, vj = _tile(k_buf, tk, hd), _tile(v_buf, tk, hd)
-            dkj, dvj, kv_out = _tile(dk_buf, tk, hd), _tile(dv_buf, tk, hd), _tile(kv_buf, tk, hd)
+            dkj, dvj = _tile(dk_buf, tk, hd), _tile(dv_buf, tk, hd)
             for c in range(tk):
                 for d in range(hd):
                     kj[c, d] = k[b, j0 + c, kvh, d]
@@ -541,40 +606,15 @@ def attention_backward(do, q, k, v, o, lse, tile, window, scale, dq, dk_heads, d
             last_query = min(t_total, j0 + tk - 1 + window)  # later queries' windows end after the tile
             for i0 in range(j0, last_query, tile):  # causal: query tiles before j0 see no key of it
                 tq = min(tile, t_total - i0)
-                qi, doi, dq_out = _tile(q_buf, tq, hd), _tile(do_buf, tq, hd), _tile(dq_buf, tq, hd)
-                for i in range(tq):
-                    for d in range(hd):
-                        qi[i, d] = q[b, i0 + i, h, d] * scale
-                        doi[i, d] = do[b, i0 + i, h, d]
-                p, ds = _tile(p_buf, tq, tk), _tile(ds_buf, tq, tk)
-                np.dot(qi, kj.T, p)  # S (tq, tk)
-                np.dot(doi, vj.T, ds)  # dP = dO V^T
-                for i in range(tq):
-                    p_row, ds_row = p[i], ds[i]
-                    lo = max(0, i0 + i - window + 1 - j0)  # visible key columns of row i: lo <= c < nv
-                    nv = min(tk, i0 + i - j0 + 1)
-                    if nv <= lo:  # the row's window ends before this key tile
-                        p_row[:] = 0.0
-                        ds_row[:] = 0.0
-                        continue
-                    p_seen, ds_seen = p_row[lo:nv], ds_row[lo:nv]
-                    _exp_inplace(p_seen, nv - lo, 1.0, lse[b, i0 + i, h], bits)  # P = exp(S - lse)
-                    delta_i = delta[i0 + i]
-                    for c in range(nv - lo):
-                        ds_seen[c] = p_seen[c] * (ds_seen[c] - delta_i)  # dS = P (dP - D)
-                    if lo > 0:  # masked: at the window's edge
-                        p_row[:lo] = 0.0
-                        ds_row[:lo] = 0.0
-                    p_row[nv:] = 0.0  # masked: on the diagonal pair
-                    ds_row[nv:] = 0.0
-                np.dot(p.T, doi, kv_out)  # dV_j += P^T dO
-                dvj += kv_out
-                np.dot(ds.T, qi, kv_out)  # dK_j += dS^T Q
-                dkj += kv_out
-                np.dot(ds, kj, dq_out)  # dQ_i += dS K_j
-                for i in range(tq):
-                    for d in range(hd):
-                        dq[b, i0 + i, h, d] += dq_out[i, d] * scale
+                if i0 != j0:
+                    _backward_pair(do, q, lse, delta, b, h, i0, tq, j0, kj, vj, dkj, dvj, window, scale, dq,
+                                   q_buf, do_buf, p_buf, ds_buf, kv_buf, dq_buf, bits)
+                    continue
+                parts = min(_DIAGONAL_PARTS, tq)  # on the diagonal tq = tk: rows of block s see keys < its end
+                for s in range(parts):
+                    r0, r1 = s * tq // parts, (s + 1) * tq // parts
+                    _backward_pair(do, q, lse, delta, b, h, i0 + r0, r1 - r0, j0, kj[:r1], vj[:r1], dkj[:r1],
+                                   dvj[:r1], window, scale, dq, q_buf, do_buf, p_buf, ds_buf, kv_buf, dq_buf, bits)
             for c in range(tk):
                 for d in range(hd):
                     dk_heads[b, j0 + c, h, d] = dkj[c, d]
