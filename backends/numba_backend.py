@@ -157,7 +157,9 @@ class NumbaBackend(NumpyBackend):
                 or cos.shape != (x.shape[1], x.shape[3])):
             return None
         half = x.shape[-1] // 2
-        x = np.ascontiguousarray(x)  # q/k arrive as column slices, dq/dk contiguous: one compiled layout
+        # q/k arrive as column slices of the fused projection, dq/dk contiguous: the kernel
+        # compiles for both layouts and reads q/k in place (a contiguous copy and its fresh
+        # pages took 1.7 ms a call at T = 2048 against 1.0 ms for the strided reads)
         # the reference rotates by the first half of the tables, cast to x's dtype
         c = np.ascontiguousarray(cos[:, :half], dtype=x.dtype)  # (T, hd/2)
         s = np.ascontiguousarray(sin[:, :half], dtype=x.dtype)

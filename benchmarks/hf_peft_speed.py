@@ -92,10 +92,13 @@ def make_batch(kind: str, vocab_size: int, tokenizer, seq_len: int, seed: int) -
 # ---------------------------------------------------------------- workers
 def hf_worker(args, tokens: np.ndarray, targets: np.ndarray):
     """A step function for transformers + peft LoRA on this batch."""
+    import warnings
+
     import peft
     import torch
     import transformers
 
+    warnings.filterwarnings("ignore", category=FutureWarning)  # transformers' deprecation notes, once per step
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from hf_peft_accuracy import build_model
 
