@@ -16,12 +16,22 @@ token-major, (B, T, heads, hd), so every kept activation is (N, width) in memory
 """
 from __future__ import annotations
 
+import sys
 from abc import ABC, abstractmethod
 from typing import Any
 
 import numpy as np
 
 Array = Any  # numpy.ndarray or torch.Tensor, depending on the backend
+
+
+def is_quantized(x) -> bool:
+    """Whether x is a frozen weight kept as GGUF blocks (minilars.quant.QuantizedWeight).
+    The backends' matmul, matmul_nt, embedding_forward and cross_entropy_head take one
+    as their weight; no such weight exists before minilars.quant is imported, so the
+    check imports nothing."""
+    quant = sys.modules.get("minilars.quant")
+    return quant is not None and isinstance(x, quant.QuantizedWeight)
 
 
 class Backend(ABC):
@@ -220,3 +230,12 @@ class Backend(ABC):
     @abstractmethod
     def scale_(self, x: Array, s: float) -> None:
         """x *= s in place."""
+
+    # ---------------------------------------------------------------- quantised frozen weights
+    def decode_tile(self, part, rows, out) -> None:
+        """out[i] = stored row rows[i] of `part` (minilars.quant.QuantizedRows) dequantised
+        to float32: the tile decoder the frozen products over a QuantizedWeight use
+        (minilars/quant.py). The reference is gguf-py's dequantize."""
+        from minilars.quant import dequantize_rows_reference
+
+        dequantize_rows_reference(part, rows, out)

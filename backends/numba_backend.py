@@ -33,6 +33,7 @@ import time
 import numpy as np
 
 from . import numba_kernels as K  # imports numba: this module is loaded only on request
+from .base import is_quantized
 from .numpy_backend import NumpyBackend
 
 _JIT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
@@ -276,7 +277,8 @@ class NumbaBackend(NumpyBackend):
     def cross_entropy_head(self, x, head, targets, chunk, ignore_index, need_dx, need_dhead, softcap=None):
         _check_cap(softcap)
         targets = np.asarray(targets)
-        if not _jittable(x) or x.ndim != 2 or targets.shape != (x.shape[0],) or targets.dtype.kind not in "iu":
+        if (is_quantized(head) or not _jittable(x) or x.ndim != 2 or targets.shape != (x.shape[0],)
+                or targets.dtype.kind not in "iu"):
             return super().cross_entropy_head(x, head, targets, chunk, ignore_index, need_dx, need_dhead,
                                               softcap=softcap)
         n = x.shape[0]
@@ -325,6 +327,13 @@ class NumbaBackend(NumpyBackend):
         y = np.empty(x.shape, dtype=x.dtype)
         K.softcap(x.reshape(-1), float(cap), y.reshape(-1))
         return y
+
+    def decode_tile(self, part, rows, out):
+        """GGUF blocks dequantised by the numba kernels (backends/quant_kernels.py), equal
+        to gguf-py's bit for bit."""
+        from .quant_kernels import decode_tile
+
+        decode_tile(part, rows, out)
 
     def adamw_update(self, p, g, m, v, *, lr, beta1, beta2, eps, weight_decay, step):
         arrays = (p, g, m, v)

@@ -8,7 +8,7 @@ import math
 
 import numpy as np
 
-from .base import Backend
+from .base import Backend, is_quantized
 
 GELU_C = math.sqrt(2.0 / math.pi)  # tanh-GELU: 0.5 g (1 + tanh(GELU_C (g + GELU_K g^3)))
 GELU_K = 0.044715
@@ -65,6 +65,8 @@ class NumpyBackend(Backend):
 
     # ---------------------------------------------------------------- arrays
     def asarray(self, x, dtype=None):
+        if is_quantized(x):  # GGUF blocks stay blocks (minilars/quant.py)
+            return x
         return np.asarray(x, dtype=_DTYPES.get(dtype, dtype) if isinstance(dtype, str) else dtype)
 
     def to_numpy(self, x):
@@ -107,6 +109,9 @@ class NumpyBackend(Backend):
     UPCAST_BLOCK = 1 << 22  # elements per upcast block (16 MiB in float32)
 
     def matmul(self, a, b):
+        if is_quantized(b):  # GGUF blocks, a tile at a time (minilars/quant.py)
+            from minilars import quant
+            return quant.matmul(a, b, self.decode_tile)
         if b.dtype == a.dtype:
             return a @ b
         rows = max(1, self.UPCAST_BLOCK // max(1, b.shape[1]))
@@ -121,6 +126,9 @@ class NumpyBackend(Backend):
         return a.T @ b
 
     def matmul_nt(self, a, b):
+        if is_quantized(b):
+            from minilars import quant
+            return quant.matmul_nt(a, b, self.decode_tile)
         if b.dtype == a.dtype:
             return a @ b.T
         rows = max(1, self.UPCAST_BLOCK // max(1, b.shape[1]))
@@ -146,6 +154,8 @@ class NumpyBackend(Backend):
 
     # ---------------------------------------------------------------- ops
     def embedding_forward(self, table, tokens):
+        if is_quantized(table):
+            return table.gather_rows(tokens, self.decode_tile)
         return table[tokens]
 
     def embedding_backward(self, dy, tokens, vocab_size):
@@ -275,6 +285,14 @@ class NumpyBackend(Backend):
         return cap * np.tanh(x / cap)
 
     def cross_entropy_head(self, x, head, targets, chunk, ignore_index, need_dx, need_dhead, softcap=None):
+        if is_quantized(head):  # a vocabulary tile at a time; the frozen table has no dhead
+            if softcap is not None:
+                raise ValueError("a soft-capped loss over a head kept as GGUF blocks is not implemented "
+                                 "(load float weights: --weights float32)")
+            from minilars import quant
+            if need_dhead:
+                raise ValueError("the head is kept as GGUF blocks, which do not train (load float weights)")
+            return (*quant.cross_entropy_head(x, head, targets, ignore_index, need_dx, self.decode_tile), None)
         n = x.shape[0]
         valid = targets != ignore_index
         n_valid = int(valid.sum())

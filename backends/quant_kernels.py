@@ -160,3 +160,22 @@ def decode_tile(part, rows, out) -> None:
 
 _KERNELS = {Q.Q8_0: dequantize_q8_0, Q.Q4_0: dequantize_q4_0, Q.Q4_1: dequantize_q4_1,
             Q.Q4_K: dequantize_q4_k, Q.Q5_K: dequantize_q5_k, Q.Q6_K: dequantize_q6_k}
+
+
+def warmup() -> None:
+    """Compile (or load from numba's on-disk cache) every decoder for the layouts the
+    engine passes: blocks read-only (a view of the file's memory map) and writable
+    (quantised at load, or tests), rows int64, out float32. `minilars bench memory`
+    runs this in its cache-warming process, so no measured run pays LLVM's compile
+    memory."""
+    import numpy as np
+    from gguf import GGML_QUANT_SIZES
+
+    rows = np.zeros(1, dtype=np.int64)
+    for qtype, kernel in _KERNELS.items():
+        block, type_size = GGML_QUANT_SIZES[qtype]
+        data = np.zeros((1, type_size), dtype=np.uint8)
+        out = np.empty((1, block), dtype=np.float32)
+        kernel(data, rows, out, HALF_TO_FLOAT)
+        data.flags.writeable = False
+        kernel(data, rows, out, HALF_TO_FLOAT)

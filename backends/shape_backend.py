@@ -35,7 +35,7 @@ from typing import Callable
 
 import numpy as np
 
-from .base import Backend
+from .base import Backend, is_quantized
 from .numpy_backend import GELU_C as _GELU_C, GELU_K as _GELU_K, NumpyBackend
 
 # numpy reuses a temporary operand of a binary operation as its output when it owns
@@ -451,6 +451,8 @@ class ShapeBackend(Backend):
         self.ledger.spike(int(nbytes))
 
     def asarray(self, x, dtype=None):
+        if is_quantized(x):  # blocks on ShapeArrays (planner._shape_model)
+            return x
         if isinstance(x, ShapeArray):
             return x if dtype is None else self.cast(x, self.dtype(dtype))
         x = np.asarray(x)
@@ -512,10 +514,34 @@ class ShapeBackend(Backend):
             return 0
         return max(1, self.UPCAST_BLOCK // max(1, cols))
 
+    # ---------------------------------------------------------------- weights kept as GGUF blocks
+    # A QuantizedWeight (minilars/quant.py) whose parts hold ShapeArrays of uint8: its
+    # bytes are counted as the blocks are. A product holds, besides its output, the one
+    # float32 tile buffer it refills (decoded_tiles) and, one after the other, what
+    # gguf-py's decoder makes while it fills the tile (outside numba: 2.2-2.3 tiles on
+    # every format, by tracemalloc) and the tile's product before it is added or copied
+    # into the output.
+    def _tile_work(self, rows: int, n: int, product: int) -> int:
+        tile = rows * n * 4
+        return tile + max(0 if self.flavour == "numba" else 23 * tile // 10, product)
+
+    def _quantized_product(self, a, w, forward: bool, stored_t: bool):
+        """x S^T (stored_t, out (N, m)) or x S (out (N, n)), one tile of S at a time."""
+        from minilars.quant import TILE_ELEMENTS
+
+        self._enter(None, forward, (a, w.parts[0].data))
+        m, n = w.stored_shape
+        rows = min(max(1, TILE_ELEMENTS // n), max(p.n_rows for p in w.parts))
+        out = self.new((a.shape[0], m if stored_t else n), a.dtype)
+        self._spike(self._tile_work(rows, n, a.shape[0] * (rows if stored_t else n) * a.itemsize))
+        return out
+
     @_moment(None, forward=True)
     def matmul(self, a, b):
         """out (M, C). A float16 b (K, C): numpy_backend upcasts it whole when it
         fits UPCAST_BLOCK, else accumulates a[:, k-block] b[k-block] into a zeroed out."""
+        if is_quantized(b):
+            return self._quantized_product(a, b, True, b.transposed)
         s = a.itemsize
         rows = self._upcast_rows(a, b, b.shape[1])
         out_shape = a.shape[:-1] + (b.shape[1],)
@@ -534,6 +560,8 @@ class ShapeBackend(Backend):
     def matmul_nt(self, a, b):
         """out (M, C). A float16 b (C, K): out's columns block by block, each block
         of b upcast and its product formed before it is copied in."""
+        if is_quantized(b):
+            return self._quantized_product(a, b, False, not b.transposed)
         rows = self._upcast_rows(a, b, b.shape[1])
         out = self.new((a.shape[0], b.shape[0]), a.dtype if rows else np.result_type(a.dtype, b.dtype))
         if rows:
@@ -556,6 +584,12 @@ class ShapeBackend(Backend):
     # ---------------------------------------------------------------- ops
     @_moment("embedding", outside_blocks=True)
     def embedding_forward(self, table, tokens):
+        """A table kept as blocks: the rows of each part, decoded into a buffer
+        (at most every token's) before they are copied into place."""
+        if is_quantized(table):
+            out = self.new((tokens.shape[0], table.shape[1]), np.float32)
+            self._spike(self._tile_work(tokens.shape[0], table.shape[1], 0))
+            return out
         return self.new((tokens.shape[0], table.shape[1]), table.dtype)
 
     @_moment("embedding", outside_blocks=True)
@@ -733,6 +767,8 @@ class ShapeBackend(Backend):
         (c, V) at once. numba: one preallocated logits block, the head cast once, a
         (V, d) chunk dhead; the soft cap is applied in place in that block."""
         n, d = x.shape
+        if is_quantized(head):
+            return self._quantized_loss(x, head, need_dx)
         vocab = head.shape[0]
         s = x.itemsize
         chunk = max(1, min(chunk, n))
@@ -754,6 +790,20 @@ class ShapeBackend(Backend):
             work += [(4 if n > chunk else 3) * logits, 4 * logits if need_dx or need_dhead else 0]
         self._spike(max(work))
         return 0.0, n, dx, dhead
+
+    def _quantized_loss(self, x, head, need_dx):
+        """minilars.quant.cross_entropy_head: dx (N, d) is its running sum a; besides it
+        E[t] (N, d), the tile buffer of E's rows, and then either the decoder's work or
+        a tile's logits (N, tile) with the product p E (N, d); the running statistics
+        m, s, z_t and the rescaling c are (N,) float64."""
+        from minilars.quant import LOSS_TILE_ELEMENTS
+
+        n, d = x.shape
+        rows = min(max(1, LOSS_TILE_ELEMENTS // max(n, 1)), head.stored_shape[0])
+        dx = self.new(x.shape, x.dtype) if need_dx else None
+        product = n * rows * x.itemsize + (x.nbytes if need_dx else 0)
+        self._spike(self._tile_work(rows, d, product) + 4 * n * 8 + (x.nbytes if need_dx else 0))
+        return 0.0, n, dx, None
 
     @_moment("optimizer step")
     def adamw_update(self, p, g, m, v, *, lr, beta1, beta2, eps, weight_decay, step):

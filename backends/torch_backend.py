@@ -27,7 +27,7 @@ import math
 import numpy as np
 import torch
 
-from .base import Backend
+from .base import Backend, is_quantized
 from .numpy_backend import GELU_C, GELU_K
 
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32,
@@ -117,7 +117,11 @@ class TorchBackend(Backend):
 
     def asarray(self, x, dtype=None):
         """A tensor on this backend's device. On cpu a writable numpy array of the
-        same dtype is wrapped, not copied (as NumpyBackend.asarray does)."""
+        same dtype is wrapped, not copied (as NumpyBackend.asarray does). A weight kept
+        as GGUF blocks stays one, its bytes moved to the device (backends/quant_torch.py)."""
+        if is_quantized(x):
+            from .quant_torch import bytes_on
+            return x.with_parts(lambda data: bytes_on(data, self.device))
         dtype = self._dt(dtype)
         if isinstance(x, torch.Tensor):
             return x.detach().to(device=self.device, dtype=dtype)
@@ -197,6 +201,9 @@ class TorchBackend(Backend):
     # ---------------------------------------------------------------- linear algebra
     @_no_grad
     def matmul(self, a, b):
+        if is_quantized(b):  # dequantised a tile at a time on the device
+            from . import quant_torch
+            return quant_torch.matmul(a, b)
         return a @ self.cast(b, a.dtype)
 
     @_no_grad
@@ -205,6 +212,9 @@ class TorchBackend(Backend):
 
     @_no_grad
     def matmul_nt(self, a, b):
+        if is_quantized(b):
+            from . import quant_torch
+            return quant_torch.matmul_nt(a, b)
         return a @ self.cast(b, a.dtype).T
 
     @_no_grad
@@ -228,6 +238,9 @@ class TorchBackend(Backend):
     # ---------------------------------------------------------------- ops
     @_no_grad
     def embedding_forward(self, table, tokens):
+        if is_quantized(table):
+            from . import quant_torch
+            return quant_torch.gather_rows(table, tokens)
         return table[tokens]
 
     @_no_grad
@@ -376,6 +389,14 @@ class TorchBackend(Backend):
 
     @_no_grad
     def cross_entropy_head(self, x, head, targets, chunk, ignore_index, need_dx, need_dhead, softcap=None):
+        if is_quantized(head):  # a vocabulary tile at a time; the frozen table has no dhead
+            if softcap is not None:
+                raise ValueError("a soft-capped loss over a head kept as GGUF blocks is not implemented "
+                                 "(load float weights: --weights float32)")
+            from . import quant_torch
+            if need_dhead:
+                raise ValueError("the head is kept as GGUF blocks, which do not train (load float weights)")
+            return (*quant_torch.cross_entropy_head(x, head, targets, ignore_index, need_dx), None)
         n = x.shape[0]
         acc_dt = _acc_dtype(x.dtype)
         valid = targets != ignore_index
@@ -426,3 +447,15 @@ class TorchBackend(Backend):
     @_no_grad
     def scale_(self, x, s):
         x.mul_(s)
+
+    @_no_grad
+    def decode_tile(self, part, rows, out):
+        """Rows of a part decoded on the device (its bytes moved there if they are not)
+        and copied into the numpy array out (for export, fingerprints and tests; the
+        products never copy a tile back)."""
+        from .quant_torch import bytes_on, decode_rows
+
+        if not isinstance(part.data, torch.Tensor):
+            part = part.with_data(bytes_on(part.data, self.device))
+        index = torch.as_tensor(np.asarray(rows, dtype=np.int64), device=self.device)
+        out[:] = decode_rows(part, index).cpu().numpy()

@@ -26,7 +26,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from .backends import Array, Backend
-from .sites import LinearSite
+from .backends.base import is_quantized
+from .sites import LinearSite, dense_weight
 
 
 class _AdapterSite(LinearSite):
@@ -114,7 +115,7 @@ class LoRASite(_AdapterSite):
 
     def to_linear(self, be):
         delta = self.delta(be)
-        return be.cast(self.weight, delta.dtype) + delta
+        return be.cast(dense_weight(self.weight, be), delta.dtype) + delta
 
 
 # ---------------------------------------------------------------- IA3
@@ -185,7 +186,7 @@ class IA3Site(_AdapterSite):
         return (be.matmul_nt(dy, self.weight) if need_dx else None), grads
 
     def to_linear(self, be):
-        w = be.cast(self.weight, self.scales[next(iter(self.scales))].dtype)
+        w = be.cast(dense_weight(self.weight, be), self.scales[next(iter(self.scales))].dtype)
         if self.scale_input:
             return w * self.scales["input"][:, None] if self.targets else w
         w = w + 0  # a copy
@@ -217,7 +218,9 @@ class LARSSite(_AdapterSite):
         dM_s = z^T dy_s,   dx = dy W^T + (sum_s dy_s M_s^T) P^T.
 
     Between merge() and unmerge() (Model holds one block's sites merged while that
-    block runs forward or backward) the site computes with W_eff itself:
+    block runs forward or backward) the site computes with W_eff itself (except over
+    a weight kept as GGUF blocks, which is never merged: W_eff would be a float copy
+    of the block's weights; the site then runs y = x W + z M over the blocks):
         y = x W_eff,   dx = dy W_eff^T
     the same quantities, one (N, d_in) x (d_in, d_out) product each instead of the
     frozen product plus the rank-r products z M and (dy M^T) P^T, which are thin and
@@ -242,8 +245,9 @@ class LARSSite(_AdapterSite):
 
     def merge(self, be) -> None:
         """Form W_eff = W + P M for the products that follow, until unmerge(); M must
-        not change in between (the optimizer steps after the whole backward)."""
-        if self.targets:
+        not change in between (the optimizer steps after the whole backward). A weight
+        kept as blocks stays unmerged."""
+        if self.targets and not is_quantized(self.weight):
             self.merged = self.to_linear(be)
 
     def unmerge(self) -> None:
@@ -288,16 +292,17 @@ class LARSSite(_AdapterSite):
         return dx, grads
 
     def to_linear(self, be):
-        """W + P M in one backend call (be.add_low_rank: the numba backend forms it in
-        one pass over W), with M (r, d_out) the targets' M_s in their columns, zero
-        in the others."""
+        """W + P M in one backend call (be.add_low_rank: one product and one sum),
+        with M (r, d_out) the targets' M_s in their columns, zero in the others. A
+        weight kept as GGUF blocks is dequantised first (export only: merge() never
+        folds a kept weight)."""
         if list(self.targets) == list(self.outputs):  # every projection of the stream: M is theirs side by side
             m = be.concat([self.M[s] for s in self.outputs], axis=1)
         else:
             m = be.zeros((self.rank, sum(self.outputs.values())), self.basis.dtype)
             for s in self.targets:
                 m[:, self.slices[s]] = self.M[s]
-        return be.add_low_rank(self.weight, self.basis, m)
+        return be.add_low_rank(dense_weight(self.weight, be), self.basis, m)
 
     def as_lora(self) -> dict[str, tuple[Array, Array]]:
         """PEFT LoRA factors with scaling 1: lora_A = P^T (r, d_in), lora_B = M_s^T (d_out_s, r)."""

@@ -36,7 +36,7 @@ from .ops import (AttentionCache, EmbeddingCache, RMSNormCache, attention_backwa
                   embedding_forward, geglu_backward, geglu_forward, head_rmsnorm_backward, head_rmsnorm_forward,
                   rmsnorm_backward, rmsnorm_forward, rope_backward, rope_forward, rope_tables, swiglu_backward,
                   swiglu_forward)
-from .sites import FrozenSite, LinearSite
+from .sites import FrozenSite, LinearSite, dense_weight
 from .store import ActivationStore, StoragePlan
 from .weights import STREAMS, check_shapes, random_params, stream_outputs
 
@@ -142,7 +142,7 @@ class Model:
 
     def merged_params(self) -> dict[str, np.ndarray]:
         """Engine parameters with every adapter folded into its weight (numpy)."""
-        out = {name: self.be.to_numpy(p) for name, p in self.params.items()}
+        out = {name: self.be.to_numpy(dense_weight(p, self.be)) for name, p in self.params.items()}
         for i, block in enumerate(self.sites):
             for stream, site in block.items():
                 out[f"blocks.{i}.{stream}.weight"] = self.be.to_numpy(site.to_linear(self.be))

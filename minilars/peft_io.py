@@ -1,8 +1,10 @@
 """Adapters on disk in the PEFT format, and merged-model export.
 
 A directory holds `adapter_config.json` + `adapter_model.safetensors` with PEFT's
-key names for LLaMA models, so PEFT (and the tests' independent torch reference) load
-it as they load any adapter:
+key names, which are the same for every family minilars loads (LLaMA, Mistral, Qwen2,
+Qwen3, Gemma 3 all name their projections model.layers.{i}.self_attn.q_proj, ...,
+mlp.down_proj), so PEFT (and the tests' independent torch reference) load it onto the
+family's transformers model as they load any adapter:
 
     LoRA: base_model.model.model.layers.{i}.self_attn.q_proj.lora_A.weight  (r, d_in)
           base_model.model.model.layers.{i}.self_attn.q_proj.lora_B.weight  (d_out, r)
@@ -28,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .backends.base import is_quantized
 from .files import atomic_write, write_text
 from .methods import method_for_adapter
 from .model import Model
@@ -48,7 +51,11 @@ def model_fingerprint(model: Model) -> str:
     mean the same base model."""
     digest = hashlib.sha256(json.dumps(model.cfg.identity(), sort_keys=True, default=str).encode())
     for name in ("embed.weight", "final_norm.weight", "blocks.0.attn_in.weight"):
-        sample = np.ascontiguousarray(model.be.to_numpy(model.params[name]).reshape(-1)[:4096], dtype=np.float32)
+        p = model.params[name]
+        if is_quantized(p):  # GGUF blocks: the same values, dequantised (a few rows, not the table)
+            sample = p.first_values(4096, model.be.decode_tile)
+        else:
+            sample = np.ascontiguousarray(model.be.to_numpy(p).reshape(-1)[:4096], dtype=np.float32)
         digest.update(np.round(sample, 4).tobytes())
     return digest.hexdigest()[:16]
 
@@ -158,7 +165,8 @@ def _method_of(config: dict, info: dict):
         raise TypeError(f"target_modules must be a list of names, got {modules!r}")
     unknown = [m for m in modules if m not in module_to_proj]
     if unknown:
-        raise ValueError(f"target module {unknown[0]!r} is not a LLaMA projection")
+        raise ValueError(f"target module {unknown[0]!r} is not a projection minilars adapts "
+                         f"({', '.join(module_to_proj)})")
     return kind.config_from_peft(config, info, tuple(module_to_proj[m] for m in modules))
 
 
@@ -172,7 +180,8 @@ def _get(tensors: dict, key: str, shape: tuple, directory: Path) -> np.ndarray:
 
 
 def export_merged(model: Model, directory: str | os.PathLike, tokenizer=None) -> Path:
-    """Fold every adapter into its weight and save a Hugging Face model directory."""
+    """Fold every adapter into its weight and save a Hugging Face model directory of the
+    model's family (transformers loads it as that family's CausalLM class)."""
     from .models import hf_loader
     from .weights import to_hf
 

@@ -1,6 +1,6 @@
 """Memory planner: a training step's peak memory, predicted by running the engine on shapes.
 
-`plan_memory(cfg, method, seq_len, batch_size, weight_dtype, backend_name)` builds the
+`plan_memory(cfg, method, seq_len, batch_size, weight_format, backend_name)` builds the
 real Model on the shape-only backend (backends/shape_backend.py: arrays with a shape
 and a dtype and no values, whose buffers are counted as they are allocated and
 freed), applies the method with minilars.methods.apply_method, and runs one training
@@ -11,7 +11,8 @@ the plan with no edit here. The plan reports the moment of the peak by category:
 
     baseline          Python + numpy + the backend's libraries + the tokenizer (measured)
     weights           what outlives the step and is not trained or optimizer state:
-                      parameters, LARS bases, RoPE tables
+                      parameters (float arrays, or GGUF blocks: see weight_format),
+                      LARS bases, RoPE tables
     trainable         adapter parameters (LoRA A/B, IA3 scales, LARS M); 0 for full,
                       whose trained arrays are the weights
     optimizer         AdamW m and v
@@ -57,18 +58,38 @@ MIB = 2**20
 
 # Resident memory of a process that has imported minilars and its backend, before any
 # weight is loaded, and what the tokenizer adds. Measured on the reference machine
-# (x86-64, Python 3.11.7, numpy 2.4, glibc, MALLOC_ARENA_MAX=2) with
-# `python -m minilars.bench.memory_worker --baseline --backend NAME`: numpy 27.8 MiB,
-# numba 174 MiB (LLVM and the jitted kernels loaded from numba's on-disk cache), torch
-# 219 MiB (libtorch); SmolLM2's 49,152-token BPE tokenizer (rebuilt from the GGUF)
-# 34-40 MiB, which the planner scales with the vocabulary.
-RUNTIME_BASELINE = {"numpy": 28 * MIB, "numba": 174 * MIB, "torch": 219 * MIB}
-TOKENIZER_BYTES_PER_TOKEN = 37 * MIB // 49152
+# (x86-64, Python 3.11.7, numpy 2.4, glibc) with
+# `python -m minilars.bench.memory_worker --baseline --backend NAME`: numpy 29.8 MiB,
+# numba 168.6 MiB (of it 69 MiB are LLVM's code pages, libllvmlite.so, and the jitted
+# kernels loaded from numba's on-disk cache), torch 219 MiB (libtorch, measured before
+# the GGUF blocks were wired in); SmolLM2's 49,152-token BPE tokenizer (rebuilt from the
+# GGUF) 17.9-22.4 MiB once the reader's parse is freed and the heap trimmed
+# (pretrained.return_freed_heap; 34-40 MiB before), which the planner scales with the
+# vocabulary.
+RUNTIME_BASELINE = {"numpy": 30 * MIB, "numba": 169 * MIB, "torch": 219 * MIB}
+TOKENIZER_BYTES_PER_TOKEN = 20 * MIB // 49152
 
 NUMBA_THREADS = None  # None: numba's default (one per core); the attention kernels keep per-thread buffers
 # Tokens LARS calibrates on in the plan (the bench's and finetune's default batch
 # has at least this many; a basis has min(rank, d_in) columns from `rank` tokens on).
 CALIBRATION_TOKENS = 512
+
+
+# How the frozen weights are held (--weights): a float dtype, a format every matrix is
+# quantised into at load, or, for weights kept as a file stores them, a mapping
+# engine name -> ((ggml type, stored rows), ...) per part (minilars.quant.formats_of;
+# pretrained.planned_weights reads it from a GGUF's header). Norms are float32 always.
+WEIGHT_FORMATS = ("float32", "float16", "q8_0", "q4_0")
+# What check_budget tries, from the most precise down, when the weights do not fit.
+SMALLER_FORMATS = ("float16", "q8_0", "q4_0")
+
+
+def describe_weights(weight_format) -> str:
+    """'float32', 'q4_0', or 'kept Q4_1+Q8_0' for a mapping of kept formats."""
+    if isinstance(weight_format, str):
+        return weight_format
+    names = dict.fromkeys(name for parts in weight_format.values() for name, _ in parts)
+    return "kept " + "+".join(names) if names else "float32"
 
 
 # ---------------------------------------------------------------- sizes
@@ -85,7 +106,7 @@ class MemoryPlan:
     method: str
     seq_len: int
     batch_size: int
-    weight_dtype: str
+    weight_format: str  # describe_weights of what was planned
     backend: str
     baseline: int  # Python + libraries + tokenizer (RUNTIME_BASELINE)
     weights: int  # parameters as stored, LARS bases, RoPE tables
@@ -119,7 +140,7 @@ class MemoryPlan:
 
     def describe(self) -> str:
         lines = [f"{self.model}, {self.method}, T={self.seq_len}, batch {self.batch_size}, "
-                 f"{self.weight_dtype} weights, {self.backend} backend",
+                 f"{self.weight_format} weights, {self.backend} backend",
                  f"peak at: {self.peak_phase}"]
         width = max(len(name) for name, _ in self.rows())
         for name, value in self.rows():
@@ -141,13 +162,39 @@ def _numba_threads() -> int:
     return int(os.environ.get("NUMBA_NUM_THREADS", 0)) or os.cpu_count() or 1
 
 
-def _shape_model(cfg: ModelConfig, weight_dtype: str, be: ShapeBackend, **model_options) -> Model:
-    """The Model on shape-only parameters as load_pretrained keeps them: norm weights
-    float32, the rest in weight_dtype; each tagged with its name (the backend reads
-    block and projection from it to name the moments)."""
-    params = {name: be.new(shape, "float32" if name.endswith("norm.weight") else weight_dtype, tag=name)
-              for name, shape in expected_shapes(cfg).items()}
+def _shape_model(cfg: ModelConfig, weight_format, be: ShapeBackend, **model_options) -> Model:
+    """The Model on shape-only parameters as load_model keeps them (WEIGHT_FORMATS):
+    norm weights float32; the matrices in the float dtype, or as blocks whose bytes
+    are shape-only arrays (a site's stored rows are W^T, the table's E itself); a
+    matrix whose rows do not split into 32-value blocks stays float32 under q8_0 /
+    q4_0, as quant.quantize_weight leaves it. Each is tagged with its name (the
+    backend reads block and projection from it to name the moments)."""
+    from .quant import weight_of_formats
+
+    params = {}
+    for name, shape in expected_shapes(cfg).items():
+        if len(shape) != 2:  # norms (and biases): float32
+            params[name] = be.new(shape, "float32", tag=name)
+            continue
+        transposed = name not in ("embed.weight", "head.weight")
+        rows, n_cols = (shape[1], shape[0]) if transposed else shape  # the stored rows S
+        formats = None
+        if isinstance(weight_format, dict):
+            formats = weight_format.get(name)
+        elif weight_format in ("q8_0", "q4_0") and n_cols % 32 == 0:
+            formats = ((weight_format.upper(), rows),)
+        if formats:
+            params[name] = weight_of_formats(formats, n_cols, transposed,
+                                             lambda bytes_shape, name=name: be.new(bytes_shape, "uint8", tag=name))
+        else:
+            params[name] = be.new(shape, "float16" if weight_format == "float16" else "float32", tag=name)
     return Model(cfg, params, backend=be, **model_options)
+
+
+def _serials(array) -> set:
+    """The ledger buffers of a parameter: its own, or its blocks' (one per part)."""
+    parts = getattr(array, "parts", None)
+    return {p.data.serial for p in parts} if parts is not None else {array.serial}
 
 
 @dataclass
@@ -184,14 +231,14 @@ def _run_step(model: Model, be: ShapeBackend, batch_size: int, seq_len: int, inf
         optimizer.step(grads)
         del grads
     be.ledger.on_peak = None
-    params = {p.serial for p in model.params.values()}
+    params = set().union(*(_serials(p) for p in model.params.values()))
     return _Step(persistent=set(be.ledger.live), trainable={a.serial for a in trainable.values()} - params,
                  optimizer={a.serial for a in (*optimizer.m.values(), *optimizer.v.values())} if optimizer else set(),
                  gradients=gradients, store=store)
 
 
 def plan_memory(cfg: ModelConfig, method: MethodConfig | str, seq_len: int, batch_size: int = 1,
-                weight_dtype: str = "float32", backend_name: str | None = None, *,
+                weight_format="float32", backend_name: str | None = None, *,
                 compute_dtype: str = "float32", loss_chunk: int = 256, attention_tile: int = 256,
                 mlp_chunk: int = 512, inference: bool | None = None, model_name: str | None = None,
                 tokenizer: bool | None = None) -> MemoryPlan:
@@ -199,7 +246,8 @@ def plan_memory(cfg: ModelConfig, method: MethodConfig | str, seq_len: int, batc
     on `backend_name`'s kernels. A method that trains nothing ("frozen"), or
     inference=True, plans the no-grad forward (the inference floor). tokenizer:
     whether the process holds the model's tokenizer (default: yes, except for the
-    random-weight `tiny` preset)."""
+    random-weight `tiny` preset). weight_format: WEIGHT_FORMATS or a mapping of kept
+    formats (see there)."""
     method = _method_config(method)
     if seq_len < 1 or batch_size < 1:
         raise ValueError(f"seq_len and batch_size must be >= 1, got {seq_len}, {batch_size}")
@@ -208,11 +256,12 @@ def plan_memory(cfg: ModelConfig, method: MethodConfig | str, seq_len: int, batc
     backend = backend_name or _default_backend_name()
     if backend not in RUNTIME_BASELINE:
         raise ValueError(f"unknown backend {backend!r}; choose numpy, numba or torch")
-    if weight_dtype not in ("float32", "float16"):
-        raise ValueError(f"weight dtype must be float32 or float16, got {weight_dtype!r}")
+    if not isinstance(weight_format, dict) and weight_format not in WEIGHT_FORMATS:
+        raise ValueError(f"weight format must be one of {', '.join(WEIGHT_FORMATS)} or the formats of kept "
+                         f"weights, got {weight_format!r}")
 
     be = ShapeBackend(backend, threads=_numba_threads() if backend == "numba" else 1)
-    model = _shape_model(cfg, weight_dtype, be, compute_dtype=compute_dtype, attention_tile=attention_tile,
+    model = _shape_model(cfg, weight_format, be, compute_dtype=compute_dtype, attention_tile=attention_tile,
                          loss_chunk=loss_chunk, mlp_chunk=mlp_chunk)
     calibration = np.zeros((1, min(cfg.max_seq_len, max(CALIBRATION_TOKENS, method.rank))), dtype=np.int64)
     be.phase = "calibration"
@@ -240,7 +289,7 @@ def plan_memory(cfg: ModelConfig, method: MethodConfig | str, seq_len: int, batc
     baseline = RUNTIME_BASELINE[backend] + (cfg.vocab_size * TOKENIZER_BYTES_PER_TOKEN if tokenizer else 0)
     return MemoryPlan(
         model=name, method=method.describe(), seq_len=seq_len, batch_size=batch_size,
-        weight_dtype=weight_dtype, backend=backend, baseline=baseline, weights=weights,
+        weight_format=describe_weights(weight_format), backend=backend, baseline=baseline, weights=weights,
         trainable=trainable, optimizer=optimizer, gradients=gradients, activation_store=store_now,
         transient=transient, total=baseline + ledger.bytes_peak, peak_phase=ledger.peak_label,
         store_peak=step.store.bytes_peak, store_peak_by_kind=step.store.peak_by_kind(),
@@ -270,22 +319,23 @@ def store_bytes_per_token(cfg: ModelConfig, method: MethodConfig, compute_dtype:
 
 
 # ---------------------------------------------------------------- budgets
-def check_budget(cfg: ModelConfig, method: MethodConfig | str, seq_len: int, batch_size: int, weight_dtype: str,
+def check_budget(cfg: ModelConfig, method: MethodConfig | str, seq_len: int, batch_size: int, weight_format,
                  budget_bytes: int | str, backend_name: str | None = None, **options) -> MemoryPlan:
     """The plan when it fits in `budget_bytes`; otherwise ValueError saying what would
-    fit: the longest sequence, a lower rank, another storage policy or method, float16
-    weights, a smaller batch."""
+    fit: the longest sequence, a lower rank, another storage policy or method, a
+    smaller weight format (float16, q8_0, q4_0: the most precise that fits), a
+    smaller batch."""
     method = _method_config(method)
     budget = parse_size(budget_bytes)
-    plan = plan_memory(cfg, method, seq_len, batch_size, weight_dtype, backend_name, **options)
+    plan = plan_memory(cfg, method, seq_len, batch_size, weight_format, backend_name, **options)
     if plan.total <= budget:
         return plan
 
-    def fits(m: MethodConfig, t: int = seq_len, bsz: int = batch_size, wd: str = weight_dtype) -> bool:
+    def fits(m: MethodConfig, t: int = seq_len, bsz: int = batch_size, wd=weight_format) -> bool:
         return plan_memory(cfg, m, t, bsz, wd, backend_name, **options).total <= budget
 
     advice = []
-    longest = largest_fitting_seq_len(cfg, method, batch_size, weight_dtype, budget, backend_name, **options)
+    longest = largest_fitting_seq_len(cfg, method, batch_size, weight_format, budget, backend_name, **options)
     if longest:
         advice.append(f"--seq-len {longest} (the longest that fits)")
     else:
@@ -294,8 +344,9 @@ def check_budget(cfg: ModelConfig, method: MethodConfig | str, seq_len: int, bat
         flag = next((flag for flag, other in group if fits(other)), None)
         if flag:
             advice.append(flag)
-    if weight_dtype == "float32" and fits(method, wd="float16"):
-        advice.append("--weight-dtype float16")
+    smaller = next((f for f in _smaller_formats(weight_format) if fits(method, wd=f)), None)
+    if smaller:
+        advice.append(f"--weights {smaller}")
     if batch_size > 1:
         smaller = next((bs for bs in range(batch_size - 1, 0, -1) if fits(method, bsz=bs)), None)
         if smaller:
@@ -307,12 +358,35 @@ def check_budget(cfg: ModelConfig, method: MethodConfig | str, seq_len: int, bat
         f"What would fit: " + "; ".join(advice) + ".")
 
 
-def largest_fitting_seq_len(cfg: ModelConfig, method: MethodConfig, batch_size: int, weight_dtype: str,
+def _smaller_formats(weight_format) -> list[str]:
+    """The formats of SMALLER_FORMATS to suggest instead of weight_format: those after
+    it; for kept blocks (4 to 8 bits already), q4_0."""
+    if isinstance(weight_format, dict):
+        return ["q4_0"]
+    return list(SMALLER_FORMATS[SMALLER_FORMATS.index(weight_format) + 1:] if weight_format in SMALLER_FORMATS
+                else SMALLER_FORMATS)
+
+
+def fitting_weight_formats(cfg: ModelConfig, method: MethodConfig | str, seq_len: int, batch_size: int,
+                           budget_bytes: int, backend_name: str | None = None, kept=None,
+                           **options) -> list[tuple[str, int, bool]]:
+    """(format, planned total, fits) for every weight format a run could load with:
+    `kept` (a mapping of kept formats, for a GGUF) first as "keep", then WEIGHT_FORMATS."""
+    method = _method_config(method)
+    formats = ([("keep", kept)] if kept else []) + [(f, f) for f in WEIGHT_FORMATS]
+    out = []
+    for name, weight_format in formats:
+        total = plan_memory(cfg, method, seq_len, batch_size, weight_format, backend_name, **options).total
+        out.append((name, total, total <= budget_bytes))
+    return out
+
+
+def largest_fitting_seq_len(cfg: ModelConfig, method: MethodConfig, batch_size: int, weight_format,
                             budget_bytes: int, backend_name: str | None = None, **options) -> int:
     """The longest T (<= the model's context) whose planned peak fits; 0 if none.
     The plan grows with T, so a binary search finds it."""
     def total(t: int) -> int:
-        return plan_memory(cfg, method, t, batch_size, weight_dtype, backend_name, **options).total
+        return plan_memory(cfg, method, t, batch_size, weight_format, backend_name, **options).total
 
     if total(1) > budget_bytes:
         return 0
@@ -360,5 +434,6 @@ def _lower_ranks(rank: int) -> list[int]:
     return out
 
 
-__all__ = ["MemoryPlan", "RUNTIME_BASELINE", "TOKENIZER_BYTES_PER_TOKEN", "check_budget", "format_size", "largest_fitting_seq_len",
+__all__ = ["MemoryPlan", "RUNTIME_BASELINE", "SMALLER_FORMATS", "TOKENIZER_BYTES_PER_TOKEN", "WEIGHT_FORMATS",
+           "check_budget", "describe_weights", "fitting_weight_formats", "format_size", "largest_fitting_seq_len",
            "parse_size", "plan_memory", "store_bytes_per_token"]

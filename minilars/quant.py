@@ -45,27 +45,40 @@ LOAD_QUANTISERS = {"q8_0": Q.Q8_0, "q4_0": Q.Q4_0}
 # A tile of dequantised rows holds at most this many float32 values (4 MiB).
 TILE_ELEMENTS = 1 << 20
 
+# decode(part, stored rows, out): out[i] = stored row rows[i] of the part, in float32
 TileDecoder = Callable[["QuantizedRows", np.ndarray, np.ndarray], None]
 
 
 @dataclass(frozen=True)
 class QuantizedRows:
-    """One GGUF tensor's rows, as stored: data (m, n / block_size * type_size) uint8."""
+    """One GGUF tensor's rows, as stored: data (m, n / block_size * type_size) uint8.
+    order, when given, says which stored row is row i (llama.cpp stores q's and k's
+    rows permuted within each head, models/gguf_kept.py): the rows are read in that
+    order instead of copied into it, so the blocks stay a view of the file."""
 
     data: np.ndarray  # (m, row_bytes) uint8 blocks; may be a view of the file's memory map
     qtype: Q
     n_cols: int  # n values per row
+    order: np.ndarray | None = None  # (m,) int64: row i is stored row order[i]; None: in order
 
     def __post_init__(self):
         if self.qtype not in KEPT_TYPES:
             raise ValueError(f"ggml type {self.qtype.name} cannot be kept "
                              f"(kept: {', '.join(q.name for q in KEPT_TYPES)})")
         block, type_size = GGML_QUANT_SIZES[self.qtype]
-        if self.data.dtype != np.uint8 or self.data.ndim != 2:
+        # numpy's uint8, or the same bytes as a torch tensor on a device (the torch
+        # backend decodes there) or as a shape-only array (the planner)
+        if str(self.data.dtype) not in ("uint8", "torch.uint8") or len(self.data.shape) != 2:
             raise ValueError(f"blocks must be a 2-D uint8 array, got {self.data.dtype} {self.data.shape}")
         if self.n_cols % block or self.data.shape[1] != self.n_cols // block * type_size:
             raise ValueError(f"{self.data.shape[1]} bytes per row do not hold {self.n_cols} "
                              f"{self.qtype.name} values ({block} per {type_size}-byte block)")
+        if self.order is not None and sorted(self.order.tolist()) != list(range(self.data.shape[0])):
+            raise ValueError("order must be a permutation of the stored rows")
+
+    def stored(self, rows: np.ndarray) -> np.ndarray:
+        """The stored rows that hold rows `rows` (what a decoder reads)."""
+        return rows if self.order is None else self.order[rows]
 
     @property
     def n_rows(self) -> int:
@@ -74,6 +87,10 @@ class QuantizedRows:
     @property
     def nbytes(self) -> int:
         return int(self.data.nbytes)
+
+    def with_data(self, data) -> "QuantizedRows":
+        """The same rows held in another array (a device's copy of the bytes)."""
+        return QuantizedRows(data, self.qtype, self.n_cols, self.order)
 
 
 def dequantize_rows_reference(part: QuantizedRows, rows: np.ndarray, out: np.ndarray) -> None:
@@ -117,14 +134,15 @@ class QuantizedWeight:
         return f"QuantizedWeight({self.formats}, shape={self.shape}, {self.nbytes} bytes)"
 
     def tiles(self, tile_elements: int = TILE_ELEMENTS):
-        """(part, first stored row of the tile in S, rows within the part) for consecutive
-        tiles of at most tile_elements values: the unit one kernel call dequantises."""
+        """(part, first row of the tile in S, the part's stored rows that hold it) for
+        consecutive tiles of at most tile_elements values: the unit one kernel call
+        dequantises."""
         per_tile = max(1, tile_elements // self.stored_shape[1])
         offset = 0
         for part in self.parts:
             for r0 in range(0, part.n_rows, per_tile):
                 r1 = min(r0 + per_tile, part.n_rows)
-                yield part, offset + r0, np.arange(r0, r1)
+                yield part, offset + r0, part.stored(np.arange(r0, r1))
             offset += part.n_rows
 
     def gather_rows(self, rows: np.ndarray, decode: TileDecoder = dequantize_rows_reference) -> np.ndarray:
@@ -139,7 +157,7 @@ class QuantizedWeight:
             mine = (rows >= offset) & (rows < offset + part.n_rows)
             if mine.any():
                 buf = np.empty((int(mine.sum()), n), dtype=np.float32)
-                decode(part, (rows[mine] - offset).astype(np.int64), buf)
+                decode(part, part.stored((rows[mine] - offset).astype(np.int64)), buf)
                 out[mine] = buf
             offset += part.n_rows
         return out
@@ -155,6 +173,15 @@ class QuantizedWeight:
             out[:, start:start + tile.shape[0]] = tile[:, :k].T
         return out
 
+    def first_values(self, count: int, decode: TileDecoder = dequantize_rows_reference) -> np.ndarray:
+        """The first `count` values of W flattened row by row, float32 (a fingerprint's sample)."""
+        width = self.shape[1]
+        return self.leading_rows(-(-count // width), decode).reshape(-1)[:count]
+
+    def with_parts(self, convert) -> "QuantizedWeight":
+        """This weight with every part's bytes passed through convert (to a device, say)."""
+        return QuantizedWeight([p.with_data(convert(p.data)) for p in self.parts], self.transposed)
+
     def dequantize(self, decode: TileDecoder = dequantize_rows_reference) -> np.ndarray:
         """The whole weight in float32, engine layout (for export and tests; a training
         step never calls it)."""
@@ -164,7 +191,7 @@ class QuantizedWeight:
 
 def _decode_all(part: QuantizedRows, decode: TileDecoder) -> np.ndarray:
     out = np.empty((part.n_rows, part.n_cols), dtype=np.float32)
-    decode(part, np.arange(part.n_rows), out)
+    decode(part, part.stored(np.arange(part.n_rows)), out)
     return out
 
 
@@ -226,51 +253,63 @@ LOSS_TILE_ELEMENTS = 1 << 20  # logits per (N, tile) work array in the loss (4 M
 def cross_entropy_head(x: np.ndarray, head: QuantizedWeight, targets: np.ndarray, ignore_index: int,
                        need_dx: bool, decode: TileDecoder = dequantize_rows_reference,
                        tile_elements: int = LOSS_TILE_ELEMENTS) -> tuple[float, int, np.ndarray | None]:
-    """Mean cross-entropy of z = x E^T over a table kept as blocks, a tile of the
-    vocabulary at a time with an online log-sum-exp (as FlashAttention's softmax), so
-    E is dequantised once for the loss and once for dx, whatever N is, and no (N, V)
-    or (chunk, V) array exists:
+    """Mean cross-entropy of z = x E^T over a table kept as blocks, one pass over the
+    vocabulary a tile at a time with an online log-sum-exp (FlashAttention's softmax,
+    Dao et al. 2022, Alg. 1), so E is dequantised once per call and no (N, V) or
+    (chunk, V) array exists. Per tile of E's rows (with m the running row max, s the
+    running sum of e^(z - m), a = sum_v e^(z_v - m) E_v):
 
-        pass 1, per vocabulary tile:  m' = max(m, max_v z),  s = s e^(m - m') + sum_v e^(z - m'),
-                                      z_n[t_n] picked up in its tile;  lse = m + log s
-        pass 2, per tile (need_dx):   dz = (e^(z - lse) - onehot(t)) / n_valid,  dx += dz E_tile
+        z = x E_tile^T,  m' = max(m, max_v z),  c = e^(m - m'),  p = e^(z - m')
+        s = s c + sum_v p,   a = a c + p E_tile,   z_t and E[t] picked up in their tile
+    then
+        loss = mean_n (m + log s - z_t),   dx_n = (a_n / s_n - E[t_n]) / n_valid
+
+    since dz = softmax(z) - onehot(t) and dx = dz E: softmax(z) E = a / s. The
+    products are the float path's (2 N V d FLOPs each for z and dz E); the head's
+    gradient is never formed (the table is frozen).
 
     x (N, d) float, head E (V, d) with transposed=False, targets (N,) ->
     (loss, n_valid, dx (N, d) or None)."""
-    n = x.shape[0]
+    n, d = x.shape
     v_total = head.stored_shape[0]
     valid = targets != ignore_index
     n_valid = int(valid.sum())
-    dx = np.zeros_like(x) if need_dx else None
     if n_valid == 0:
-        return 0.0, 0, dx
+        return 0.0, 0, (np.zeros_like(x) if need_dx else None)
     t = np.where(valid, targets, 0)
     if t.min() < 0 or t.max() >= v_total:
         raise IndexError(f"target out of range for a vocabulary of {v_total}")
-    vocab_tile = max(1, tile_elements // max(n, 1)) * head.stored_shape[1]  # values per tile of E
+    vocab_tile = max(1, tile_elements // max(n, 1)) * d  # values per tile of E
     m = np.full(n, -np.inf, dtype=np.float64)  # running row max
-    s = np.zeros(n, dtype=np.float64)  # running sum of exp(z - m)
+    s = np.zeros(n, dtype=np.float64)  # running sum of e^(z - m)
     z_target = np.zeros(n, dtype=np.float64)
+    acc = np.zeros_like(x) if need_dx else None  # (N, d) running sum of e^(z - m) E
+    e_target = np.zeros_like(x) if need_dx else None  # (N, d) E[t]
 
     for v0, e in decoded_tiles(head, decode, vocab_tile):
         e = e.astype(x.dtype, copy=False)  # E's rows v0.. (tile, d)
         z = x @ e.T  # (N, tile)
-        m_new = np.maximum(m, z.max(axis=1))
-        s = s * np.exp(m - m_new) + np.exp(z - m_new[:, None]).sum(axis=1)
-        m = m_new
-        mine = (t >= v0) & (t < v0 + e.shape[0])
+        mine = np.nonzero((t >= v0) & (t < v0 + e.shape[0]))[0]
         z_target[mine] = z[mine, t[mine] - v0]
+        m_new = np.maximum(m, z.max(axis=1))
+        c = np.exp(m - m_new)  # (N,) rescales what earlier tiles added
+        z -= m_new[:, None].astype(x.dtype)
+        np.exp(z, out=z)  # p, (N, tile)
+        s = s * c + z.sum(axis=1, dtype=np.float64)
+        m = m_new
+        if need_dx:
+            acc *= c[:, None].astype(x.dtype)
+            acc += z @ e  # (N, d)
+            e_target[mine] = e[t[mine] - v0]
+        del z  # before the next tile's logits form: one (N, tile) array at a time
     lse = m + np.log(s)  # (N,)
     loss = float(np.sum((lse - z_target)[valid])) / n_valid
+    dx = None
     if need_dx:
-        weight = (valid / n_valid).astype(x.dtype)[:, None]  # (N, 1)
-        for v0, e in decoded_tiles(head, decode, vocab_tile):
-            e = e.astype(x.dtype, copy=False)
-            dz = np.exp(x @ e.T - lse[:, None].astype(x.dtype))  # softmax p, (N, tile)
-            mine = np.nonzero((t >= v0) & (t < v0 + e.shape[0]))[0]
-            dz[mine, t[mine] - v0] -= 1.0
-            dz *= weight
-            dx += dz @ e
+        acc /= s[:, None].astype(x.dtype)  # softmax(z) E
+        acc -= e_target
+        acc *= (valid / n_valid).astype(x.dtype)[:, None]
+        dx = acc
     return loss, n_valid, dx
 
 
@@ -290,6 +329,28 @@ def kept_weight(tensors: list, transposed: bool) -> QuantizedWeight | None:
     return QuantizedWeight(parts, transposed)
 
 
+# ---------------------------------------------------------------- formats, for the memory planner
+# A weight's formats as the planner takes them: ((ggml type name, stored rows), ...) per part.
+Formats = tuple[tuple[str, int], ...]
+
+
+def formats_of(params: dict) -> dict[str, Formats]:
+    """name -> the formats of each weight kept as blocks, e.g. (("Q4_1", 576), ("Q8_0", 192), ...)."""
+    return {name: tuple((p.qtype.name, p.n_rows) for p in w.parts)
+            for name, w in params.items() if isinstance(w, QuantizedWeight)}
+
+
+def weight_of_formats(formats: Formats, n_cols: int, transposed: bool, new_bytes) -> QuantizedWeight:
+    """A QuantizedWeight of these formats whose bytes are new_bytes((rows, bytes per row))
+    (the planner passes the shape backend's allocator: the blocks are counted, not made)."""
+    parts = []
+    for name, rows in formats:
+        qtype = Q[name]
+        block, type_size = GGML_QUANT_SIZES[qtype]
+        parts.append(QuantizedRows(new_bytes((rows, n_cols // block * type_size)), qtype, n_cols))
+    return QuantizedWeight(parts, transposed)
+
+
 # ---------------------------------------------------------------- quantising at load
 def quantize_weight(w: np.ndarray, fmt: str, transposed: bool) -> QuantizedWeight | np.ndarray:
     """A float engine weight quantised with gguf-py into `fmt` (q8_0 or q4_0). The
@@ -304,6 +365,6 @@ def quantize_weight(w: np.ndarray, fmt: str, transposed: bool) -> QuantizedWeigh
     return QuantizedWeight([QuantizedRows(quantize(stored, qtype), qtype, stored.shape[1])], transposed)
 
 
-__all__ = ["KEPT_TYPES", "LOAD_QUANTISERS", "QuantizedRows", "QuantizedWeight", "cross_entropy_head",
-           "dequantize_rows_reference",
+__all__ = ["KEPT_TYPES", "LOAD_QUANTISERS", "Formats", "QuantizedRows", "QuantizedWeight", "cross_entropy_head",
+           "dequantize_rows_reference", "formats_of", "weight_of_formats",
            "is_quantized", "kept_weight", "matmul", "matmul_nt", "quantize_weight", "times_stored", "times_stored_t"]

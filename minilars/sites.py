@@ -21,7 +21,17 @@ Letters: N tokens, d_in, d_out, r rank.
 from __future__ import annotations
 
 from .backends import Array, Backend
+from .backends.base import is_quantized
 from .ops import LinearCache, bias_backward, bias_forward, linear_backward, linear_forward
+
+
+def dense_weight(weight: Array, be: Backend) -> Array:
+    """The weight as a float array: a weight kept as GGUF blocks (minilars/quant.py)
+    dequantised whole, by the backend's tile decoder. Only folding an adapter into
+    its weight for export needs this; a training step multiplies by the blocks."""
+    if is_quantized(weight):
+        return be.asarray(weight.dequantize(be.decode_tile))
+    return weight
 
 
 class LinearSite:

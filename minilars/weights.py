@@ -1,4 +1,4 @@
-"""Weight naming: the engine's fused layout <-> Hugging Face LLaMA names.
+"""Weight naming: the engine's fused layout <-> Hugging Face names of every family.
 
 Engine names (W is (d_in, d_out), y = x W):
     embed.weight (V, d)               head.weight (V, d), only when untied
@@ -13,9 +13,14 @@ and, where the architecture has them (minilars/config.py):
     blocks.{i}.attn_post_norm.weight (d,)   sandwich_norms: on the attention output
     blocks.{i}.mlp_post_norm.weight (d,)    sandwich_norms: on the MLP output
 Norm weights are stored as the checkpoint stores them; Gemma's apply as (1 + w).
-Hugging Face stores each projection separately as (d_out, d_in).
+Hugging Face stores each projection separately as (d_out, d_in), q/k/v biases
+separately (Qwen2), and names the norms by family (`hf_block_names`): LLaMA's
+post_attention_layernorm is the norm before the MLP, Gemma 3's the one on the
+attention output (its MLP norm is pre_feedforward_layernorm).
 """
 from __future__ import annotations
+
+import sys
 
 import numpy as np
 
@@ -30,6 +35,30 @@ STREAMS: dict[str, tuple[tuple[str, str], ...]] = {
 }
 PROJECTION_STREAM = {proj: stream for stream, projs in STREAMS.items() for proj, _ in projs}
 HF_MODULE = {proj: module for projs in STREAMS.values() for proj, module in projs}
+
+
+# The streams whose projections carry a bias when the architecture says so.
+BIASED_STREAMS = {"attn_in": "attn_bias"}
+
+
+def hf_block_names(cfg: ModelConfig) -> dict[str, str]:
+    """Engine tensor under blocks.{i}. -> HF tensor under model.layers.{i}., for the
+    per-block tensors that are not projections (the norms)."""
+    names = {"attn_norm.weight": "input_layernorm.weight"}
+    if cfg.qk_norm:
+        names["q_norm.weight"] = "self_attn.q_norm.weight"
+        names["k_norm.weight"] = "self_attn.k_norm.weight"
+    if cfg.sandwich_norms:  # Gemma 3: a norm before and after each sub-block
+        names["attn_post_norm.weight"] = "post_attention_layernorm.weight"
+        names["mlp_norm.weight"] = "pre_feedforward_layernorm.weight"
+        names["mlp_post_norm.weight"] = "post_feedforward_layernorm.weight"
+    else:
+        names["mlp_norm.weight"] = "post_attention_layernorm.weight"
+    return names
+
+
+def has_bias(cfg: ModelConfig, stream: str) -> bool:
+    return stream in BIASED_STREAMS and getattr(cfg, BIASED_STREAMS[stream])
 
 
 def stream_outputs(cfg: ModelConfig) -> dict[str, dict[str, int]]:
@@ -69,41 +98,60 @@ def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
 
 
 def from_hf(cfg: ModelConfig, state: dict[str, np.ndarray], dtype=np.float32) -> dict[str, np.ndarray]:
-    """Engine parameters from a Hugging Face LLaMA state dict. The dict is consumed:
-    each HF array is popped once converted, so the peak stays near one copy of the
-    weights plus one block."""
-    out = {"embed.weight": np.ascontiguousarray(state.pop("model.embed_tokens.weight"), dtype=dtype),
+    """Engine parameters from a Hugging Face state dict of `cfg`'s family. The dict is
+    consumed: each HF array is popped once converted, so the peak stays near one copy
+    of the weights plus one block."""
+    embed = state.pop("model.embed_tokens.weight")
+    out = {"embed.weight": _kept([embed], False) or np.ascontiguousarray(embed, dtype=dtype),
            "final_norm.weight": np.asarray(state.pop("model.norm.weight"), dtype=dtype)}
     if not cfg.tie_embeddings:
-        out["head.weight"] = np.ascontiguousarray(state.pop("lm_head.weight"), dtype=dtype)
+        head = state.pop("lm_head.weight")
+        out["head.weight"] = _kept([head], False) or np.ascontiguousarray(head, dtype=dtype)
+    norms = hf_block_names(cfg)
     for i in range(cfg.n_layers):
         pre = f"model.layers.{i}."
-        out[f"blocks.{i}.attn_norm.weight"] = np.asarray(state.pop(pre + "input_layernorm.weight"), dtype=dtype)
-        out[f"blocks.{i}.mlp_norm.weight"] = np.asarray(state.pop(pre + "post_attention_layernorm.weight"), dtype=dtype)
+        for engine, hf in norms.items():
+            out[f"blocks.{i}.{engine}"] = np.asarray(state.pop(pre + hf), dtype=dtype)
         for stream, projs in STREAMS.items():
-            cols = [np.asarray(state.pop(f"{pre}{module}.weight"), dtype=dtype).T for _, module in projs]
-            out[f"blocks.{i}.{stream}.weight"] = np.ascontiguousarray(np.concatenate(cols, axis=1))
+            tensors = [state.pop(f"{pre}{module}.weight") for _, module in projs]
+            out[f"blocks.{i}.{stream}.weight"] = _kept(tensors, True) or np.ascontiguousarray(
+                np.concatenate([np.asarray(t, dtype=dtype).T for t in tensors], axis=1))
+            if has_bias(cfg, stream):
+                biases = [np.asarray(state.pop(f"{pre}{module}.bias"), dtype=dtype) for _, module in projs]
+                out[f"blocks.{i}.{stream}.bias"] = np.concatenate(biases)
     state.pop("lm_head.weight", None)  # tied checkpoints sometimes store a copy
     check_shapes(cfg, out)
     return out
 
 
+def _kept(tensors: list, transposed: bool):
+    """One engine weight kept as GGUF blocks when any of the HF tensors is
+    (minilars.quant.kept_weight: their stored rows stacked); None when all are floats.
+    No blocks exist before minilars.quant is imported, so the check imports nothing."""
+    quant = sys.modules.get("minilars.quant")
+    return quant.kept_weight(tensors, transposed) if quant is not None else None
+
+
 def to_hf(cfg: ModelConfig, params: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Hugging Face LLaMA state dict from engine parameters (numpy arrays)."""
+    """Hugging Face state dict of `cfg`'s family from engine parameters (numpy arrays)."""
     outs = stream_outputs(cfg)
     out = {"model.embed_tokens.weight": params["embed.weight"], "model.norm.weight": params["final_norm.weight"]}
     if not cfg.tie_embeddings:
         out["lm_head.weight"] = params["head.weight"]
+    norms = hf_block_names(cfg)
     for i in range(cfg.n_layers):
         pre = f"model.layers.{i}."
-        out[pre + "input_layernorm.weight"] = params[f"blocks.{i}.attn_norm.weight"]
-        out[pre + "post_attention_layernorm.weight"] = params[f"blocks.{i}.mlp_norm.weight"]
+        for engine, hf in norms.items():
+            out[pre + hf] = params[f"blocks.{i}.{engine}"]
         for stream, projs in STREAMS.items():
             w = params[f"blocks.{i}.{stream}.weight"]
+            b = params[f"blocks.{i}.{stream}.bias"] if has_bias(cfg, stream) else None
             start = 0
             for proj, module in projs:
                 width = outs[stream][proj]
                 out[f"{pre}{module}.weight"] = np.ascontiguousarray(w[:, start:start + width].T)
+                if b is not None:
+                    out[f"{pre}{module}.bias"] = np.ascontiguousarray(b[start:start + width])
                 start += width
     return out
 

@@ -1,13 +1,17 @@
-"""The state-dict layout every loader returns: Hugging Face LLaMA names and shapes.
+"""The state-dict layout every loader returns: Hugging Face names and shapes of the
+model's family (LLaMA's, plus Qwen2's q/k/v biases, Qwen3's and Gemma 3's q/k norms,
+Gemma 3's four norms per block).
 
 Both loaders check what they read against this table *before* they allocate a
 float copy, so a file whose shapes disagree with its own config fails with a
 message naming the tensor instead of a broadcasting error deep in a forward pass.
-Linear weights are (out, in), as in `torch.nn.Linear`.
+Linear weights are (out, in), as in `torch.nn.Linear`. The names come from
+minilars/weights.py (STREAMS, hf_block_names), the one table of engine <-> HF names.
 """
 from __future__ import annotations
 
 from minilars.config import ModelConfig
+from minilars.weights import STREAMS, has_bias, hf_block_names, stream_inputs, stream_outputs
 
 EMBED = "model.embed_tokens.weight"
 FINAL_NORM = "model.norm.weight"
@@ -19,21 +23,21 @@ def layer_prefix(i: int) -> str:
 
 
 def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """HF name -> shape, in the order the tensors are used by a forward pass."""
-    V, d, f, q, k = cfg.vocab_size, cfg.dim, cfg.ffn_dim, cfg.q_dim, cfg.kv_dim
-    shapes: dict[str, tuple[int, ...]] = {EMBED: (V, d)}
+    """HF name -> shape: the embedding, each block (its norms, then every projection's
+    weight and bias), the final norm and an untied head."""
+    d, hd = cfg.dim, cfg.head_dim
+    ins, outs = stream_inputs(cfg), stream_outputs(cfg)
+    shapes: dict[str, tuple[int, ...]] = {EMBED: (cfg.vocab_size, d)}
     for i in range(cfg.n_layers):
         p = layer_prefix(i)
-        shapes[p + "input_layernorm.weight"] = (d,)
-        shapes[p + "self_attn.q_proj.weight"] = (q, d)  # H*hd rows
-        shapes[p + "self_attn.k_proj.weight"] = (k, d)  # Hkv*hd rows
-        shapes[p + "self_attn.v_proj.weight"] = (k, d)
-        shapes[p + "self_attn.o_proj.weight"] = (d, q)
-        shapes[p + "post_attention_layernorm.weight"] = (d,)
-        shapes[p + "mlp.gate_proj.weight"] = (f, d)
-        shapes[p + "mlp.up_proj.weight"] = (f, d)
-        shapes[p + "mlp.down_proj.weight"] = (d, f)
+        for engine, hf in hf_block_names(cfg).items():
+            shapes[p + hf] = (hd,) if engine in ("q_norm.weight", "k_norm.weight") else (d,)
+        for stream, projs in STREAMS.items():
+            for proj, module in projs:
+                shapes[f"{p}{module}.weight"] = (outs[stream][proj], ins[stream])
+                if has_bias(cfg, stream):
+                    shapes[f"{p}{module}.bias"] = (outs[stream][proj],)
     shapes[FINAL_NORM] = (d,)
     if not cfg.tie_embeddings:
-        shapes[LM_HEAD] = (V, d)
+        shapes[LM_HEAD] = (cfg.vocab_size, d)
     return shapes

@@ -11,6 +11,11 @@ Two sources give the same object:
   `\\p{N}` code point on its own, then applies the GPT-2 regex; HF's tokenizer.json
   for SmolLM2 says the same as `Sequence[Digits(individual_digits=True),
   ByteLevel(add_prefix_space=False, use_regex=True)]`, which is what we build.
+  "llama-bpe" (Llama 3) and "qwen2" split with their own regex first
+  (`Sequence[Split(regex, isolated), ByteLevel(use_regex=False)]`, as their
+  tokenizer.json files do; Qwen2's also NFC-normalises). A SentencePiece vocabulary
+  (tokenizer.ggml.model "llama": Gemma 3, Llama 2, Mistral) has pieces and scores but
+  no merges; models/spm_tokenizer.py rebuilds its BPE as transformers does.
 
 Chat templates are rendered as `transformers` does (`apply_chat_template`): a
 sandboxed Jinja environment with trim_blocks/lstrip_blocks, loop controls,
@@ -24,21 +29,33 @@ from functools import cached_property
 from pathlib import Path
 
 import tokenizers
-from tokenizers import AddedToken, decoders, pre_tokenizers, processors
+from tokenizers import AddedToken, Regex, decoders, normalizers, pre_tokenizers, processors
 from tokenizers.models import BPE
 
 from .errors import ModelLoadError
+from .spm_tokenizer import GEMMA_ARCHITECTURES, build_sentencepiece_bpe
 
 # llama.cpp's llama_token_type values (gguf.TokenType).
 _TOKEN_NORMAL, _TOKEN_CONTROL, _TOKEN_USER_DEFINED = 1, 3, 4
 
-# tokenizer.ggml.pre values whose llama.cpp regexes we reproduce -> split digits singly?
+# The regexes Llama 3's and Qwen2's tokenizer.json split with before byte-level BPE.
+_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+_QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+# tokenizer.ggml.pre values whose llama.cpp pre-tokenizers we reproduce ->
+# (split regex or None for GPT-2's, split digits singly, NFC-normalise).
 _PRE_TOKENIZERS = {
-    "gpt-2": False,
-    "smollm": True,
-    "starcoder": True,
-    "refact": True,
-    "codeshell": True,
+    "gpt-2": (None, False, False),
+    "smollm": (None, True, False),
+    "starcoder": (None, True, False),
+    "refact": (None, True, False),
+    "codeshell": (None, True, False),
+    "llama-bpe": (_LLAMA3_SPLIT, False, False),
+    "llama3": (_LLAMA3_SPLIT, False, False),
+    "llama-v3": (_LLAMA3_SPLIT, False, False),
+    "qwen2": (_QWEN2_SPLIT, False, True),
+    "deepseek-r1-qwen": (_QWEN2_SPLIT, False, True),
 }
 
 
@@ -85,32 +102,52 @@ class Tokenizer:
 
     @classmethod
     def from_gguf(cls, path: str | Path, reader=None) -> "Tokenizer":
-        """Rebuild the HF byte-level BPE tokenizer from a GGUF's `tokenizer.ggml.*` keys."""
+        """Rebuild the HF tokenizer (byte-level or SentencePiece BPE) from a GGUF's `tokenizer.ggml.*` keys."""
         from .gguf_loader import field_value, open_gguf  # gguf_loader is heavy; only GGUF users need it
 
         path = Path(path)
         reader = open_gguf(path) if reader is None else reader
         model = field_value(reader, "tokenizer.ggml.model")
-        if model != "gpt2":
-            raise ModelLoadError(f"tokenizer.ggml.model {model!r} is not supported (only byte-level BPE 'gpt2')", path)
-        pre = field_value(reader, "tokenizer.ggml.pre", "gpt-2")
-        if pre not in _PRE_TOKENIZERS:
-            raise ModelLoadError(f"tokenizer.ggml.pre {pre!r} is not supported "
-                                 f"(supported: {', '.join(sorted(_PRE_TOKENIZERS))})", path)
+        if model not in ("gpt2", "llama"):
+            raise ModelLoadError(f"tokenizer.ggml.model {model!r} is not supported (byte-level BPE 'gpt2' and "
+                                 f"SentencePiece BPE 'llama' are); load the model's Hugging Face directory, "
+                                 f"whose tokenizer.json minilars reads", path)
         tokens = field_value(reader, "tokenizer.ggml.tokens")
-        merges = field_value(reader, "tokenizer.ggml.merges", [])
         types = field_value(reader, "tokenizer.ggml.token_type", [_TOKEN_NORMAL] * len(tokens or []))
         if not tokens or len(types) != len(tokens):
             raise ModelLoadError("tokenizer.ggml.tokens is missing or does not match tokenizer.ggml.token_type", path)
-        tok = build_bpe(tokens, merges, types, split_digits=_PRE_TOKENIZERS[pre], path=path)
 
         def special_id(key):
             value = field_value(reader, f"tokenizer.ggml.{key}_token_id")
+            if value is not None and not 0 <= int(value) < len(tokens):
+                raise ModelLoadError(f"tokenizer.ggml.{key}_token_id {value} is outside the {len(tokens)} tokens", path)
             return None if value is None else int(value)
 
-        return cls(tok, special_id("bos"), special_id("eos"), special_id("padding"),
-                   field_value(reader, "tokenizer.chat_template"),
-                   bool(field_value(reader, "tokenizer.ggml.add_bos_token", False)))
+        if model == "gpt2":
+            pre = field_value(reader, "tokenizer.ggml.pre", "gpt-2")
+            if pre not in _PRE_TOKENIZERS:
+                raise ModelLoadError(f"tokenizer.ggml.pre {pre!r} is not supported "
+                                     f"(supported: {', '.join(sorted(_PRE_TOKENIZERS))})", path)
+            split, digits, nfc = _PRE_TOKENIZERS[pre]
+            tok = build_bpe(tokens, field_value(reader, "tokenizer.ggml.merges", []), types, split_digits=digits,
+                            path=path, split_regex=split, nfc=nfc)
+            add_bos = False
+        else:  # SentencePiece; llama.cpp adds bos and a space prefix unless the file says not to
+            scores = field_value(reader, "tokenizer.ggml.scores")
+            gemma = field_value(reader, "general.architecture") in GEMMA_ARCHITECTURES
+            if not gemma and (scores is None or len(scores) != len(tokens)):
+                raise ModelLoadError("tokenizer.ggml.scores is missing or does not match tokenizer.ggml.tokens", path)
+            named = [i for i in map(special_id, ("bos", "eos", "unknown", "padding")) if i is not None]
+            prefix = bool(field_value(reader, "tokenizer.ggml.add_space_prefix", True))
+            tok = build_sentencepiece_bpe(tokens, scores, types, named, unk_id=special_id("unknown"),
+                                          add_space_prefix=prefix, rank_by_position=gemma)
+            add_bos = True
+        add_bos = bool(field_value(reader, "tokenizer.ggml.add_bos_token", add_bos))
+        bos = special_id("bos")
+        if add_bos and bos is not None:
+            add_bos_step(tok, bos)
+        return cls(tok, bos, special_id("eos"), special_id("padding"), field_value(reader, "tokenizer.chat_template"),
+                   add_bos)
 
     # ---- text <-> ids ---------------------------------------------------------------
 
@@ -196,9 +233,21 @@ class Tokenizer:
                                                                    ensure_ascii=False))
 
 
+def add_bos_step(tok: tokenizers.Tokenizer, bos: int) -> None:
+    """Append "bos $A" to tok's post-processor. Tokenizer.encode prepends bos itself (it
+    encodes without the post-processor); this is for the tokenizer.json that save() writes,
+    from which transformers adds bos only if the post-processor says so (tokenizer_config's
+    add_bos_token alone does not make it)."""
+    token = tok.id_to_token(bos)
+    step = processors.TemplateProcessing(single=[token, "$A"], pair=[token, "$A", token, "$B"],
+                                         special_tokens=[(token, bos)])
+    tok.post_processor = step if tok.post_processor is None else processors.Sequence([tok.post_processor, step])
+
+
 def build_bpe(tokens: list[str], merges: list[str], types: list[int], split_digits: bool,
-              path: Path | None = None) -> tokenizers.Tokenizer:
-    """A byte-level BPE `tokenizers.Tokenizer` laid out like HF's GPT-2-family tokenizer.json."""
+              path: Path | None = None, split_regex: str | None = None, nfc: bool = False) -> tokenizers.Tokenizer:
+    """A byte-level BPE `tokenizers.Tokenizer` laid out like HF's GPT-2-family tokenizer.json
+    (or, with `split_regex`, like Llama 3's / Qwen2's: that regex splits, then bytes map)."""
     vocab: dict[str, int] = {}
     for i, t in enumerate(tokens):
         vocab.setdefault(t, i)  # a duplicated string keeps its first id, as in llama.cpp
@@ -209,9 +258,16 @@ def build_bpe(tokens: list[str], merges: list[str], types: list[int], split_digi
             raise ModelLoadError(f"malformed merge {m!r} in tokenizer.ggml.merges", path)
         pairs.append((left, right))
     tok = tokenizers.Tokenizer(BPE(vocab=vocab, merges=pairs, fuse_unk=False, byte_fallback=False))
-    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True)
-    tok.pre_tokenizer = (pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
-                         if split_digits else byte_level)
+    if split_regex is not None:
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(split_regex), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False)])
+    else:
+        byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True)
+        tok.pre_tokenizer = (pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+                             if split_digits else byte_level)
+    if nfc:
+        tok.normalizer = normalizers.NFC()
     tok.decoder = decoders.ByteLevel()
     tok.post_processor = processors.ByteLevel(trim_offsets=False)
     # Control tokens must never come out of BPE merges of their characters, and must

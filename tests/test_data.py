@@ -209,3 +209,16 @@ def test_chat_records_need_a_template(raw_tok):
                           "f:7")
     with pytest.raises(DataError, match="f:7: a 'messages' record needs a tokenizer with a chat template"):
         tokenize(record, raw_tok)
+
+
+def test_every_family_end_of_turn_token_stops_generation():
+    """A chat reply ends at its family's end-of-turn token, not only at eos (Gemma's
+    <end_of_turn> is not its eos)."""
+    import tokenizers
+
+    from minilars.data import stop_ids_of
+    from minilars.models.tokenizer import Tokenizer
+
+    vocab = {"<eos>": 0, "a": 1, "<|im_end|>": 2, "<|eot_id|>": 3, "<end_of_turn>": 4}
+    tok = Tokenizer(tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="a")), eos_id=0)
+    assert stop_ids_of(tok) == {0, 2, 3, 4}

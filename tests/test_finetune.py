@@ -92,7 +92,7 @@ def test_the_adapter_loads_onto_the_tiny_model_and_is_trained(finished):
 
     tensors = load_file(str(finished / "adapter_model.safetensors"))
     assert any(k.endswith("lora_B.weight") and np.abs(v).max() > 0 for k, v in tensors.items())
-    model, _, _ = _load_model(argparse.Namespace(model="tiny", backend="numpy", device="cpu", weight_dtype="float32"))
+    model, _, _ = _load_model(argparse.Namespace(model="tiny", backend="numpy", device="cpu", weights="float32"))
     load_adapter(model, finished)
     assert model.method.name == "lars" and model.n_trainable() > 0
 

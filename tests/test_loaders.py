@@ -11,7 +11,9 @@ What is checked:
   same attention scores as HF's rotate-half RoPE on the original weights.
 * HF directories: save/load round trip (tied and untied, with tokenizer), sharded
   index, bf16, and the same error rules.
-* The tokenizer rebuilt from GGUF metadata, and its chat template.
+* The tokenizer rebuilt from GGUF metadata (GPT-2, SmolLM2, Llama 3 and Qwen2
+  pre-tokenizers; the last two against transformers' reading of the same GGUF), and
+  its chat template.
 * The model cache: hashes verified, atomic, a no-op when cached (pip is faked).
 """
 from __future__ import annotations
@@ -36,88 +38,16 @@ from minilars.config import PRESETS, ModelConfig
 from minilars.models import ModelLoadError, Tokenizer, load_model_weights, resolve_model
 from minilars.models import cache as cache_mod
 from minilars.models.cache import WheelSource, cache_dir, ensure_cached
-from minilars.models.gguf_loader import gguf_name, load_gguf, permute_qk, unpermute_qk
+from minilars.models.gguf_loader import load_gguf, permute_qk, unpermute_qk
 from minilars.models.hf_loader import load_hf_dir, save_hf_dir
 from minilars.models.layout import expected_shapes
+from gguf_writer import CHATML, QUANT_STEP, byte_vocab, write_gguf
 
 TINY = PRESETS["tiny"]  # d=32, f=64, H=4, Hkv=2, hd=8, V=97: rows are multiples of the 32-wide blocks
-
-# Worst error of one block quantiser relative to the block's max |w|: a full
-# step (half a step of rounding plus the f16 rounding of the scale, with margin).
-QUANT_STEP = {Q.Q8_0: 1 / 127, Q.Q4_0: 1 / 8, Q.Q4_1: 1 / 15}
-
 
 def random_state(cfg: ModelConfig, rng) -> dict[str, np.ndarray]:
     return {n: rng.standard_normal(s).astype(np.float32) * (1.0 if len(s) == 1 else 0.1)
             for n, s in expected_shapes(cfg).items()}
-
-
-# --- writing GGUFs the way llama.cpp's converter does ------------------------------------
-
-def byte_vocab() -> tuple[list[str], list[str], list[int]]:
-    """A small byte-level BPE vocabulary: 3 control tokens, the 256 byte symbols, a few merges."""
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    alphabet = sorted(tokenizers.pre_tokenizers.ByteLevel.alphabet())
-    merges = ["h e", "l l", "he ll", "hell o", "Ġ w", "o r", "Ġw or", "Ġwor l", "Ġworl d", "Ġ t", "Ġt he"]
-    merged = [m.replace(" ", "") for m in merges]
-    tokens = specials + alphabet + merged
-    types = [3] * len(specials) + [1] * (len(alphabet) + len(merged))
-    return tokens, merges, types
-
-
-CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] "
-          "+ '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
-
-
-def write_gguf(path: Path, cfg: ModelConfig | None, state: dict[str, np.ndarray] | None = None,
-               qtype: Q = Q.F32, types: dict[str, Q] | None = None, vocab: bool = False,
-               pre: str = "smollm", template: str | None = CHATML) -> Path:
-    """A llama GGUF: HF names -> GGUF names, q/k permuted, 2-D weights stored as `qtype`."""
-    w = gguf.GGUFWriter(str(path), "llama")
-    if cfg is not None:
-        w.add_context_length(cfg.max_seq_len)
-        w.add_embedding_length(cfg.dim)
-        w.add_block_count(cfg.n_layers)
-        w.add_feed_forward_length(cfg.ffn_dim)
-        w.add_head_count(cfg.n_heads)
-        w.add_head_count_kv(cfg.n_kv_heads)
-        w.add_rope_freq_base(cfg.rope_theta)
-        w.add_layer_norm_rms_eps(cfg.rms_eps)
-        w.add_rope_dimension_count(cfg.head_dim)
-        w.add_vocab_size(cfg.vocab_size)
-    if vocab:
-        tokens, merges, token_types = byte_vocab()
-        w.add_tokenizer_model("gpt2")
-        w.add_tokenizer_pre(pre)
-        w.add_token_list(tokens)
-        w.add_token_types(token_types)
-        w.add_token_merges(merges)
-        w.add_bos_token_id(1)
-        w.add_eos_token_id(2)
-        w.add_pad_token_id(2)
-        if template is not None:
-            w.add_chat_template(template)
-    for name, arr in (state or {}).items():
-        arr = arr.astype(np.float32)
-        if name.endswith("q_proj.weight"):
-            arr = permute_qk(arr, cfg.n_heads)
-        elif name.endswith("k_proj.weight"):
-            arr = permute_qk(arr, cfg.n_kv_heads)
-        t = (types or {}).get(name, Q.F32 if arr.ndim == 1 else qtype)
-        if t == Q.F32:
-            w.add_tensor(gguf_name(name), arr)
-        elif t == Q.F16:
-            w.add_tensor(gguf_name(name), arr.astype(np.float16))
-        elif t in QUANT_STEP:
-            w.add_tensor(gguf_name(name), quantize(arr, t), raw_dtype=t)
-        else:  # a type the loader must refuse; the bytes only need the right length
-            raw = np.zeros(gguf.quant_shape_to_byte_shape(arr.shape, t), np.uint8)
-            w.add_tensor(gguf_name(name), raw, raw_dtype=t)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return path
 
 
 def reference_dequant(arr: np.ndarray, t: Q) -> np.ndarray:
@@ -375,8 +305,11 @@ def test_hf_errors_name_file_and_tensor(tmp_path, rng):
 
     st_file.write_bytes(good)
     conf = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps(dict(conf, rope_scaling={"rope_type": "yarn", "factor": 8.0})))
+    with pytest.raises(ModelLoadError, match="rope_type 'yarn'"):
+        load_hf_dir(d)
     (d / "config.json").write_text(json.dumps(dict(conf, rope_scaling={"rope_type": "llama3", "factor": 8.0})))
-    with pytest.raises(ModelLoadError, match="rope_scaling"):
+    with pytest.raises(ModelLoadError, match="rope_type 'llama3'.*needs 'low_freq_factor'"):
         load_hf_dir(d)
     (d / "config.json").write_text(json.dumps({k: v for k, v in conf.items() if k != "hidden_size"}))
     with pytest.raises(ModelLoadError, match="config.json lacks 'hidden_size'"):
@@ -411,9 +344,27 @@ def test_tokenizer_json_export_matches(tmp_path):
 
 
 def test_tokenizer_unsupported_pre(tmp_path):
-    path = write_gguf(tmp_path / "t.gguf", None, vocab=True, pre="llama-bpe")
-    with pytest.raises(ModelLoadError, match="'llama-bpe' is not supported"):
+    path = write_gguf(tmp_path / "t.gguf", None, vocab=True, pre="falcon")
+    with pytest.raises(ModelLoadError, match="'falcon' is not supported"):
         Tokenizer.from_gguf(path)
+
+
+@pytest.mark.parametrize("pre", ["qwen2", "llama-bpe", "gpt-2"])
+def test_tokenizer_pre_tokenizers_match_transformers_gguf_reading(tmp_path, pre):
+    """Llama 3's and Qwen2's split regexes as transformers rebuilds the same GGUF
+    vocabulary (transformers does not know "smollm": tests/test_real_model_loading.py
+    checks that one against SmolLM2's own tokenizer.json); merges across digits, contractions and spaces make the
+    pre-tokenizers give different ids, so a wrong one fails."""
+    transformers = pytest.importorskip("transformers")
+    extra = ["1 2", "12 3", "123 4", "' s", "Ġ Ġ", "Ċ Ċ", "Ġ 1"]
+    path = write_gguf(tmp_path / "t.gguf", None, vocab=True, pre=pre, extra_merges=extra)
+    ours = Tokenizer.from_gguf(path)
+    theirs = transformers.AutoTokenizer.from_pretrained(str(tmp_path), gguf_file="t.gguf")
+    texts = ["hello world 12345 it's  the\n\nworld's 3.14159", "  hello\tworld 1234 1 12 ABC'S\n\n\n x"]
+    for text in texts:
+        assert ours.encode(text) == theirs.encode(text, add_special_tokens=False), text
+    if pre == "qwen2":  # single digits: "123" never merges, as it does for llama-bpe
+        assert ours.tok.token_to_id("123") not in ours.encode("12345")
 
 
 def test_chat_template_chatml(tmp_path):

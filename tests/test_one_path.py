@@ -111,9 +111,9 @@ def _tiny_by_every_loader(weight_dtype="float32"):
     from minilars.commands.finetune import _load_model
     from minilars.pretrained import load_model, load_pretrained
 
-    args = argparse.Namespace(model="tiny", backend="numpy", device="cpu", weight_dtype=weight_dtype, threads=0)
+    args = argparse.Namespace(model="tiny", backend="numpy", device="cpu", weights=weight_dtype, threads=0)
     return {"pretrained.load_model": load_model("tiny", "numpy", weight_dtype)[0],
-            "pretrained.load_pretrained": load_pretrained("tiny", weight_dtype=weight_dtype)[0],
+            "pretrained.load_pretrained": load_pretrained("tiny", weights=weight_dtype)[0],
             "evaluate.load_model": evaluate.load_model("tiny", "numpy", weight_dtype)[0],
             "bench.common.load_model": bench_load("tiny", "numpy", weight_dtype),
             "commands.common.load_model_from_args": load_model_from_args(args)[0],

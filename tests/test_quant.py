@@ -48,15 +48,24 @@ def numba_decoder():
     return decode_tile
 
 
-DECODERS = {"numpy": lambda: dequantize_rows_reference, "numba": numba_decoder}
+def torch_decoder():
+    pytest.importorskip("torch")
+    from minilars.backends import get_backend
+
+    return get_backend("torch").decode_tile  # backends/quant_torch.py, on the CPU here
+
+
+DECODERS = {"numpy": lambda: dequantize_rows_reference, "numba": numba_decoder, "torch": torch_decoder}
 
 
 # ---------------------------------------------------------------- dequantisation
+@pytest.mark.parametrize("decoder", ["numba", "torch"])
 @pytest.mark.parametrize("qtype", FORMATS, ids=lambda q: q.name)
 @given(m=st.integers(1, 5), blocks=st.integers(1, 3), seed=st.integers(0, 2**31 - 1))
 @example(m=1, blocks=1, seed=0)
-def test_kernel_dequantisation_equals_gguf(qtype, m, blocks, seed):
-    decode = numba_decoder()
+def test_kernel_dequantisation_equals_gguf(decoder, qtype, m, blocks, seed):
+    """numba's kernels (backends/quant_kernels.py) and torch's (backends/quant_torch.py)."""
+    decode = DECODERS[decoder]()
     part = random_rows(qtype, m, blocks, seed)
     reference = dequantize(part.data, qtype).reshape(m, part.n_cols)
     rows = np.random.default_rng(seed).permutation(m)  # any order, as a gather asks for them
@@ -89,14 +98,15 @@ def within_float32_rounding(actual: np.ndarray, x: np.ndarray, w: np.ndarray, na
 @pytest.mark.parametrize("decoder", DECODERS)
 @pytest.mark.parametrize("qtype", FORMATS, ids=lambda q: q.name)
 @given(n_rows=st.integers(1, 3), parts=st.lists(st.integers(1, 7), min_size=1, max_size=3),
-       blocks=st.integers(1, 2), tile_rows=st.integers(1, 5), transposed=st.booleans(),
+       blocks=st.integers(1, 2), tile_rows=st.integers(1, 5), transposed=st.booleans(), ordered=st.booleans(),
        seed=st.integers(0, 2**31 - 1))
-@example(n_rows=1, parts=[1], blocks=1, tile_rows=1, transposed=True, seed=0)  # one block per row
+@example(n_rows=1, parts=[1], blocks=1, tile_rows=1, transposed=True, ordered=False, seed=0)  # one block per row
 def test_tiled_products_equal_the_dequantised_matrix(decoder, qtype, n_rows, parts, blocks, tile_rows,
-                                                      transposed, seed):
+                                                      transposed, ordered, seed):
     """x W and dy W^T with W kept as blocks, tiles of tile_rows stored rows (parts of
     7 rows with tiles of 2 or 5: tiles that do not divide the rows), parts mixing
-    this format with Q8_0 as a Q4_K_M file mixes Q4_K with Q6_K."""
+    this format with Q8_0 as a Q4_K_M file mixes Q4_K with Q6_K; ordered: the rows
+    are read in a permuted order (QuantizedRows.order, as q and k of a llama GGUF)."""
     import minilars.quant as quant
 
     decode = DECODERS[decoder]()
@@ -104,8 +114,11 @@ def test_tiled_products_equal_the_dequantised_matrix(decoder, qtype, n_rows, par
     n = blocks * GGML_QUANT_SIZES[qtype][0]
     formats = [qtype if j % 2 == 0 else Q.Q8_0 for j in range(len(parts))]
     pieces = [random_rows(f, m, n // GGML_QUANT_SIZES[f][0], seed + j) for j, (f, m) in enumerate(zip(formats, parts))]
+    if ordered:
+        pieces = [QuantizedRows(p.data, p.qtype, p.n_cols, rng.permutation(p.n_rows)) for p in pieces]
     w = QuantizedWeight(pieces, transposed)
-    s = np.concatenate([dequantize(p.data, p.qtype).reshape(p.n_rows, n) for p in pieces])  # S (m, n) float32
+    s = np.concatenate([dequantize(p.data, p.qtype).reshape(p.n_rows, n)[p.order if ordered else slice(None)]
+                        for p in pieces])  # S (m, n) float32, row i of a part its stored row order[i]
     dense = s.T if transposed else s  # the engine's W
     x = rng.standard_normal((n_rows, dense.shape[0])).astype(np.float32)
     dy = rng.standard_normal((n_rows, dense.shape[1])).astype(np.float32)
@@ -125,10 +138,14 @@ def test_tiled_products_equal_the_dequantised_matrix(decoder, qtype, n_rows, par
 @pytest.mark.parametrize("decoder", DECODERS)
 def test_gather_rows_is_the_embedding_lookup(decoder):
     decode = DECODERS[decoder]()
-    table = QuantizedWeight([random_rows(Q.Q4_1, 5, 2, 3), random_rows(Q.Q8_0, 4, 2, 5)], transposed=False)
-    dense = table.dequantize()
+    first, second = random_rows(Q.Q4_1, 5, 2, 3), random_rows(Q.Q8_0, 4, 2, 5)
+    order = np.array([3, 0, 4, 1, 2])
+    table = QuantizedWeight([QuantizedRows(first.data, first.qtype, first.n_cols, order), second], transposed=False)
+    dense = np.concatenate([dequantize(first.data, Q.Q4_1).reshape(5, 64)[order],
+                            dequantize(second.data, Q.Q8_0).reshape(4, 64)])
     tokens = np.array([8, 0, 4, 5, 4, 8, 2])  # repeats, both parts, the last row
     np.testing.assert_array_equal(table.gather_rows(tokens, decode), dense[tokens])
+    np.testing.assert_array_equal(table.dequantize(decode), dense)
     with pytest.raises(IndexError):
         table.gather_rows(np.array([9]), decode)
 
@@ -142,6 +159,8 @@ def test_weight_shapes_and_bytes():
         QuantizedRows(part.data[:, :20], Q.Q4_0, 64)
     with pytest.raises(ValueError, match="cannot be kept"):
         QuantizedRows(part.data, Q.IQ2_XXS, 64)
+    with pytest.raises(ValueError, match="permutation"):
+        QuantizedRows(part.data, Q.Q4_0, 64, np.array([0, 0, 1, 2, 3, 4]))
 
 
 # ---------------------------------------------------------------- quantising at load

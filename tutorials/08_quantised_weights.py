@@ -125,6 +125,27 @@ s = dequantize(s_blocks.data, Q.Q4_0).reshape(m, n)  # the whole matrix, for the
 print("forward max error vs x S^T:", np.abs(y - x @ s.T).max(), "; backward vs dy S:", np.abs(dx - dy @ s).max())
 
 # %% [markdown]
+# ## 4. In the engine
+#
+# A QuantizedWeight goes wherever a frozen weight goes: the backends see one as the
+# weight of `matmul` (forward) and `matmul_nt` (backward), as the table of the
+# embedding lookup (rows gathered and dequantised) and as the tied head of the loss
+# (vocabulary tiles with an online log-sum-exp). `load_model(spec, weights="keep")`
+# keeps a GGUF's blocks as a memory map (`--weights keep`, the default of every
+# command); `q8_0` and `q4_0` quantise a float model at load. Adapters (LoRA, IA3,
+# LARS) train over the blocks in float32; LARS runs unmerged, y = x W + (x P) M.
+
+# %%
+from minilars.model import Model
+from minilars.pretrained import load_model
+
+tiny, _ = load_model("tiny", "numpy", "q4_0")
+print(tiny.params["blocks.0.attn_in.weight"])
+floats = Model(tiny.cfg, {k: v.dequantize() if isinstance(v, QuantizedWeight) else v
+                          for k, v in tiny.params.items()}, backend="numpy")
+ids = np.arange(16)[None, :]
+
+# %% [markdown]
 # ## Check
 #
 # The by-hand decoders above agree with gguf-py on random blocks; a decoder that
@@ -157,4 +178,5 @@ assert not np.array_equal(q4_k_low_bits_only(k_block), dequantize(k_block[None, 
 bound = (n + 2) * 2.0 ** -24 * (np.abs(x) @ np.abs(s.T))  # float32 dot-product rounding
 assert np.all(np.abs(y - (x.astype(np.float64) @ s.T.astype(np.float64))) <= bound)
 assert np.allclose(dx, dy @ s, rtol=1e-5, atol=1e-6)
+assert np.allclose(tiny.logits(ids), floats.logits(ids), rtol=1e-4, atol=1e-5)  # blocks = their floats
 print("08: all checks passed")

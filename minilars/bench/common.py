@@ -12,11 +12,11 @@ def random_batch(vocab_size: int, batch: int, seq_len: int, seed: int = 0):
     return rng.integers(0, vocab_size, (batch, seq_len)), rng.integers(0, vocab_size, (batch, seq_len))
 
 
-def load_model(name: str, backend=None, weight_dtype: str = "float32", seed: int = 0, **options):
+def load_model(name: str, backend=None, weights: str = "float32", seed: int = 0, **options):
     """The Model alone (minilars.pretrained.load_model): 'tiny' has random weights from `seed`."""
     from minilars.pretrained import load_model as load
 
-    return load(name, backend, weight_dtype, seed=seed, **options)[0]
+    return load(name, backend, weights, seed=seed, **options)[0]
 
 
 def print_table(rows: list[dict], columns: list[str] | None = None, file=None) -> None:

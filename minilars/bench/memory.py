@@ -8,6 +8,12 @@ activation store's peak, the median step time, and the planner's prediction
 (minilars/planner.py). An inference row (no-grad forward) is the floor. A run that
 fails or is killed (out of memory, --max-rss, --timeout) becomes a row with its error.
 
+With --memory-limit each run starts inside a memory cgroup of its own with that limit
+and no swap (minilars/bench/cgroup.py; needs root): the row says whether it finished,
+and the cgroup's peak charge (page cache of the memory-mapped weights included). The
+model file is dropped from the page cache before each such run, so the run is charged
+for the weights it reads. Where no cgroup can be made the command says why and stops.
+
 Output: a table on the terminal, OUT/memory.csv, OUT/memory.json (every field) and
 OUT/memory.png (peak RSS vs T per method, log2 axis). docs/memory.md explains the
 columns and the memory model behind the predictions.
@@ -32,9 +38,11 @@ QUICK_SEQ_LENS = (16, 32, 64)
 
 COLUMNS = ("label", "T", "status", "peak_rss_mib", "step_peak_mib", "steady_peak_mib", "planned_mib", "plan_err_pct",
            "store_peak_mib", "planned_store_mib", "load_peak_mib", "rss_loaded_mib", "step_s", "tokens_per_s",
-           "method", "storage", "rank", "backend", "weight_dtype", "malloc", "n_trainable", "peak_phase", "error")
+           "memory_limit_mib", "cgroup_peak_mib", "method", "storage", "rank", "backend", "weights", "weights_held",
+           "malloc", "n_trainable", "peak_phase", "error")
 TABLE_COLUMNS = ("label", "T", "peak_rss_mib", "steady_peak_mib", "planned_mib", "plan_err_pct", "store_peak_mib",
                  "step_s", "tokens_per_s", "status")
+LIMIT_COLUMNS = ("memory_limit_mib", "cgroup_peak_mib")
 
 
 def add_arguments(parser) -> None:
@@ -56,8 +64,12 @@ def add_arguments(parser) -> None:
                              "(default: default = block=recompute,input.x=half)")
     parser.add_argument("--backend", default=None, choices=("numpy", "numba", "torch"),
                         help="kernel backend (default: numba where it imports, else numpy)")
-    parser.add_argument("--weight-dtype", default="float32", choices=("float32", "float16"),
-                        help="dtype of the frozen weights (default: %(default)s)")
+    from minilars.commands.common import add_weights_option
+
+    add_weights_option(parser)
+    parser.add_argument("--memory-limit", default=None, metavar="SIZE",
+                        help="run each point inside a memory cgroup with this limit and no swap, e.g. 512MiB "
+                             "(cgroup v2 or v1, as root); the row says whether it finished")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps per run (default: %(default)s)")
     parser.add_argument("--steps", type=int, default=2, help="timed steps per run (default: %(default)s)")
     parser.add_argument("--out", default="runs/bench-memory", help="output directory (default: %(default)s)")
@@ -145,12 +157,44 @@ def _rss_of(pid: int) -> int | None:
     return None
 
 
-def run_worker(run: dict, args, model: str, max_rss: int | None, workdir: Path) -> dict:
+def run_worker(run: dict, args, model: str, max_rss: int | None, workdir: Path, limit: int | None = None) -> dict:
     """Start one worker process, watch its RSS, and return its JSON result (or an
-    error record when it fails, is killed, or passes --max-rss / --timeout)."""
+    error record when it fails, is killed, or passes --max-rss / --timeout). With
+    `limit` (bytes) it runs in a memory cgroup of its own (minilars/bench/cgroup.py)."""
+    if limit is None:
+        return _run_worker(run, args, model, max_rss, workdir)
+    from .cgroup import MemoryLimit, evict_from_page_cache
+
+    path = _model_file(model)
+    if path is not None:
+        evict_from_page_cache(path)
+    with MemoryLimit.create(limit) as cgroup:
+        result = _run_worker(run, args, model, max_rss, workdir, preexec=cgroup.enter)
+        peak, kills = cgroup.peak_bytes(), cgroup.oom_kills()
+    result["memory_limit_mib"] = limit / MIB
+    result["cgroup_peak_mib"] = None if peak is None else peak / MIB
+    if kills:
+        result["error"] = f"killed by the OOM killer in the {limit / MIB:,.0f} MiB cgroup"
+    return result
+
+
+def _model_file(model: str) -> Path | None:
+    """The GGUF file behind a model spec, when it is one and already on disk."""
+    if model == "tiny":
+        return None
+    try:
+        from minilars.models import resolve_model
+
+        path = resolve_model(model)
+    except Exception:  # noqa: BLE001 (the worker reports a bad spec itself)
+        return None
+    return path if path.is_file() else None
+
+
+def _run_worker(run: dict, args, model: str, max_rss: int | None, workdir: Path, preexec=None) -> dict:
     out = workdir / f"run-{os.getpid()}-{time.monotonic_ns()}.json"
     cmd = [sys.executable, "-m", "minilars.bench.memory_worker", "--model", model, "--method", run["method"],
-           "--seq-len", str(run["seq_len"]), "--weight-dtype", args.weight_dtype,
+           "--seq-len", str(run["seq_len"]), "--weights", args.weights,
            "--warmup", str(args.warmup), "--steps", str(args.steps), "--out", str(out)]
     if run["rank"]:
         cmd += ["--rank", str(run["rank"])]
@@ -159,7 +203,8 @@ def run_worker(run: dict, args, model: str, max_rss: int | None, workdir: Path) 
     if args.backend:
         cmd += ["--backend", args.backend]
     start = time.monotonic()
-    proc = subprocess.Popen(cmd, env=child_env(args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, env=child_env(args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=preexec)
     killed = None
     while True:
         try:
@@ -213,7 +258,8 @@ def to_row(run: dict, result: dict, args) -> dict:
     plan = result.get("plan") or {}
     row = {"label": label_of(run), "T": run["seq_len"], "method": run["method"], "storage": run["storage"] or "",
            "rank": run["rank"] or "", "backend": result.get("backend", args.backend or ""),
-           "weight_dtype": args.weight_dtype, "malloc": result.get("malloc", ""),
+           "weights": args.weights, "weights_held": result.get("weights_held", ""), "malloc": result.get("malloc", ""),
+           "memory_limit_mib": result.get("memory_limit_mib"), "cgroup_peak_mib": result.get("cgroup_peak_mib"),
            "status": "error" if "error" in result else "ok", "error": result.get("error", "")}
     if "error" in result:
         return row
@@ -247,27 +293,29 @@ def run(args) -> int:
     else:
         available = _available_bytes()
         max_rss = int(0.8 * available) if available else None
+    limit = _memory_limit(args)
     env = child_env(args)
     malloc = " ".join(f"{k}={env[k]}" for k in ("MALLOC_ARENA_MAX", "MALLOC_MMAP_THRESHOLD_") if k in env)
     print(f"bench memory: {len(runs)} runs of {model}, {args.warmup} warm-up + {args.steps} timed steps each, "
-          f"{args.weight_dtype} weights, backend {args.backend or 'default'}, {malloc or 'glibc malloc defaults'}; "
-          f"output in {out_dir}", flush=True)
+          f"--weights {args.weights}, backend {args.backend or 'default'}, {malloc or 'glibc malloc defaults'}"
+          + (f", each in a {limit / MIB:,.0f} MiB memory cgroup" if limit else "") + f"; output in {out_dir}",
+          flush=True)
     rows, records = [], []
     with tempfile.TemporaryDirectory(prefix="minilars-bench-memory-") as tmp:
         warm_caches(args, Path(tmp))
         bar = tqdm(runs, unit="run", dynamic_ncols=True)
         for spec in bar:
             bar.set_description(f"{label_of(spec)} T={spec['seq_len']}")
-            result = run_worker(spec, args, model, max_rss, Path(tmp))
+            result = run_worker(spec, args, model, max_rss, Path(tmp), limit)
             row = to_row(spec, result, args)
             rows.append(row)
             records.append({"run": spec, "result": result})
             bar.write(_one_line(row))
             _write_outputs(rows, records, out_dir)  # after each run: a long sweep leaves partial results
     print()
-    print_table(rows, TABLE_COLUMNS)
+    print_table(rows, TABLE_COLUMNS + (LIMIT_COLUMNS if limit else ()))
     if not args.no_plot:
-        path = plot(rows, out_dir / "memory.png", title=f"{model}, batch 1, {args.weight_dtype} weights, "
+        path = plot(rows, out_dir / "memory.png", title=f"{model}, batch 1, --weights {args.weights}, "
                                                         f"backend {rows[0].get('backend') if rows else ''}")
         if path:
             print(f"plot: {path}")
@@ -275,12 +323,35 @@ def run(args) -> int:
     return 0 if all(r["status"] == "ok" for r in rows) else 1
 
 
+def _memory_limit(args) -> int | None:
+    """--memory-limit in bytes, after checking that a cgroup can be made here (else
+    a CommandError saying why: the runs must not silently go unlimited)."""
+    if not args.memory_limit:
+        return None
+    from minilars.cli import CommandError
+    from minilars.units import parse_size
+
+    from .cgroup import CgroupUnavailable, MemoryLimit, has_swap
+
+    limit = parse_size(args.memory_limit)
+    try:
+        with MemoryLimit.create(limit) as probe:
+            swap_limited = probe.swap_limited
+    except CgroupUnavailable as exc:
+        raise CommandError(f"--memory-limit: cannot run inside a memory limit here: {exc}") from None
+    if not swap_limited and has_swap():
+        print("note: swap is not limited in the cgroup (no swap accounting): a run may swap instead of failing")
+    return limit
+
+
 def _one_line(row: dict) -> str:
     if row["status"] != "ok":
         return f"{row['label']:>34} T={row['T']:<5} {row['error']}"
+    limit = (f", cgroup peak {row['cgroup_peak_mib']:,.1f} of {row['memory_limit_mib']:,.0f} MiB"
+             if row.get("memory_limit_mib") and row.get("cgroup_peak_mib") is not None else "")
     return (f"{row['label']:>34} T={row['T']:<5} peak RSS {row['peak_rss_mib']:8.1f} MiB, steps "
             f"{row['steady_peak_mib']:8.1f} (planned {row['planned_mib']:8.1f}, {row['plan_err_pct']:+.1f} %), "
-            f"store {row['store_peak_mib']:7.1f} MiB, {row['step_s']:.2f} s/step")
+            f"store {row['store_peak_mib']:7.1f} MiB, {row['step_s']:.2f} s/step" + limit)
 
 
 def print_table(rows: list[dict], columns, file=None) -> None:

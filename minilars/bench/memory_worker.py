@@ -9,6 +9,7 @@ tokens, and prints one JSON object. AdamW's m and v are written once before the
 steps, so they are resident as in any step after the first.
 
     rss_*_mib          VmRSS after start, imports (+ numba warm-up), loading, method set-up
+    rss_*_parts        the same split into RssAnon and RssFile (file pages: libraries, the GGUF map)
     load_peak_mib      VmHWM after loading (the loader's peak)
     step_peak_mib      VmHWM over all steps: the kernel's high-water mark is reset
                        (`echo 5 > /proc/self/clear_refs`) just before the first step
@@ -21,6 +22,9 @@ steps, so they are resident as in any step after the first.
 
 --baseline measures the runtime baseline the planner adds (imports, backend,
 tokenizer; no weights). Method "frozen" runs the no-grad forward (the inference floor).
+A run does not keep the model's tokenizer (its steps read random ids), and gives the
+freed heap back after loading and after calibration, as `minilars finetune` does; the
+plan it reports leaves the tokenizer out accordingly.
 """
 from __future__ import annotations
 
@@ -53,6 +57,13 @@ def rss_mib() -> float | None:
 def hwm_mib() -> float | None:
     kib = _status_kib("VmHWM")
     return None if kib is None else kib / 1024
+
+
+def anon_file_mib() -> dict:
+    """RSS split into anonymous memory (the heap, arrays) and file-backed pages (the
+    libraries' code, the memory-mapped GGUF's blocks), which the kernel can drop and
+    read again under memory pressure."""
+    return {key: (None if (kib := _status_kib(key)) is None else kib / 1024) for key in ("RssAnon", "RssFile")}
 
 
 def maxrss_mib() -> float:
@@ -90,8 +101,9 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=1, help="rows per step B (default: %(default)s)")
     p.add_argument("--backend", default=None, choices=("numpy", "numba", "torch"),
                    help="kernel backend (default: numba where it imports, else numpy)")
-    p.add_argument("--weight-dtype", default="float32", choices=("float32", "float16"),
-                   help="dtype of the frozen weights (default: %(default)s)")
+    from minilars.pretrained import WEIGHT_FORMATS, WEIGHTS_HELP
+
+    p.add_argument("--weights", default="keep", choices=WEIGHT_FORMATS, help=WEIGHTS_HELP + " (default: %(default)s)")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps first (default: %(default)s)")
     p.add_argument("--steps", type=int, default=2, help="timed steps (default: %(default)s)")
     p.add_argument("--calibration-tokens", type=int, default=512,
@@ -116,19 +128,10 @@ def _backend(name):
 
 
 def _load(args, backend):
-    """(Model, config name) with --weight-dtype weights."""
-    if args.model == "tiny":
-        import numpy as np
-
-        from minilars.config import preset
-        from minilars.model import Model
-
-        model = Model.random(preset("tiny"), seed=args.seed, dtype=np.dtype(args.weight_dtype), backend=backend,
-                             compute_dtype="float32")
-        return model
+    """The Model with --weights weights ('tiny': random, from --seed)."""
     from minilars.pretrained import load_model
 
-    model, _tokenizer = load_model(args.model, backend, args.weight_dtype)
+    model, _tokenizer = load_model(args.model, backend, args.weights, seed=args.seed)
     return model
 
 
@@ -139,7 +142,9 @@ def _method(args):
 
 
 def measure_baseline(args) -> dict:
-    """RSS with minilars, the backend and the tokenizer loaded, no weights."""
+    """RSS with minilars, the backend and the tokenizer loaded, no weights. On numba the
+    GGUF block decoders are compiled afterwards (into numba's on-disk cache, so that the
+    measured runs that follow only load those they use: compiling takes LLVM memory)."""
     backend_name, _ = _backend(args.backend)
     rss_imports = rss_mib()
     tokenizer_mib = None
@@ -150,17 +155,24 @@ def measure_baseline(args) -> dict:
         if path.suffix == ".gguf":
             from minilars.models import Tokenizer
             from minilars.models.gguf_loader import open_gguf
+            from minilars.pretrained import return_freed_heap
 
             reader = open_gguf(path)
             tok = Tokenizer.from_gguf(path, reader=reader)
             del reader
             gc.collect()
+            return_freed_heap()  # as load_model does: the reader's parse is freed memory
             tokenizer_mib = rss_mib() - rss_imports
             del tok
     gc.collect()
-    return {"mode": "baseline", "backend": backend_name, "rss_start_mib": RSS_START, "rss_imports_mib": rss_imports,
-            "tokenizer_mib": tokenizer_mib, "baseline_mib": rss_imports + (tokenizer_mib or 0),
-            "malloc": _malloc_env()}
+    result = {"mode": "baseline", "backend": backend_name, "rss_start_mib": RSS_START, "rss_imports_mib": rss_imports,
+              "tokenizer_mib": tokenizer_mib, "baseline_mib": rss_imports + (tokenizer_mib or 0),
+              "malloc": _malloc_env()}
+    if backend_name == "numba":
+        from minilars.backends.quant_kernels import warmup
+
+        warmup()
+    return result
 
 
 def _malloc_env() -> str:
@@ -174,18 +186,22 @@ def run(args) -> dict:
     from minilars.methods import apply_method
     from minilars.optim import AdamW
     from minilars.planner import plan_memory
+    from minilars.pretrained import return_freed_heap
 
     result = {"mode": "run", "model": args.model, "method": args.method, "seq_len": args.seq_len,
-              "batch_size": args.batch_size, "weight_dtype": args.weight_dtype, "malloc": _malloc_env(),
+              "batch_size": args.batch_size, "weights": args.weights, "malloc": _malloc_env(),
               "rss_start_mib": RSS_START}
     backend_name, backend = _backend(args.backend)
     result["backend"] = backend_name
     result["rss_imports_mib"] = rss_mib()
+    result["rss_imports_parts"] = anon_file_mib()
     t0 = time.perf_counter()
-    model = _load(args, backend)
+    model = _load(args, backend)  # the tokenizer is not kept: the steps run on random ids
     gc.collect()
+    return_freed_heap()
     result["load_seconds"] = time.perf_counter() - t0
     result["rss_loaded_mib"] = rss_mib()
+    result["rss_loaded_parts"] = anon_file_mib()
     result["load_peak_mib"] = hwm_mib()
 
     method = _method(args)
@@ -195,6 +211,8 @@ def run(args) -> dict:
     targets = rng.integers(0, vocab, (args.batch_size, args.seq_len))
     calibration = tokens[:, :args.calibration_tokens] if method.kind.needs_calibration else None
     apply_method(model, method, calibration)
+    gc.collect()
+    return_freed_heap()  # the calibration forward's work, freed (finetune does the same)
     result["method_described"] = method.describe()
     result["storage"] = args.storage if method.kind.reads("storage") else ""
     result["rank"] = args.rank if method.kind.has_rank else None
@@ -206,9 +224,13 @@ def run(args) -> dict:
             state[...] = 0  # in every step after the first, even with --warmup 0
     gc.collect()
     result["rss_ready_mib"] = rss_mib()
+    result["rss_ready_parts"] = anon_file_mib()
 
-    plan = plan_memory(model.cfg, method, args.seq_len, args.batch_size, args.weight_dtype, backend_name,
-                       inference=not training, model_name=args.model)
+    from minilars.pretrained import weight_format_of, weight_summary
+
+    result["weights_held"] = weight_summary(model)
+    plan = plan_memory(model.cfg, method, args.seq_len, args.batch_size, weight_format_of(model), backend_name,
+                       inference=not training, model_name=args.model, tokenizer=False)
     result["plan"] = {"total": plan.total, "baseline": plan.baseline, "weights": plan.weights,
                       "trainable": plan.trainable, "optimizer": plan.optimizer, "gradients": plan.gradients,
                       "activation_store": plan.activation_store, "transient": plan.transient,
@@ -239,6 +261,7 @@ def run(args) -> dict:
         if i >= args.warmup:
             times.append(time.perf_counter() - start)
     result["steady_peak_mib"] = hwm_mib()
+    result["rss_after_steps_parts"] = anon_file_mib()
     warm = result.get("step_peak_warmup_mib")
     result["step_peak_mib"] = max(result["steady_peak_mib"], warm) if warm else result["steady_peak_mib"]
     result["peak_rss_mib"] = max(result["pre_step_peak_mib"] or 0, maxrss_mib())

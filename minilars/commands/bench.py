@@ -8,7 +8,8 @@ BENCHES = {
     "speed": "tokens/s of a training step, numpy vs numba backend, with GFLOP/s",
     "gradients": "gradient error of each storage policy vs exact storage, as a function of rank",
     "store": "activation bytes the store holds at peak for full, LoRA, IA3 and LARS",
-    "loading": "peak RSS of loading a model and generating 32 tokens, float32 vs float16 weights",
+    "loading": "peak RSS of loading a model and generating 32 tokens, per weight format",
+    "quant": "step time with weights kept as GGUF blocks vs float32, paired and interleaved",
 }
 
 

@@ -15,8 +15,15 @@ def add_model_options(parser: argparse.ArgumentParser, default_model: str | None
     parser.add_argument("--backend", default="auto", choices=("auto", "numpy", "numba", "torch"),
                         help=BACKEND_HELP + " (default: %(default)s)")
     parser.add_argument("--device", default="cpu", help="torch backend only: cpu or cuda (default: %(default)s)")
-    parser.add_argument("--weight-dtype", default="float32", choices=("float32", "float16"),
-                        help="dtype the frozen weights are kept in; float16 halves their memory (default: %(default)s)")
+    add_weights_option(parser)
+
+
+def add_weights_option(parser: argparse.ArgumentParser, default: str = "keep") -> None:
+    """--weights, the one declaration every command that loads or plans a model uses."""
+    from minilars.pretrained import WEIGHT_FORMATS, WEIGHTS_HELP
+
+    parser.add_argument("--weights", default=default, choices=WEIGHT_FORMATS,
+                        help=WEIGHTS_HELP + " (default: %(default)s)")
 
 
 def backend_from_args(args):
@@ -27,7 +34,7 @@ def backend_from_args(args):
 
 
 def load_model_from_args(args, **model_options):
-    """(Model, Tokenizer) for --model/--backend/--device/--weight-dtype (minilars.pretrained.load_model)."""
+    """(Model, Tokenizer) for --model/--backend/--device/--weights (minilars.pretrained.load_model)."""
     from minilars.pretrained import load_model
 
-    return load_model(args.model, backend_from_args(args), args.weight_dtype, **model_options)
+    return load_model(args.model, backend_from_args(args), args.weights, **model_options)

@@ -23,6 +23,8 @@ from pathlib import Path
 from minilars.cli import CommandError
 from minilars.methods.base import positive_int as _positive_int  # the methods' --rank reads the same
 
+from minilars.pretrained import WEIGHT_FORMATS, WEIGHTS_HELP
+
 from .common import BACKEND_HELP
 
 
@@ -85,8 +87,7 @@ OPTIONS = (
     Option("device", str, "cpu", "torch backend only: cpu or cuda"),
     Option("threads", _count, 0, "torch backend only: intra-op threads; 0 picks the cores that are idle at start "
            "(more threads than free cores slow every op down: 5x measured on 2 busy cores)"),
-    Option("weight_dtype", str, "float32", "dtype the frozen weights are kept in; float16 halves their memory",
-           choices=("float32", "float16")),
+    Option("weights", str, "keep", WEIGHTS_HELP, choices=WEIGHT_FORMATS),
     Option("eval_fraction", float, 0.1, "share of the records held out for evaluation (ignored when the data "
            "file marks a split)"),
     Option("eval_samples", _count, 24, "held-out examples scored (eval loss and greedy answers) at each "
@@ -252,7 +253,8 @@ def _run_owning(opts, out: Path, started: float, available: int | None, group=No
         raise CommandError(f"{opts.model} has no tokenizer, so text cannot be turned into tokens")
     method = _method(opts)
     _check_rank(cfg, method, opts)
-    _check_budget(cfg, method, opts, model.be.name, available)  # before the data is read and tokenized
+    _check_kept(model, method, opts)
+    _check_budget(cfg, method, opts, model, available)  # before the data is read and tokenized
     dataset = datasets.load_dataset(opts.data, tokenizer, opts.eval_fraction, opts.seed,
                                     max_tokens=opts.seq_len + 2, eval_max_tokens=max(opts.seq_len, cfg.max_seq_len) + 2)
     pad_id = datasets.pad_id_of(tokenizer)
@@ -266,6 +268,9 @@ def _run_owning(opts, out: Path, started: float, available: int | None, group=No
     calibration = _calibration_rows(opts, rows, tokenizer, cfg.max_seq_len)
     _prepare_model(model, method, opts, calibration.tokens, calibration.real, group)
     method = model.method
+    from minilars.pretrained import return_freed_heap
+
+    return_freed_heap()  # calibration's work arrays, freed: not resident while training
 
     from minilars.peft_io import model_fingerprint
 
@@ -274,7 +279,7 @@ def _run_owning(opts, out: Path, started: float, available: int | None, group=No
         "model": opts.model, "model_fingerprint": model_fingerprint(model), "method": method.describe(),
         "method_seed": method.seed, "init_adapter": opts.init_adapter, "data": dataset.source,
         "data_rows": rows.digest(), "packing": opts.packing, "backend": model.be.name,
-        "threads": _threads(model.be), "weight_dtype": opts.weight_dtype, **config.__dict__,
+        "threads": _threads(model.be), "weights": opts.weights, **config.__dict__,
         "weight_decay": optimizer.weight_decay, "max_grad_norm": optimizer.max_grad_norm}
     distributed.check_same_run(group, run_config)  # every machine read the same model and data
     eval_set = _eval_subset(dataset.eval, opts) if main else []
@@ -470,7 +475,7 @@ def _load_model(opts):
     """(Model, Tokenizer, a name to print)."""
     from minilars.pretrained import load_model
 
-    model, tokenizer = load_model(opts.model, _backend(opts), opts.weight_dtype)
+    model, tokenizer = load_model(opts.model, _backend(opts), opts.weights)
     name = {"tiny": "tiny (random weights, character tokenizer)",
             "smollm2-135m": "smollm2-135m (SmolLM2-135M-Instruct)"}.get(opts.model, opts.model)
     return model, tokenizer, name
@@ -520,17 +525,29 @@ def _prepare_model(model, method, opts, calibration, calibration_mask, group=Non
     apply_method(group, model, method, calibration, calibration_mask)  # only LARS reads the calibration
 
 
-def _check_budget(cfg, method, opts, backend_name: str, available: int | None) -> None:
+def _check_kept(model, method, opts) -> None:
+    """A method that trains the weights themselves cannot train blocks: say what to pass."""
+    if not opts.init_adapter and method.kind.trains_embeddings:
+        from minilars.backends.base import is_quantized
+
+        if any(is_quantized(p) for p in model.params.values()):
+            raise CommandError(f"--method {opts.method} trains every weight, and --weights {opts.weights} keeps "
+                               "them as GGUF blocks, which do not train; pass --weights float32 (or float16), or "
+                               "train an adapter over the blocks (--method lars, lora or ia3)")
+
+
+def _check_budget(cfg, method, opts, model, available: int | None) -> None:
     """Ask the planner before training: stop when the planned peak exceeds --max-memory,
     or, without it, the memory this machine had available when the command started."""
     from minilars.planner import check_budget, format_size
+    from minilars.pretrained import weight_format_of
 
     budget = opts.max_memory if opts.max_memory is not None else available
     if budget is None:
         return  # neither given nor known: nothing to compare with
     try:
-        check_budget(cfg, method, opts.seq_len, opts.batch_size, opts.weight_dtype, budget,
-                     backend_name=backend_name)
+        check_budget(cfg, method, opts.seq_len, opts.batch_size, weight_format_of(model), budget,
+                     backend_name=model.be.name)
     except ValueError as exc:  # the planned peak, and what would fit
         where = ("--max-memory" if opts.max_memory is not None else
                  f"the memory available on this machine ({format_size(available)}; --max-memory sets another "
@@ -622,14 +639,16 @@ def _check_rank(cfg, method, opts) -> None:
                            f"{opts.method} can use on these targets of this model is {limit}")
 
 
-def _planned_peak(cfg, method, opts, backend_name: str) -> str:
+def _planned_peak(cfg, method, opts, model) -> str:
     """The planner's whole-step peak, for the start report."""
     try:
         from minilars.planner import format_size, plan_memory
     except ImportError:
         return "the planner (minilars.planner) is not installed"
     try:
-        plan = plan_memory(cfg, method, opts.seq_len, opts.batch_size, opts.weight_dtype, backend_name)
+        from minilars.pretrained import weight_format_of
+
+        plan = plan_memory(cfg, method, opts.seq_len, opts.batch_size, weight_format_of(model), model.be.name)
     except ValueError as exc:
         return f"the planner cannot plan this run ({exc})"
     return f"{format_size(plan.total)} planned peak for the whole step (weights, optimizer, activations, work)"
@@ -641,6 +660,8 @@ def _mib(n: float) -> str:
 
 
 def _print_header(opts, model_name, model, method, dataset, rows, expected, out, note, calibration) -> None:
+    from minilars.pretrained import weight_summary
+
     cfg = model.cfg
     total, trainable = model.n_params(), model.n_trainable()
     tokens = rows.targets.size
@@ -648,7 +669,7 @@ def _print_header(opts, model_name, model, method, dataset, rows, expected, out,
     lines = [
         ("model", f"{model_name}: {cfg.n_layers} layers, d {cfg.dim}, vocab {cfg.vocab_size}, "
                   f"context {cfg.max_seq_len}"),
-        ("backend", f"{model.be.name}{_threads_text(model.be)}, weights {opts.weight_dtype}"),
+        ("backend", f"{model.be.name}{_threads_text(model.be)}, weights {weight_summary(model)}"),
         ("method", method.describe() + (f" (from {opts.init_adapter})" if opts.init_adapter else "")),
         ("parameters", f"{trainable:,} trainable of {total:,} ({100 * trainable / total:.2f}%)"),
         ("data", dataset.describe()),
@@ -661,7 +682,7 @@ def _print_header(opts, model_name, model, method, dataset, rows, expected, out,
           else []),
         ("activations", f"{_mib(expected)} expected in the activation store per step "
                         f"(batch {opts.batch_size} x {opts.seq_len} tokens)"),
-        ("memory", _planned_peak(cfg, method, opts, model.be.name)),
+        ("memory", _planned_peak(cfg, method, opts, model)),
         ("training", f"{opts.steps} step{'s' if opts.steps != 1 else ''}, lr {opts.lr:g} "
                      f"(warm-up {opts.warmup}, cosine), seed {opts.seed}; "
                      f"{note}" + (" [quick]" if opts.quick else "")),

@@ -3,7 +3,9 @@
 Prints the planner's breakdown (minilars/planner.py) for a model, method and sequence
 length, without loading any weights: runtime baseline, weights, adapters, AdamW
 state, gradients, the activation store and the transient work at the peak moment.
-With --max-memory it says whether the run fits and, if not, what would.
+With --max-memory it says whether the run fits and, if not, what would, and which
+weight formats (--weights) fit the budget. --weights keep on a GGUF plans its block
+formats as the file stores them (read from its header).
 """
 from __future__ import annotations
 
@@ -32,8 +34,9 @@ def add_parser(sub) -> None:
                             help=option.help + ("" if default is None else " (default: %(default)s)"))
     parser.add_argument("--seq-len", type=int, default=2048, help="tokens per row T (default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=1, help="rows per step B (default: %(default)s)")
-    parser.add_argument("--weight-dtype", default="float32", choices=("float32", "float16"),
-                        help="dtype the frozen weights are kept in (default: %(default)s)")
+    from .common import add_weights_option
+
+    add_weights_option(parser)
     parser.add_argument("--backend", default="auto", choices=("auto", "numpy", "numba", "torch"),
                         help="kernel backend whose work arrays to plan for; auto: the one `minilars finetune "
                              "--backend auto` runs on (on a CPU numba, else torch, else numpy) (default: %(default)s)")
@@ -64,6 +67,22 @@ def _config(spec: str):
                      "HF directory")
 
 
+def _has_tokenizer(spec: str) -> bool | None:
+    """Whether loading `spec` builds a tokenizer the process then holds: a GGUF with
+    tokenizer.ggml.tokens, an HF directory with tokenizer.json; None (the planner's
+    default) for a preset name."""
+    from pathlib import Path
+
+    path = Path(spec).expanduser()
+    if path.suffix == ".gguf" and path.is_file():
+        from minilars.models.gguf_loader import open_gguf
+
+        return "tokenizer.ggml.tokens" in open_gguf(path).fields
+    if path.is_dir():
+        return (path / "tokenizer.json").is_file()
+    return None
+
+
 def method_from_args(args):
     """The MethodConfig of --method, at the method's typical rank when --rank is not given."""
     from minilars.methods import MethodConfig, method_class
@@ -75,13 +94,17 @@ def method_from_args(args):
 
 def run(args) -> int:
     from minilars.backends import backend_name
-    from minilars.planner import check_budget, plan_memory
+    from minilars.planner import check_budget, fitting_weight_formats, plan_memory
+    from minilars.pretrained import planned_weights
     from minilars.units import format_size, parse_size
 
     cfg = _config(args.model)
     method = method_from_args(args)
     backend = backend_name(args.backend)
-    plan = plan_memory(cfg, method, args.seq_len, args.batch_size, args.weight_dtype, backend, model_name=args.model)
+    weights = planned_weights(args.model, args.weights)
+    tokenizer = _has_tokenizer(args.model)
+    plan = plan_memory(cfg, method, args.seq_len, args.batch_size, weights, backend, model_name=args.model,
+                       tokenizer=tokenizer)
     print(plan.describe())
     if args.phases:
         print("moments (total at each):")
@@ -89,8 +112,13 @@ def run(args) -> int:
             print(f"  {name:45s} {format_size(total):>12}")
     if args.max_memory is not None:
         budget = parse_size(args.max_memory)
+        kept = planned_weights(args.model, "keep")
+        formats = fitting_weight_formats(cfg, method, args.seq_len, args.batch_size, budget, backend,
+                                         kept=kept if isinstance(kept, dict) else None, tokenizer=tokenizer)
+        print(f"weight formats in {format_size(budget)}: " + ", ".join(
+            f"{name} {format_size(total)} ({'fits' if fits else 'does not fit'})" for name, total, fits in formats))
         try:
-            check_budget(cfg, method, args.seq_len, args.batch_size, args.weight_dtype, budget, backend)
+            check_budget(cfg, method, args.seq_len, args.batch_size, weights, budget, backend, tokenizer=tokenizer)
         except ValueError as exc:
             print(f"does not fit in {format_size(budget)}: {exc}")
             return 1

@@ -71,6 +71,10 @@ def add_parser(sub) -> None:
                      help="kernel backend of every process (default: %(default)s: on one free core of a 2-core CPU "
                           "it decoded 2x faster than torch and trained as fast; use torch --device cuda on a GPU)")
     acc.add_argument("--device", default="cpu", help="torch backend only: cpu or cuda (default: %(default)s)")
+    from .common import add_weights_option
+
+    # float32 by default: every method (full included, which cannot train blocks) starts from the same weights
+    add_weights_option(acc, default="float32")
     acc.add_argument("--threads", type=int, default=0,
                      help="BLAS / torch threads per process (0: the cores idle at start; more threads than free "
                           "cores made greedy decoding 8x slower on a loaded 2-core machine)")
@@ -183,6 +187,7 @@ class Settings:
     seed: int
     quick: bool
     seeds: tuple[int, ...] = ()  # training seeds of the final runs; () means (seed,)
+    weights: str = "float32"  # --weights of every finetune and eval process
 
     @property
     def train_seeds(self) -> tuple[int, ...]:
@@ -242,7 +247,8 @@ def settings_from(args) -> Settings:
         curve_questions=args.curve_questions if args.curve_questions is not None else (4 if quick else 16),
         eval_every=args.eval_every if args.eval_every is not None else (0 if quick else max(1, steps // 5)),
         max_new_tokens=args.max_new_tokens or (8 if quick else None),
-        seed=args.seed, quick=quick, seeds=_seeds(getattr(args, "seeds", None)))
+        seed=args.seed, quick=quick, seeds=_seeds(getattr(args, "seeds", None)),
+        weights=getattr(args, "weights", "float32"))
 
 
 @dataclass
@@ -451,7 +457,7 @@ def _finetune_command(s: Settings, p: Prepared, method: str, lr: float, steps: i
         "--max-new-tokens", str(p.max_new_tokens), "--save-every", "0", "--show", "0",
         "--seed", str(s.train_seeds[0] if seed is None else seed),
         "--no-progress")
-    return cmd + ["--backend", s.backend, "--device", s.device, "--threads", str(s.threads)]
+    return cmd + ["--backend", s.backend, "--device", s.device, "--threads", str(s.threads), "--weights", s.weights]
 
 
 def train_run(s: Settings, p: Prepared, method: str, lr: float, steps: int, role: str, out: Path, counter,
@@ -562,7 +568,8 @@ def evaluate_run(s: Settings, p: Prepared, run: Run | None, out_file: Path, weig
                            "--max-new-tokens", str(p.max_new_tokens), "--show", "0", "--no-progress")
     if run is not None and weights is None:
         cmd += ["--adapter", run.out]
-    code, _ = _spawn(cmd + ["--backend", s.backend, "--device", s.device], out_file.with_suffix(".log"), s.threads)
+    code, _ = _spawn(cmd + ["--backend", s.backend, "--device", s.device, "--weights", s.weights],
+                     out_file.with_suffix(".log"), s.threads)
     if code != 0:
         log = out_file.with_suffix(".log").read_text(errors="replace").strip().splitlines()
         raise CommandError(f"eval of {run.out if run else 'the base model'} failed: {log[-1] if log else code}")

@@ -425,9 +425,9 @@ def pad_id_of(tokenizer) -> int:
 
 
 def stop_ids_of(tokenizer) -> set[int]:
-    """Tokens that end a generated answer: eos and the chat end-of-turn token."""
+    """Tokens that end a generated answer: eos and the chat end-of-turn tokens of the families."""
     ids = {tokenizer.eos_id}
-    for token in ("<|im_end|>", "<|eot_id|>", "<|end|>"):
+    for token in ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>"):  # Qwen, Llama 3, Phi, Gemma
         ids.add(tokenizer.tok.token_to_id(token))
     return {int(i) for i in ids if i is not None}
 
