@@ -102,8 +102,49 @@ def _score_scale(scale, hd: int) -> float:
     return 1.0 / math.sqrt(hd) if scale is None else float(scale)
 
 
+THIN_RANK = 64  # a product with a dimension this small or smaller is thin (a rank-r adapter's, r <= 64)
+THIN_WORK = 1 << 25  # multiply-adds up to which a thin product runs on one thread (33.5 M: 2 x 16 x 2048 x 1024)
+
+
+def _thin(a, b) -> bool:
+    """Whether a b, (M, K)(K, C), is an adapter's rank-r product that dot_one_thread
+    takes: one of M, K, C at most THIN_RANK, M K C at most THIN_WORK, one float dtype,
+    both operands C- or F-contiguous (a column slice is neither: numpy takes it)."""
+    if not (isinstance(a, np.ndarray) and isinstance(b, np.ndarray) and a.ndim == 2 and b.ndim == 2
+            and _jittable(a, b)):
+        return False
+    (m, k), c = a.shape, b.shape[1]
+    return (min(m, k, c) <= THIN_RANK and m * k * c <= THIN_WORK and b.shape[0] == k
+            and all(x.flags.c_contiguous or x.flags.f_contiguous for x in (a, b)))
+
+
 class NumbaBackend(NumpyBackend):
+    """The NumPy reference with its hot kernels jitted. The rank-r products (LARS's
+    x P, z^T dy and P M, LoRA's) run on one thread (K.dot_one_thread): on numpy's
+    multithreaded BLAS such a product waits for the second thread, which on a busy
+    machine took 10-20 ms for a 0.3 ms product (docs/speed.md)."""
+
     name = "numba"
+
+    def _product(self, a, b):
+        """a b on one thread when it is thin, else None."""
+        if not _thin(a, b):
+            return None
+        out = np.empty((a.shape[0], b.shape[1]), dtype=a.dtype)
+        K.dot_one_thread(a, b, out)
+        return out
+
+    def matmul(self, a, b):
+        out = self._product(a, b)
+        return super().matmul(a, b) if out is None else out
+
+    def matmul_tn(self, a, b):
+        out = self._product(a.T, b)
+        return super().matmul_tn(a, b) if out is None else out
+
+    def matmul_nt(self, a, b):
+        out = self._product(a, b.T)
+        return super().matmul_nt(a, b) if out is None else out
 
     def cast(self, x, dtype):
         """float32 <-> float16 of contiguous arrays by the jitted bit-pattern kernels
@@ -386,6 +427,8 @@ def warmup(dtypes=("float32",)) -> float:
             half = np.empty(x.size, dtype=np.uint16)
             K.single_to_half(x.reshape(-1).view(np.uint32), half)
             K.half_to_single(half, _HALF_TO_SINGLE, np.empty(x.size, dtype=np.uint32))
+        for a, b in ((x, w[:, None]), (x.T, x), (x, x.T)):  # the thin products' layouts: C C, F C, C F
+            K.dot_one_thread(a, b, np.empty((a.shape[0], b.shape[1]), dtype=dt))
         p = randn(3, 2)
         be.adamw_update(p, randn(3, 2), np.zeros_like(p), np.zeros_like(p), lr=1e-3, beta1=0.9,
                         beta2=0.999, eps=1e-8, weight_decay=0.0, step=1)

@@ -638,6 +638,18 @@ def reduce_kv_heads(x_heads, out):
                     out[b, t, c, d] += x_heads[b, t, c * group + hh, d]
 
 
+# ---------------------------------------------------------------- thin products
+@njit(cache=True)
+def dot_one_thread(a, b, out):
+    """out = a b, (M, K)(K, C) -> (M, C), on the calling thread: np.dot calls the
+    kernels' BLAS, limited to one thread (KERNEL_BLAS). a and b may be C- or
+    F-contiguous (a transposed view is passed as BLAS's transpose flag, no copy).
+    For the rank-r products of an adapter (NumbaBackend.matmul: thin), which on a
+    multithreaded BLAS wait for the second thread longer than they compute when
+    the cores are busy (docs/speed.md)."""
+    np.dot(a, b, out)
+
+
 # ---------------------------------------------------------------- RMSNorm
 @njit(parallel=True, cache=True)
 def rmsnorm_forward(x, w, eps, y, rstd):

@@ -278,9 +278,15 @@ class LARSSite(_AdapterSite):
             return (be.matmul_nt(dy, self.weight) if need_dx else None), {}
         grads, dz = {}, None
         unmerged = need_dx and self.merged is None
+        whole = None
+        if len(self.targets) > 1 and list(self.targets) == list(self.outputs):
+            whole = be.matmul_tn(cache.z, dy)  # z^T dy for every projection at once: (r, d_out)
         for s in self.targets:
             dy_s = dy[:, self.slices[s]]
-            grads[f"{s}.lars_M"] = be.matmul_tn(cache.z, dy_s)  # dM = z^T dy: (r, d_out_s)
+            if whole is None:
+                grads[f"{s}.lars_M"] = be.matmul_tn(cache.z, dy_s)  # dM = z^T dy: (r, d_out_s)
+            else:
+                grads[f"{s}.lars_M"] = whole[:, self.slices[s]] + 0  # its columns, contiguous
             if unmerged:
                 term = be.matmul_nt(dy_s, self.M[s])  # (N, r)
                 dz = term if dz is None else dz + term
