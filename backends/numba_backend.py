@@ -8,7 +8,8 @@ RoPE, SwiGLU and GeGLU forward and backward, the softmax rows of the chunked los
 embedding scatter, the AdamW update and the float32 <-> float16 casts of the
 activation store. What
 stays with BLAS: the model's projections (matmul, matmul_tn,
-matmul_nt, inherited: numpy's multithreaded BLAS), the logits chunk and its two
+matmul_nt: numpy's multithreaded BLAS, except products through a rank-r factor,
+which run on one thread, NumbaBackend), the logits chunk and its two
 gradient products in the loss, the LARS range finder (QR, SVD); inside the
 attention kernels the tile products are BLAS calls too (np.dot, one thread per
 call, since each thread makes its own). Every method falls back to the NumPy
@@ -102,27 +103,29 @@ def _score_scale(scale, hd: int) -> float:
     return 1.0 / math.sqrt(hd) if scale is None else float(scale)
 
 
-THIN_RANK = 64  # a product with a dimension this small or smaller is thin (a rank-r adapter's, r <= 64)
-THIN_WORK = 1 << 25  # multiply-adds up to which a thin product runs on one thread (33.5 M: 2 x 16 x 2048 x 1024)
+THIN_RANK = 64  # a product whose inner dimension is this small or smaller is thin (a rank-r factor's, r <= 64)
+THIN_WORK = 1 << 25  # multiply-adds up to which a thin product runs on one thread (33.5 M)
 
 
 def _thin(a, b) -> bool:
-    """Whether a b, (M, K)(K, C), is an adapter's rank-r product that dot_one_thread
-    takes: one of M, K, C at most THIN_RANK, M K C at most THIN_WORK, one float dtype,
-    both operands C- or F-contiguous (a column slice is neither: numpy takes it)."""
+    """Whether a b, (M, K)(K, C), is a product through a rank-r factor (K <= THIN_RANK:
+    LARS's P M, LoRA's (x A) B) that dot_one_thread takes: M K C at most THIN_WORK,
+    one float dtype, both operands C- or F-contiguous (a column slice is neither:
+    numpy takes it). Products with a thin output (x P, z^T dy) stay with numpy's
+    BLAS, which on idle cores runs them faster (docs/speed.md)."""
     if not (isinstance(a, np.ndarray) and isinstance(b, np.ndarray) and a.ndim == 2 and b.ndim == 2
             and _jittable(a, b)):
         return False
     (m, k), c = a.shape, b.shape[1]
-    return (min(m, k, c) <= THIN_RANK and m * k * c <= THIN_WORK and b.shape[0] == k
+    return (k <= THIN_RANK and m * k * c <= THIN_WORK and b.shape[0] == k
             and all(x.flags.c_contiguous or x.flags.f_contiguous for x in (a, b)))
 
 
 class NumbaBackend(NumpyBackend):
-    """The NumPy reference with its hot kernels jitted. The rank-r products (LARS's
-    x P, z^T dy and P M, LoRA's) run on one thread (K.dot_one_thread): on numpy's
-    multithreaded BLAS such a product waits for the second thread, which on a busy
-    machine took 10-20 ms for a 0.3 ms product (docs/speed.md)."""
+    """The NumPy reference with its hot kernels jitted. A product through a rank-r
+    factor (LARS's P M, LoRA's (x A) B) runs on one thread (K.dot_one_thread): numpy's
+    multithreaded BLAS took 6-8 ms for a P M one thread does in 0.25-1 ms, waiting
+    for its second thread on a busy machine (docs/speed.md)."""
 
     name = "numba"
 
@@ -139,11 +142,11 @@ class NumbaBackend(NumpyBackend):
         return super().matmul(a, b) if out is None else out
 
     def matmul_tn(self, a, b):
-        out = self._product(a.T, b)
+        out = self._product(a.T, b) if isinstance(a, np.ndarray) else None
         return super().matmul_tn(a, b) if out is None else out
 
     def matmul_nt(self, a, b):
-        out = self._product(a, b.T)
+        out = self._product(a, b.T) if isinstance(b, np.ndarray) else None  # not a weight kept as blocks
         return super().matmul_nt(a, b) if out is None else out
 
     def cast(self, x, dtype):
