@@ -231,6 +231,26 @@ class Backend(ABC):
     def scale_(self, x: Array, s: float) -> None:
         """x *= s in place."""
 
+    # ---------------------------------------------------------------- offloaded activations
+    def open_offload(self, directory):
+        """The file the store's `offload` policy writes to (minilars/offload.py)."""
+        from minilars.offload import OffloadFile
+
+        return OffloadFile(directory)
+
+    def offload(self, x: Array, file):
+        """Write x's bytes to `file` (host memory first, for a device array); returns
+        where they went (offload.Spilled)."""
+        return file.write(self.to_numpy(x))
+
+    def reload(self, spilled, file, dtype) -> Array:
+        """A new array of dtype from the bytes `offload` wrote: read into the file's
+        reused buffer, then cast (or copied) out of it."""
+        host = file.read(spilled)
+        if dtype == self.dtype(str(host.dtype)):
+            host = host.copy()  # no cast to make the copy: the buffer is reused by the next read
+        return self.cast(self.asarray(host), dtype)
+
     # ---------------------------------------------------------------- quantised frozen weights
     def decode_tile(self, part, rows, out) -> None:
         """out[i] = stored row rows[i] of `part` (minilars.quant.QuantizedRows) dequantised

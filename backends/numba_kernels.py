@@ -109,6 +109,7 @@ import numba.extending  # noqa: E402
 from numba import njit, prange  # noqa: E402
 
 from .numpy_backend import GELU_C as _GELU_C, GELU_K as _GELU_K  # noqa: E402  the tanh GELU's constants, one definition
+from .resident import release_library_pages, return_freed_heap  # noqa: E402
 
 if CACHE_DIR is not None:
     numba.config.CACHE_DIR = CACHE_DIR
@@ -161,8 +162,33 @@ class _CompileNotice(numba.core.event.Listener):
             print(f" {time.perf_counter() - self.started:.0f} s", file=sys.stderr, flush=True)
 
 
+class _ReleaseCompiler(numba.core.event.Listener):
+    """Each time numba lets go of its compiler (the outermost release of its global
+    compiler lock: after compiling a kernel, or loading one from the on-disk cache,
+    which is when LLVM's code runs), hands LLVM's code pages and the compile's freed
+    heap back to the OS (backends/resident.py): 69 MiB of libllvmlite.so's pages
+    and the heap LLVM freed, measured on x86-64 (docs/memory.md). A later compile
+    faults the pages back in. The lock is not taken when a compiled kernel is called."""
+
+    def __init__(self):
+        self.depth = 0
+        self.releases = 0  # how many times it ran (tests read it)
+
+    def on_start(self, event):
+        self.depth += 1
+
+    def on_end(self, event):
+        self.depth -= 1
+        if self.depth == 0:
+            release_library_pages("libllvmlite.so")
+            return_freed_heap()
+            self.releases += 1
+
+
 _KERNELS: set = set()  # the Python functions of the kernels below (filled at the end of the module)
 numba.core.event.register("numba:compile", _CompileNotice())
+RELEASE_COMPILER = _ReleaseCompiler()
+numba.core.event.register("numba:compiler_lock", RELEASE_COMPILER)
 
 
 def _one_thread_for_kernel_blas() -> str | None:

@@ -406,6 +406,19 @@ def _jittable(*arrays) -> bool:
     return arrays[0].dtype in _JIT_DTYPES and all(a.dtype == arrays[0].dtype for a in arrays)
 
 
+class _ShapeOffload:
+    """OffloadFile's stand-in on shapes: the reused read buffer, no file."""
+
+    def __init__(self):
+        self.buffer = None
+        self.bytes_now = 0
+
+    def free(self, spilled) -> None:
+        self.bytes_now -= spilled.nbytes
+        if self.bytes_now == 0:
+            self.buffer = None  # OffloadFile drops its buffer with its last bytes
+
+
 class ShapeBackend(Backend):
     """The Backend interface on ShapeArrays. `flavour` names the backend whose
     kernels' work arrays are counted ("numpy", "numba", "torch"); `threads`, the
@@ -506,6 +519,24 @@ class ShapeBackend(Backend):
 
     def nbytes(self, x):
         return x.nbytes
+
+    # ---------------------------------------------------------------- offloaded activations
+    def open_offload(self, directory):
+        """No file: the plan counts the bytes written (ActivationStore.disk_peak) and
+        models the one read buffer that OffloadFile reuses."""
+        return _ShapeOffload()
+
+    def offload(self, x, file):
+        from minilars.offload import Spilled
+
+        file.bytes_now += x.nbytes
+        return Spilled(0, x.shape, x.dtype)
+
+    def reload(self, spilled, file, dtype):
+        if file.buffer is None or file.buffer.nbytes < spilled.nbytes:
+            file.buffer = None  # freed before the larger one is allocated, as np.empty's rebinding
+            file.buffer = self.new((spilled.nbytes,), np.uint8)
+        return self.new(spilled.shape, dtype)
 
     # ---------------------------------------------------------------- linear algebra
     def _upcast_rows(self, a, b, cols: int) -> int:

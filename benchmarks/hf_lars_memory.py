@@ -5,7 +5,8 @@ local GGUF cache, no model hub), batch 1, random tokens, AdamW; three systems:
 
     lars      minilars.hf.get_lars_model, r 16 on all seven projections, default
               recipe (each layer's input kept in float16 and the layer recomputed in
-              backward, loss in slices of 256 tokens); calibrated on 512 other tokens
+              backward, loss in slices of 256 tokens, glibc's mmap threshold fixed at
+              1 MiB: backends/resident.py); calibrated on 512 other tokens
     lora      peft LoRA r 8 on the same seven projections
     lora-gc   the same with transformers' gradient checkpointing (non-reentrant)
 
@@ -18,6 +19,11 @@ whose memory, extrapolated from the system's last point, would not fit in the
 machine's available memory are skipped with the reason.
 
     python benchmarks/hf_lars_memory.py --seq-lens 512,1024,2048,4096,8192
+
+--malloc-mmap-threshold BYTES runs every system's worker with MALLOC_MMAP_THRESHOLD_
+set (the baselines under the allocator setting LARS makes itself);
+--lars-cpu-mmap-threshold none runs LARS with glibc's allocator left as it is;
+--lars-mlp-chunk-tokens none runs each layer's MLP whole (LarsConfig.mlp_chunk_tokens=None).
 
 Needs minilars[hf] (torch, transformers, peft) and `minilars models pull smollm2-135m`.
 """
@@ -47,6 +53,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lars-rank", type=int, default=16)
     p.add_argument("--lora-rank", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--malloc-mmap-threshold", type=int,
+                   help="set MALLOC_MMAP_THRESHOLD_ (bytes) for every worker: glibc's mmap threshold fixed")
+    p.add_argument("--lars-cpu-mmap-threshold", default=str(1 << 20),
+                   help="LarsConfig.cpu_mmap_threshold in bytes, or 'none' (allocator left alone)")
+    p.add_argument("--lars-mlp-chunk-tokens", default="1024",
+                   help="LarsConfig.mlp_chunk_tokens, or 'none' (each layer's MLP run whole)")
     p.add_argument("--json", help="append each point's result as one JSON line to this file")
     p.add_argument("--worker", metavar="SYSTEM", help=argparse.SUPPRESS)  # one point, in this process
     p.add_argument("--seq-len", type=int, help=argparse.SUPPRESS)
@@ -63,7 +75,6 @@ def build_llama(name: str, torch, transformers):
 
 
 def worker(args) -> dict:
-    import ctypes
     import gc
 
     import numpy as np
@@ -71,6 +82,7 @@ def worker(args) -> dict:
     import torch
     import transformers
 
+    from minilars.backends.resident import return_freed_heap
     from minilars.bench.memory_worker import hwm_mib, reset_hwm, rss_mib
 
     torch.set_num_threads(args.threads)
@@ -81,7 +93,10 @@ def worker(args) -> dict:
         from minilars.hf import LarsConfig, get_lars_model
 
         calibration = torch.from_numpy(np.random.default_rng(args.seed + 1).integers(0, vocab, (1, 512)))
-        model = get_lars_model(model, LarsConfig(r=args.lars_rank), calibration)
+        threshold = None if args.lars_cpu_mmap_threshold == "none" else int(args.lars_cpu_mmap_threshold)
+        chunk = None if args.lars_mlp_chunk_tokens == "none" else int(args.lars_mlp_chunk_tokens)
+        config = LarsConfig(r=args.lars_rank, cpu_mmap_threshold=threshold, mlp_chunk_tokens=chunk)
+        model = get_lars_model(model, config, calibration)
     else:
         if args.worker == "lora-gc":
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -92,7 +107,7 @@ def worker(args) -> dict:
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
     gc.collect()
-    ctypes.CDLL("libc.so.6").malloc_trim(0)  # the loader's freed copies leave RSS
+    return_freed_heap()  # the loader's freed copies leave RSS
     setup_mib = rss_mib()
     reset_hwm()
     rng = np.random.default_rng(args.seed)
@@ -111,6 +126,9 @@ def worker(args) -> dict:
     return {"system": args.worker, "seq_len": args.seq_len, "status": "ok", "setup_mib": setup_mib,
             "peak_mib": peak, "extra_mib": peak - setup_mib, "step_s": statistics.median(times),
             "steps_s": times, "first_loss": losses[0], "trainable": sum(p.numel() for p in params),
+            "malloc_mmap_threshold": os.environ.get("MALLOC_MMAP_THRESHOLD_"),
+            "lars_cpu_mmap_threshold": args.lars_cpu_mmap_threshold if args.worker == "lars" else None,
+            "lars_mlp_chunk_tokens": args.lars_mlp_chunk_tokens if args.worker == "lars" else None,
             "torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__}
 
 
@@ -129,9 +147,12 @@ def available_mib() -> float | None:
 def run_point(args, system: str, seq_len: int) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", system, "--seq-len", str(seq_len),
            "--model", args.model, "--warmup", str(args.warmup), "--steps", str(args.steps), "--threads", str(args.threads),
-           "--lars-rank", str(args.lars_rank), "--lora-rank", str(args.lora_rank), "--seed", str(args.seed)]
+           "--lars-rank", str(args.lars_rank), "--lora-rank", str(args.lora_rank), "--seed", str(args.seed),
+           "--lars-cpu-mmap-threshold", args.lars_cpu_mmap_threshold, "--lars-mlp-chunk-tokens", args.lars_mlp_chunk_tokens]
     # Passive OpenMP waits: on a shared machine, threads spinning for a busy core multiply step times.
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "OMP_WAIT_POLICY": "PASSIVE"}
+    if args.malloc_mmap_threshold is not None:
+        env["MALLOC_MMAP_THRESHOLD_"] = str(args.malloc_mmap_threshold)
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     if proc.returncode != 0 or not lines:
@@ -153,7 +174,9 @@ def main(argv=None) -> int:
     seq_lens = [int(t) for t in args.seq_lens.split(",")]
     systems = args.systems.split(",")
     print(f"uptime: {open('/proc/loadavg').read().split()[:3]} (1, 5, 15 min load), "
-          f"{args.threads} threads; one process per point", flush=True)
+          f"{args.threads} threads; one process per point; MALLOC_MMAP_THRESHOLD_={args.malloc_mmap_threshold}, "
+          f"LARS cpu_mmap_threshold={args.lars_cpu_mmap_threshold}, mlp_chunk_tokens={args.lars_mlp_chunk_tokens}",
+          flush=True)
     last: dict[str, dict] = {}
     rows = []
     for seq_len in seq_lens:

@@ -59,14 +59,15 @@ MIB = 2**20
 # Resident memory of a process that has imported minilars and its backend, before any
 # weight is loaded, and what the tokenizer adds. Measured on the reference machine
 # (x86-64, Python 3.11.7, numpy 2.4, glibc) with
-# `python -m minilars.bench.memory_worker --baseline --backend NAME`: numpy 29.8 MiB,
-# numba 168.6 MiB (of it 69 MiB are LLVM's code pages, libllvmlite.so, and the jitted
-# kernels loaded from numba's on-disk cache), torch 219 MiB (libtorch, measured before
+# `python -m minilars.bench.memory_worker --baseline --backend NAME`: numpy 30.1 MiB,
+# numba 102.0 MiB (numba and the jitted kernels loaded from its on-disk cache; LLVM's
+# code pages, 69 MiB more, are handed back after each load: backends/resident.py,
+# numba_kernels._ReleaseCompiler), torch 219 MiB (libtorch, measured before
 # the GGUF blocks were wired in); SmolLM2's 49,152-token BPE tokenizer (rebuilt from the
 # GGUF) 17.9-22.4 MiB once the reader's parse is freed and the heap trimmed
 # (pretrained.return_freed_heap; 34-40 MiB before), which the planner scales with the
 # vocabulary.
-RUNTIME_BASELINE = {"numpy": 30 * MIB, "numba": 169 * MIB, "torch": 219 * MIB}
+RUNTIME_BASELINE = {"numpy": 30 * MIB, "numba": 102 * MIB, "torch": 219 * MIB}
 TOKENIZER_BYTES_PER_TOKEN = 20 * MIB // 49152
 
 NUMBA_THREADS = None  # None: numba's default (one per core); the attention kernels keep per-thread buffers
@@ -122,6 +123,7 @@ class MemoryPlan:
     n_trainable: int = 0
     phases: tuple = ()  # (moment, total bytes) for every moment modelled, in step order
     calibration_peak: int = 0  # peak while the method was applied (LARS: its calibration forward), baseline included
+    disk: int = 0  # bytes the `offload` storage policy writes to its file at the peak (not RAM; not in total)
 
     @property
     def persistent(self) -> int:
@@ -147,6 +149,8 @@ class MemoryPlan:
             lines.append(f"  {name.ljust(width)}  {format_size(value):>12}")
         lines.append(f"  {'activation store peak (its own)'.ljust(width)}  {format_size(self.store_peak):>12}")
         lines.append(f"  {'peak while applying the method'.ljust(width)}  {format_size(self.calibration_peak):>12}")
+        if self.disk:
+            lines.append(f"  {'offloaded to disk (not in RAM)'.ljust(width)}  {format_size(self.disk):>12}")
         return "\n".join(lines)
 
 
@@ -295,7 +299,7 @@ def plan_memory(cfg: ModelConfig, method: MethodConfig | str, seq_len: int, batc
         store_peak=step.store.bytes_peak, store_peak_by_kind=step.store.peak_by_kind(),
         n_trainable=model.n_trainable(),
         phases=tuple((moment, baseline + total) for moment, total in ledger.moments.items()),
-        calibration_peak=baseline + calibration_peak)
+        calibration_peak=baseline + calibration_peak, disk=step.store.disk_peak)
 
 
 def _model_name(cfg: ModelConfig) -> str:

@@ -12,6 +12,7 @@ import numpy as np
 
 from .backends import Backend, resolve_backend
 from .backends.base import is_quantized
+from .backends.resident import return_freed_heap  # noqa: F401  (re-exported: finetune and the bench call it from here)
 from .model import Model
 from .weights import from_hf
 
@@ -64,20 +65,6 @@ def load_model(spec: str, backend: str | Backend | None = "auto", weights: str =
     del params
     return_freed_heap()
     return model, tokenizer
-
-
-def return_freed_heap() -> None:
-    """Give the C heap's free pages back to the operating system (glibc's malloc_trim).
-    Parsing a GGUF's metadata makes a small numpy array per vocabulary string and
-    merge (gguf-py's reader: 71 MiB for SmolLM2's 49,152 tokens), all freed once the
-    tokenizer is built; freed small objects stay resident otherwise (measured: 16 MiB
-    of them after loading SmolLM2, docs/memory.md). A no-op where there is no glibc."""
-    import ctypes
-
-    try:
-        ctypes.CDLL(None).malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 def load_pretrained(spec: str, backend: str | Backend | None = "numpy", weights: str = "float32",

@@ -6,6 +6,9 @@ cache is kept under the policy that the StoragePlan names for it (docs/lars.md, 
 
     exact        the array as it is
     half         a float16 copy
+    offload      a float16 copy written to a file (minilars/offload.py), not held in
+                 RAM; `offload(DIR)` names the directory (default: the system temp
+                 dir). Counted as disk bytes (disk_now, disk_peak), not in bytes_now
     subspace(r)  coefficients C = X Q (N, r) of the token-major matrix X (N, width),
                  Q (width, r) orthonormal, from the current batch (randomized range
                  finder) or from calibration; backward sees X_hat = C Q^T
@@ -50,6 +53,17 @@ class Half:
 
 
 @dataclass(frozen=True)
+class Offload:
+    """Write a float16 copy to an unlinked file in `directory` (None: the system temp
+    dir) and read it back in backward: the same values as Half, on disk, not in RAM."""
+
+    directory: str | None = None
+
+    def __str__(self) -> str:
+        return f"offload({self.directory})" if self.directory else "offload"
+
+
+@dataclass(frozen=True)
 class Subspace:
     """Keep C = X Q with Q (width, rank) orthonormal. source: 'batch' computes Q from
     the array being stored; 'calibration' uses the basis calibrated for this site."""
@@ -75,19 +89,26 @@ class Recompute:
         return "recompute"
 
 
-Policy = Exact | Half | Subspace | Recompute
+Policy = Exact | Half | Offload | Subspace | Recompute
 
 _POLICY_RE = re.compile(r"^\s*(exact|half|recompute|subspace)\s*(?:\(\s*(\d+)\s*(?:,\s*(batch|calibration)\s*)?\))?\s*$")
 
 
+_OFFLOAD_RE = re.compile(r"^\s*offload\s*(?:\(\s*([^()]*?)\s*\))?\s*$")
+
+
 def parse_policy(text: str | Policy) -> Policy:
-    """'exact', 'half', 'recompute', 'subspace(32)', 'subspace(32, calibration)'."""
+    """'exact', 'half', 'offload', 'offload(/a/dir)', 'recompute', 'subspace(32)',
+    'subspace(32, calibration)'."""
     if not isinstance(text, str):
         return text
+    offload = _OFFLOAD_RE.match(text)
+    if offload:
+        return Offload(offload.group(1) or None)
     match = _POLICY_RE.match(text)
     if not match:
-        raise ValueError(f"cannot read storage policy {text!r}; expected exact, half, recompute, "
-                         "subspace(R) or subspace(R, calibration)")
+        raise ValueError(f"cannot read storage policy {text!r}; expected exact, half, offload, offload(DIR), "
+                         "recompute, subspace(R) or subspace(R, calibration)")
     kind, rank, source = match.groups()
     if kind == "subspace":
         if rank is None:
@@ -176,6 +197,9 @@ class ActivationStore:
         self.bytes_peak = 0
         self.site_now: dict[str, int] = defaultdict(int)
         self.site_peak: dict[str, int] = defaultdict(int)
+        self.disk_now = 0  # bytes the offload policy holds in its file
+        self.disk_peak = 0
+        self._offload_files: dict[str | None, Any] = {}  # directory -> the backend's open_offload
 
     # ---------------------------------------------------------------- accounting
     def _hold(self, array: Array, site: str) -> Array:
@@ -269,6 +293,16 @@ class ActivationStore:
     def _store_field(self, full_key: str, field_key: str, array: Array):
         be = self.backend
         policy = self.plan.policy_for(field_key)
+        if isinstance(policy, Offload):
+            half = be.cast(array, be.dtype("float16"))
+            file = self._offload_files.get(policy.directory)
+            if file is None:
+                file = self._offload_files[policy.directory] = be.open_offload(policy.directory)
+            spilled = be.offload(half, file)
+            del half
+            self.disk_now += spilled.nbytes
+            self.disk_peak = max(self.disk_peak, self.disk_now)
+            return ("offload", spilled, array.dtype, file)
         if isinstance(policy, Half) and array.dtype != be.dtype("float16"):
             return ("half", self._hold(be.cast(array, be.dtype("float16")), full_key), array.dtype)
         size = math.prod(array.shape)
@@ -307,8 +341,12 @@ class ActivationStore:
     def _load_field(self, kept):
         if not isinstance(kept, tuple):
             return kept
-        self._free_field(kept)
         be = self.backend
+        if kept[0] == "offload":  # read before freeing: the last free truncates the file
+            value = be.reload(kept[1], kept[3], kept[2])
+            self._free_field(kept)
+            return value
+        self._free_field(kept)
         if kept[0] == "exact":
             return kept[1]
         if kept[0] == "half":
@@ -320,7 +358,10 @@ class ActivationStore:
     def _free_field(self, kept) -> None:
         if not isinstance(kept, tuple):
             return
-        if kept[0] in ("exact", "half"):
+        if kept[0] == "offload":
+            kept[3].free(kept[1])
+            self.disk_now -= kept[1].nbytes
+        elif kept[0] in ("exact", "half"):
             self._release(kept[1])
         else:
             self._release(kept[1].coeffs)

@@ -84,6 +84,20 @@ def test_end_to_end_run_writes_a_peft_adapter_and_a_result(finished):
     assert [e["step"] for e in log if "eval" in e] == [0, 6]
 
 
+def test_offloaded_block_inputs_train_the_same_losses(data_file, finished, tmp_path):
+    """--storage with input.x=offload(DIR): the same float16 values as the default
+    recipe's half, from a file in DIR, so the same losses bit for bit; the store's RAM
+    peak is lower by the block inputs, and nothing is left in DIR."""
+    spill = tmp_path / "spill"
+    spill.mkdir()
+    out = tmp_path / "offloaded"
+    assert main(tiny_args(data_file, out, "--storage", f"block=recompute,input.x=offload({spill})")) == 0
+    res, base = result(out), result(finished)
+    assert res["losses"] == base["losses"]
+    assert res["activation_bytes_expected"] == res["activation_bytes_peak"] < base["activation_bytes_peak"]
+    assert list(spill.iterdir()) == []
+
+
 def test_the_adapter_loads_onto_the_tiny_model_and_is_trained(finished):
     from safetensors.numpy import load_file
 
@@ -394,6 +408,7 @@ def test_init_adapter_continues_from_a_saved_adapter(data_file, finished, tmp_pa
     (["--resume"], "holds no checkpoint to resume"),
     (["--resume", "--overwrite"], "--resume and --overwrite contradict each other"),
     (["--storage", "block=sometimes"], "cannot read storage policy"),
+    (["--storage", "block=recompute,input.x=offload(/no/such/dir)"], "offload directory '/no/such/dir' does not exist"),
     (["--targets", "q,z"], "unknown target 'z'"),
 ])
 def test_bad_options_are_one_line(data_file, tmp_path, capsys, extra, message):

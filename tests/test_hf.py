@@ -18,16 +18,17 @@ peft = pytest.importorskip("peft")
 
 from minilars.hf import LarsConfig, LarsLinear, LarsLinearFunction, get_lars_model  # noqa: E402
 from minilars.hf.loss import lars_causal_lm_loss  # noqa: E402
+from minilars.hf.tokenwise import find_mlp  # noqa: E402
 
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 VOCAB = 61
 TOL = {torch.float64: dict(rtol=1e-9, atol=1e-11), torch.float32: dict(rtol=1e-4, atol=1e-6)}
 
 
-def tiny_model(kind: str, dtype=torch.float64, seed: int = 0):
+def tiny_model(kind: str, dtype=torch.float64, seed: int = 0, attn: str = "eager"):
     torch.manual_seed(seed)
     common = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, max_position_embeddings=64, attn_implementation="eager")
+                  num_key_value_heads=2, max_position_embeddings=64, attn_implementation=attn)
     if kind == "llama":
         model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**common, tie_word_embeddings=True))
     else:  # qwen2: biases on q, k, v and an untied head
@@ -152,6 +153,60 @@ def test_half_layer_storage_keeps_float16_layer_inputs_and_nothing_that_grows_wi
     for name, layer in exact.lars_layers().items():
         err = (grads[name] - layer.lars_M.grad).norm() / layer.lars_M.grad.norm()
         assert err < 1e-2, (name, float(err))  # float16 rounding of the kept input, as the engine's `half`
+
+
+# ---------------------------------------------------------------- the MLP in token chunks
+def lars_step(base, ids, **config):
+    """(loss, {name: dM}) of one LARS step with M randomized, layers recomputed."""
+    lars = get_lars_model(copy.deepcopy(base), LarsConfig(r=4, layer_storage="exact", **config), ids)
+    randomize_m(lars)
+    lars.train()
+    loss = lars(input_ids=ids, labels=ids).loss
+    loss.backward()
+    return loss.detach(), {name: layer.lars_M.grad for name, layer in lars.lars_layers().items()}
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_mlp_in_token_chunks_gives_the_loss_and_every_dm_of_the_whole_mlp(kind, dtype):
+    base = tiny_model(kind, dtype)
+    ids = tokens(rows=2, seq_len=13)  # 13 = 5 + 5 + 3: the last chunk is short
+    tol = dict(rtol=1e-10, atol=1e-10) if dtype == torch.float64 else TOL[torch.float32]
+    loss, grads = lars_step(base, ids, mlp_chunk_tokens=5)
+    loss_ref, grads_ref = lars_step(base, ids, mlp_chunk_tokens=None)
+    torch.testing.assert_close(loss, loss_ref, **tol)
+    assert grads.keys() == grads_ref.keys() and any("mlp" in name for name in grads)
+    for name, dm_ref in grads_ref.items():
+        assert dm_ref.abs().max() > 0, name
+        torch.testing.assert_close(grads[name], dm_ref, **tol, msg=name)
+
+
+@pytest.mark.parametrize("chunk", [5, None])
+def test_mlp_in_token_chunks_keeps_no_t_by_f_tensor(chunk):
+    """Every tensor autograd saves in the step (forward, recompute, each chunk's
+    backward): none has T = 16 rows of width f = 48 when chunked; the whole MLP has."""
+    base = tiny_model("llama", torch.float32)
+    T, f = 16, base.config.intermediate_size
+    ids = tokens(rows=1, seq_len=T)
+    lars = get_lars_model(copy.deepcopy(base), LarsConfig(r=4, mlp_chunk_tokens=chunk), ids)
+    randomize_m(lars)
+    lars.train()
+    shapes = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: shapes.append(tuple(t.shape)) or t, lambda t: t):
+        lars(input_ids=ids, labels=ids).loss.backward()
+    rows = {s[1] for s in shapes if len(s) == 3 and s[2] == f}  # (B, rows, f) activations; weights are 2-d
+    assert rows == ({T} if chunk is None else {5, T % 5}), shapes
+
+
+def test_find_mlp_takes_the_layers_mlp_and_skips_token_mixing_ones():
+    base = tiny_model("llama")
+    layer = base.model.layers[0]
+    assert find_mlp(layer) is layer.mlp
+    assert find_mlp(base.model.layers) is None  # no MLP attribute: left whole, no error
+    shifting = torch.nn.Module()
+    shifting.feed_forward = torch.nn.Module()
+    shifting.feed_forward.time_shift = torch.nn.ZeroPad2d((0, 0, 1, -1))  # RWKV's token shift
+    assert find_mlp(shifting) is None
 
 
 # ---------------------------------------------------------------- export
@@ -350,3 +405,76 @@ def test_bad_input_is_named():
         get_lars_model(copy.deepcopy(base), LarsConfig(r=8), tokens(rows=1, seq_len=4))
     with pytest.raises(ValueError, match="layer_storage"):
         LarsConfig(layer_storage="quarter")
+    with pytest.raises(ValueError, match="cpu_mmap_threshold"):
+        LarsConfig(cpu_mmap_threshold=0)
+    with pytest.raises(ValueError, match="mlp_chunk_tokens"):
+        LarsConfig(mlp_chunk_tokens=0)
+
+
+# ---------------------------------------------------------------- memory on the CPU
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_unpadded_training_step_runs_causal_sdpa_without_a_t_by_t_mask(kind, monkeypatch):
+    """Forward and the layers' recompute call SDPA with attn_mask=None, is_causal=True (torch's
+    flash CPU kernel, no (H, T, T) scores); a padded batch does pass a mask, so the spy sees masks."""
+    base = tiny_model(kind, torch.float32, attn="sdpa")
+    ids = tokens(rows=2, seq_len=12)
+    lars = get_lars_model(base, LarsConfig(r=4), ids)
+    randomize_m(lars)
+    lars.train()
+    sdpa, calls = torch.nn.functional.scaled_dot_product_attention, []
+
+    def spy(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, **kw):
+        calls.append((attn_mask is None, is_causal, torch.is_grad_enabled()))
+        return sdpa(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, **kw)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    lars(input_ids=ids, labels=ids).loss.backward()
+    layers = base.config.num_hidden_layers
+    assert calls == [(True, True, False)] * layers + [(True, True, True)] * layers  # forward, then recompute
+    calls.clear()
+    padded = torch.ones_like(ids)
+    padded[0, :3] = 0
+    lars(input_ids=ids, attention_mask=padded, labels=ids).loss.backward()
+    assert calls and not any(no_mask for no_mask, _, _ in calls)
+
+
+def test_cpu_model_fixes_the_glibc_mmap_threshold_unless_told_not_to(monkeypatch):
+    import importlib
+
+    seen = []
+    monkeypatch.setattr(importlib.import_module("minilars.hf.model"), "fix_mmap_threshold", seen.append)
+    get_lars_model(tiny_model("llama"), LarsConfig(r=4), tokens())
+    get_lars_model(tiny_model("llama"), LarsConfig(r=4, cpu_mmap_threshold=None), tokens())
+    get_lars_model(tiny_model("llama"), LarsConfig(r=4, cpu_mmap_threshold=4096), tokens())
+    assert seen == [1 << 20, 4096]
+
+
+_MMAP_PROBE = """
+import ctypes, sys, torch
+from minilars.backends.resident import fix_mmap_threshold
+class Info(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks "
+                "fordblks keepcost".split()]
+libc = ctypes.CDLL("libc.so.6")
+libc.mallinfo2.restype = Info
+if sys.argv[1] == "fixed":
+    assert fix_mmap_threshold(1 << 20)
+torch.empty(16 << 20, dtype=torch.uint8)  # made and freed: glibc raises its threshold to 16 MiB
+before = libc.mallinfo2().hblkhd
+kept = torch.empty(4 << 20, dtype=torch.uint8)
+print(libc.mallinfo2().hblkhd - before)  # bytes of the 4 MiB tensor that are mmapped
+"""
+
+
+@pytest.mark.skipif(not __import__("sys").platform.startswith("linux")
+                    or __import__("platform").libc_ver()[0] != "glibc", reason="glibc's malloc only")
+def test_fixed_mmap_threshold_maps_blocks_that_glibc_would_put_on_its_heap():
+    """The mechanism docs/hf.md measures: after a 16 MiB tensor is freed, glibc serves a 4 MiB one
+    from its heap (where a freed block stays resident); with the threshold fixed, from mmap."""
+    import subprocess
+    import sys
+
+    mapped = {arm: int(subprocess.run([sys.executable, "-c", _MMAP_PROBE, arm], capture_output=True, text=True,
+                                      check=True).stdout.split()[-1]) for arm in ("default", "fixed")}
+    assert mapped["default"] == 0, mapped
+    assert mapped["fixed"] >= 4 << 20, mapped

@@ -14,8 +14,8 @@ steps, so they are resident as in any step after the first.
     step_peak_mib      VmHWM over all steps: the kernel's high-water mark is reset
                        (`echo 5 > /proc/self/clear_refs`) just before the first step
     steady_peak_mib    the same over the timed steps only (reset after warm-up)
-    peak_rss_mib       the whole process, loading included (the high-water mark read
-                       before the reset, or ru_maxrss after it, whichever is larger)
+    peak_rss_mib       the whole process, loading included (the largest of the high-water
+                       mark read before the reset, the warm-up steps' and ru_maxrss after)
     store_peak_bytes   the ActivationStore's own peak (bytes_peak) and per site kind
     step_seconds       each timed step; median, tokens/s
     plan               minilars.planner's prediction for the same run
@@ -264,7 +264,8 @@ def run(args) -> dict:
     result["rss_after_steps_parts"] = anon_file_mib()
     warm = result.get("step_peak_warmup_mib")
     result["step_peak_mib"] = max(result["steady_peak_mib"], warm) if warm else result["steady_peak_mib"]
-    result["peak_rss_mib"] = max(result["pre_step_peak_mib"] or 0, maxrss_mib())
+    # the warm-up step's peak too: the reset before the timed steps cleared it from ru_maxrss
+    result["peak_rss_mib"] = max(result["pre_step_peak_mib"] or 0, warm or 0, maxrss_mib())
     if store_peaks:
         result["store_peak_bytes"] = max(p for p, _ in store_peaks)
         result["store_peak_by_kind"] = store_peaks[-1][1]

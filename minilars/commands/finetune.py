@@ -594,7 +594,17 @@ def _check_settings(opts) -> None:
         unknown = [key for key, _ in rules if key not in fields]
         if unknown:
             raise CommandError(f"--storage {opts.storage!r}: no kept field is called {unknown[0]!r}; fields are "
-                               f"{', '.join(sorted(fields))} (or a named recipe: default, fast, exact)")
+                               f"{', '.join(sorted(fields))} (or a named recipe: default, fast, offload, exact)")
+        from minilars.offload import offload_directory
+        from minilars.store import Offload, parse_policy
+
+        for key, text in rules:  # before calibration, not at the first step
+            policy = parse_policy(text)
+            if isinstance(policy, Offload):
+                try:
+                    offload_directory(policy.directory)
+                except ValueError as exc:
+                    raise CommandError(f"--storage {opts.storage!r}: {exc}") from None
     elif opts.storage != options_by_name()["storage"].default:
         raise CommandError(f"--storage sets LARS's activation storage; --method {opts.method} has none")
 

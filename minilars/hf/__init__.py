@@ -7,9 +7,14 @@ and computes the loss in slices of tokens. docs/hf.md has the measurements.
 
 Nothing else in minilars imports this package: the NumPy engine runs without torch.
 """
-from .config import LarsConfig
-from .linear import LarsLinear, LarsLinearFunction
-from .loss import lars_causal_lm_loss
-from .model import LarsModel, get_lars_model
+import importlib.util as _util
+
+if _util.find_spec("torch") is None:  # every module here imports torch at its top
+    raise ImportError("minilars.hf needs torch, which is not installed: pip install 'minilars[hf]' "
+                      "(the rest of minilars runs without it)")
+from .config import LarsConfig  # noqa: E402
+from .linear import LarsLinear, LarsLinearFunction  # noqa: E402
+from .loss import lars_causal_lm_loss  # noqa: E402
+from .model import LarsModel, get_lars_model  # noqa: E402
 
 __all__ = ["LarsConfig", "LarsLinear", "LarsLinearFunction", "LarsModel", "get_lars_model", "lars_causal_lm_loss"]

@@ -21,6 +21,15 @@ class LarsConfig:
                           "when already 16-bit), the layer rerun in backward (minilars's default recipe, "
                           "docs/lars.md); 'exact': its input in its own dtype, rerun in backward; 'none': plain "
                           "autograd (every frozen activation kept)."})
+    mlp_chunk_tokens: int | None = field(
+        default=1024,
+        metadata={"help": "With layer_storage 'half' or 'exact': each decoder layer's MLP (its `mlp`, "
+                          "`feed_forward` or `block_sparse_moe` submodule; none found: left whole) runs in slices "
+                          "of this many tokens in the forward and in the recompute, keeping only its input and "
+                          "backpropagating one slice at a time, so at most (mlp_chunk_tokens, f) intermediates "
+                          "exist at once instead of (T, f) ones. Exact because the MLP is token-wise (row t of "
+                          "its output depends on row t of its input only, minilars/hf/tokenwise.py); None runs "
+                          "it whole (needed for a feed-forward that mixes tokens)."})
     loss_chunk: int = field(default=256, metadata={"help": "Tokens per slice of the chunked logits and loss: at most "
                                                            "(loss_chunk, V) float32 logits exist at once."})
     calibration_seed: int = field(default=0, metadata={"help": "Seed of the randomized range finder; layer i uses "
@@ -29,6 +38,13 @@ class LarsConfig:
         default=True,
         metadata={"help": "Keep P and M in float32 when the base weights are 16-bit (as peft does for LoRA), so "
                           "the optimizer updates M in full precision."})
+    cpu_mmap_threshold: int | None = field(
+        default=1 << 20,
+        metadata={"help": "On the CPU with glibc: fix malloc's mmap threshold at this many bytes (process-wide, "
+                          "as MALLOC_MMAP_THRESHOLD_ does), so each freed tensor at or above it leaves resident "
+                          "memory. glibc otherwise raises the threshold as blocks are freed and the recomputed "
+                          "layers' freed tensors stay in its heap (peak RSS above the weights 969 "
+                          "instead of 310 MiB at T = 2048, docs/hf.md). None leaves the allocator as it is."})
 
     def __post_init__(self):
         if isinstance(self.target_modules, list):  # frozen: normalise lists to tuples
@@ -42,5 +58,13 @@ class LarsConfig:
                              f"got {self.target_modules!r}")
         if self.layer_storage not in LAYER_STORAGE:
             raise ValueError(f"LarsConfig.layer_storage must be one of {LAYER_STORAGE}, got {self.layer_storage!r}")
+        if self.mlp_chunk_tokens is not None and (
+                not isinstance(self.mlp_chunk_tokens, int) or self.mlp_chunk_tokens < 1):
+            raise ValueError("LarsConfig.mlp_chunk_tokens must be a positive integer or None, "
+                             f"got {self.mlp_chunk_tokens!r}")
         if not isinstance(self.loss_chunk, int) or self.loss_chunk < 1:
             raise ValueError(f"LarsConfig.loss_chunk must be a positive integer, got {self.loss_chunk!r}")
+        if self.cpu_mmap_threshold is not None and (
+                not isinstance(self.cpu_mmap_threshold, int) or self.cpu_mmap_threshold < 1):
+            raise ValueError("LarsConfig.cpu_mmap_threshold must be a positive number of bytes or None, "
+                             f"got {self.cpu_mmap_threshold!r}")

@@ -18,6 +18,7 @@ from torch import nn
 
 from ..files import atomic_write, write_text
 from ..peft_io import CONFIG_FILE, MINILARS_FILE, WEIGHTS_FILE
+from ..backends.resident import fix_mmap_threshold
 from .calibrate import calibrate_bases
 from .config import LarsConfig
 from .linear import LarsLinear
@@ -66,7 +67,8 @@ def get_lars_model(model: nn.Module, config: LarsConfig, calibration) -> LarsMod
     """Freeze `model`, calibrate each input stream's basis on `calibration` (token ids
     (B, T), or an iterable of such batches or of dicts with input_ids and an optional
     attention_mask), replace every target with a LarsLinear and route each decoder
-    layer through the recompute policy of config.layer_storage."""
+    layer through the recompute policy of config.layer_storage. On the CPU, fix
+    glibc's mmap threshold at config.cpu_mmap_threshold (backends/resident.py)."""
     if not isinstance(config, LarsConfig):
         raise TypeError(f"config must be a LarsConfig, got {type(config).__name__}")
     if any(isinstance(m, LarsLinear) for m in model.modules()):
@@ -87,7 +89,9 @@ def get_lars_model(model: nn.Module, config: LarsConfig, calibration) -> LarsMod
         _set_module(model, name, lars)
     if layers is not None and config.layer_storage != "none":
         for layer in layers:
-            enable_recompute(layer, config.layer_storage)
+            enable_recompute(layer, config.layer_storage, config.mlp_chunk_tokens)
+    if config.cpu_mmap_threshold is not None and any(t.weight.device.type == "cpu" for t in targets.values()):
+        fix_mmap_threshold(config.cpu_mmap_threshold)
     return LarsModel(model, config, streams, layers)
 
 

@@ -14,6 +14,9 @@ import types
 
 import torch
 
+from .replay import ForwardState
+from .tokenwise import mlp_in_chunks
+
 KEEP_DTYPE = {"half": torch.float16, "exact": None}
 
 
@@ -44,10 +47,7 @@ class _Recomputed(torch.autograd.Function):
         ctx.save_for_backward(kept)
         ctx.run, ctx.dtype = run, hidden.dtype
         ctx.params = params  # leaf parameters, not activations: held by reference
-        ctx.device_type = hidden.device.type
-        ctx.cpu_rng = torch.get_rng_state()
-        ctx.cuda_rng = torch.cuda.get_rng_state(hidden.device) if hidden.is_cuda else None
-        ctx.autocast = (torch.is_autocast_enabled(ctx.device_type), torch.get_autocast_dtype(ctx.device_type))
+        ctx.state = ForwardState(hidden)
         return run(hidden)
 
     @staticmethod
@@ -55,13 +55,8 @@ class _Recomputed(torch.autograd.Function):
         (kept,) = ctx.saved_tensors
         params = ctx.params
         x = kept.to(ctx.dtype).requires_grad_(ctx.needs_input_grad[2])
-        devices = [kept.device] if ctx.cuda_rng is not None else []
-        with torch.random.fork_rng(devices=devices, device_type=ctx.device_type if devices else "cuda"):
-            torch.set_rng_state(ctx.cpu_rng)
-            if ctx.cuda_rng is not None:
-                torch.cuda.set_rng_state(ctx.cuda_rng, kept.device)
-            with torch.enable_grad(), torch.autocast(ctx.device_type, dtype=ctx.autocast[1], enabled=ctx.autocast[0]):
-                out = ctx.run(x)
+        with ctx.state.rng(), ctx.state.rerun():
+            out = ctx.run(x)
         inputs = ([x] if x.requires_grad else []) + [p for p, need in zip(params, ctx.needs_input_grad[3:]) if need]
         grads = list(torch.autograd.grad(out, inputs, dout, allow_unused=True)) if inputs else []
         dx = grads.pop(0) if x.requires_grad else None
@@ -69,9 +64,11 @@ class _Recomputed(torch.autograd.Function):
         return (None, None, dx, *dparams)
 
 
-def recomputed_forward(layer: torch.nn.Module, keep_dtype, *args, **kwargs):
+def recomputed_forward(layer: torch.nn.Module, keep_dtype, mlp_chunk: int | None, *args, **kwargs):
     """The layer's forward under the recompute policy: plain when nothing needs a
-    gradient (inference, calibration), recomputed otherwise."""
+    gradient (inference, calibration), recomputed otherwise, its MLP then run in
+    chunks of mlp_chunk tokens (tokenwise.py; None: whole) in the forward and in the
+    recompute."""
     forward = type(layer).forward.__get__(layer)
     params = [p for p in layer.parameters() if p.requires_grad]
     hidden, rebuild = split_hidden(args, kwargs)
@@ -81,7 +78,8 @@ def recomputed_forward(layer: torch.nn.Module, keep_dtype, *args, **kwargs):
 
     def run(h):  # the layer on a given input; its first output is the hidden state
         a, k = rebuild(h)
-        out = forward(*a, **k)
+        with mlp_in_chunks(layer, mlp_chunk):
+            out = forward(*a, **k)
         outputs["rest"] = out[1:] if isinstance(out, tuple) else None
         return out[0] if isinstance(out, tuple) else out
 
@@ -90,10 +88,10 @@ def recomputed_forward(layer: torch.nn.Module, keep_dtype, *args, **kwargs):
     return result if rest is None else (result, *rest)
 
 
-def enable_recompute(layer: torch.nn.Module, layer_storage: str) -> None:
+def enable_recompute(layer: torch.nn.Module, layer_storage: str, mlp_chunk: int | None = None) -> None:
     """Route the layer's forward through recomputed_forward (undone by disable_recompute)."""
     keep = KEEP_DTYPE[layer_storage]
-    layer.forward = types.MethodType(lambda self, *a, **k: recomputed_forward(self, keep, *a, **k), layer)
+    layer.forward = types.MethodType(lambda self, *a, **k: recomputed_forward(self, keep, mlp_chunk, *a, **k), layer)
 
 
 def disable_recompute(layer: torch.nn.Module) -> None:

@@ -19,7 +19,7 @@ from .base import RANK_HELP, TARGETS_HELP, Method, MethodOption, StudyRun, posit
 from .lora import lora_peft_config
 from .method_config import MethodConfig, apply_frozen
 from .registry import register
-from .storage import LARS_DEFAULT_STORAGE
+from .storage import LARS_DEFAULT_STORAGE, LARS_OFFLOAD_STORAGE
 
 
 @register
@@ -31,13 +31,15 @@ class LARS(Method):
         MethodOption("targets", str, None, TARGETS_HELP, note="default all"),
         MethodOption("storage", str, "default", "activation-storage rules",
                      note="e.g. 'block=recompute,input.x=half' (the default recipe), 'fast' (the default plus "
-                          "attn.o=half: attention outputs kept, not recomputed), 'exact', or "
+                          "attn.o=half: attention outputs kept, not recomputed), 'offload' (the default "
+                          "with the block inputs in a file in the temp dir, not in RAM; "
+                          "'block=recompute,input.x=offload(DIR)' picks the directory), 'exact', or "
                           "'attn.*=subspace(32),mlp.*=half'"),
     )
     needs_calibration = True
     saves_adapter = True
     typical_rank = 16
-    storage_to_try = (LARS_DEFAULT_STORAGE, (*LARS_DEFAULT_STORAGE, ("*", "half")))
+    storage_to_try = (LARS_DEFAULT_STORAGE, (*LARS_DEFAULT_STORAGE, ("*", "half")), LARS_OFFLOAD_STORAGE)
     study_lrs = (3e-4, 1e-3, 3e-3)
     peft_type = "LORA"
     site_class = LARSSite

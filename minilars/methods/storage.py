@@ -15,13 +15,19 @@ LARS_DEFAULT_STORAGE = (("block", "recompute"), ("input.x", "half"))
 # backward does not rerun the attention kernel: 2 H hd + 4 H more bytes per token per
 # block, one T^2 attention forward per block less (docs/speed.md measures both).
 LARS_FAST_STORAGE = (*LARS_DEFAULT_STORAGE, ("attn.o", "half"))
-NAMED_STORAGE = {"default": LARS_DEFAULT_STORAGE, "fast": LARS_FAST_STORAGE, "exact": ()}
+# The default recipe with the block inputs written to a file instead of RAM (store.Offload,
+# minilars/offload.py): the same float16 values, so the same gradients, bit for bit. The
+# directory is the system temp dir; 'block=recompute,input.x=offload(DIR)' names another.
+LARS_OFFLOAD_STORAGE = (("block", "recompute"), ("input.x", "offload"))
+NAMED_STORAGE = {"default": LARS_DEFAULT_STORAGE, "fast": LARS_FAST_STORAGE, "offload": LARS_OFFLOAD_STORAGE,
+                 "exact": ()}
 
 
 def parse_storage(text: str | None) -> tuple[tuple[str, str], ...]:
     """'block=recompute,input.x=half' -> (('block', 'recompute'), ('input.x', 'half'));
     a name of NAMED_STORAGE: 'default' (the default LARS recipe), 'fast' (the same
-    keeping attention outputs too), 'exact' (everything exact)."""
+    keeping attention outputs too), 'offload' (the default with the block inputs
+    written to a file in the system temp dir, not kept in RAM), 'exact' (everything exact)."""
     if text is None:
         return LARS_DEFAULT_STORAGE
     if text.strip() in NAMED_STORAGE:
