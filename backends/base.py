@@ -120,6 +120,14 @@ class Backend(ABC):
         scale = np.where(rms > 0, 1.0 / np.where(rms > 0, rms, 1.0), 1.0)  # (r,)
         return basis * self.asarray(scale.astype(np.float64), dtype=basis.dtype)
 
+    def add_low_rank(self, w: Array, p: Array, m: Array) -> Array:
+        """w + p m in p's dtype: (d_in, d_out) + (d_in, r)(r, d_out) -> a new
+        (d_in, d_out) array (LARS's effective weight W + P M, minilars/adapters.py);
+        w may be stored in a lower precision. One product and one sum, which numpy
+        forms in the product's buffer (a jitted row-by-row kernel measured slower
+        than BLAS's rank-r product, docs/speed.md)."""
+        return self.cast(w, p.dtype) + self.matmul(p, m)
+
     # ---------------------------------------------------------------- ops
     @abstractmethod
     def embedding_forward(self, table: Array, tokens: Array) -> Array:

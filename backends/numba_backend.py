@@ -8,7 +8,8 @@ RoPE, SwiGLU and GeGLU forward and backward, the softmax rows of the chunked los
 embedding scatter, the AdamW update and the float32 <-> float16 casts of the
 activation store. What
 stays with BLAS: the model's projections (matmul, matmul_tn,
-matmul_nt, inherited: numpy's multithreaded BLAS), the logits chunk and its two
+matmul_nt: numpy's multithreaded BLAS, except products through a rank-r factor,
+which run on one thread, NumbaBackend), the logits chunk and its two
 gradient products in the loss, the LARS range finder (QR, SVD); inside the
 attention kernels the tile products are BLAS calls too (np.dot, one thread per
 call, since each thread makes its own). Every method falls back to the NumPy
@@ -102,8 +103,51 @@ def _score_scale(scale, hd: int) -> float:
     return 1.0 / math.sqrt(hd) if scale is None else float(scale)
 
 
+THIN_RANK = 64  # a product whose inner dimension is this small or smaller is thin (a rank-r factor's, r <= 64)
+THIN_WORK = 1 << 25  # multiply-adds up to which a thin product runs on one thread (33.5 M)
+
+
+def _thin(a, b) -> bool:
+    """Whether a b, (M, K)(K, C), is a product through a rank-r factor (K <= THIN_RANK:
+    LARS's P M, LoRA's (x A) B) that dot_one_thread takes: M K C at most THIN_WORK,
+    one float dtype, both operands C- or F-contiguous (a column slice is neither:
+    numpy takes it). Products with a thin output (x P, z^T dy) stay with numpy's
+    BLAS, which on idle cores runs them faster (docs/speed.md)."""
+    if not (isinstance(a, np.ndarray) and isinstance(b, np.ndarray) and a.ndim == 2 and b.ndim == 2
+            and _jittable(a, b)):
+        return False
+    (m, k), c = a.shape, b.shape[1]
+    return (k <= THIN_RANK and m * k * c <= THIN_WORK and b.shape[0] == k
+            and all(x.flags.c_contiguous or x.flags.f_contiguous for x in (a, b)))
+
+
 class NumbaBackend(NumpyBackend):
+    """The NumPy reference with its hot kernels jitted. A product through a rank-r
+    factor (LARS's P M, LoRA's (x A) B) runs on one thread (K.dot_one_thread): numpy's
+    multithreaded BLAS took 6-8 ms for a P M one thread does in 0.25-1 ms, waiting
+    for its second thread on a busy machine (docs/speed.md)."""
+
     name = "numba"
+
+    def _product(self, a, b):
+        """a b on one thread when it is thin, else None."""
+        if not _thin(a, b):
+            return None
+        out = np.empty((a.shape[0], b.shape[1]), dtype=a.dtype)
+        K.dot_one_thread(a, b, out)
+        return out
+
+    def matmul(self, a, b):
+        out = self._product(a, b)
+        return super().matmul(a, b) if out is None else out
+
+    def matmul_tn(self, a, b):
+        out = self._product(a.T, b) if isinstance(a, np.ndarray) else None
+        return super().matmul_tn(a, b) if out is None else out
+
+    def matmul_nt(self, a, b):
+        out = self._product(a, b.T) if isinstance(b, np.ndarray) else None  # not a weight kept as blocks
+        return super().matmul_nt(a, b) if out is None else out
 
     def cast(self, x, dtype):
         """float32 <-> float16 of contiguous arrays by the jitted bit-pattern kernels
@@ -158,7 +202,9 @@ class NumbaBackend(NumpyBackend):
                 or cos.shape != (x.shape[1], x.shape[3])):
             return None
         half = x.shape[-1] // 2
-        x = np.ascontiguousarray(x)  # q/k arrive as column slices, dq/dk contiguous: one compiled layout
+        # q/k arrive as column slices of the fused projection, dq/dk contiguous: the kernel
+        # compiles for both layouts and reads q/k in place (a contiguous copy and its fresh
+        # pages took 1.7 ms a call at T = 2048 against 1.0 ms for the strided reads)
         # the reference rotates by the first half of the tables, cast to x's dtype
         c = np.ascontiguousarray(cos[:, :half], dtype=x.dtype)  # (T, hd/2)
         s = np.ascontiguousarray(sin[:, :half], dtype=x.dtype)
@@ -384,6 +430,8 @@ def warmup(dtypes=("float32",)) -> float:
             half = np.empty(x.size, dtype=np.uint16)
             K.single_to_half(x.reshape(-1).view(np.uint32), half)
             K.half_to_single(half, _HALF_TO_SINGLE, np.empty(x.size, dtype=np.uint32))
+        for a, b in ((x, w[:, None]), (x.T, x), (x, x.T)):  # the thin products' layouts: C C, F C, C F
+            K.dot_one_thread(a, b, np.empty((a.shape[0], b.shape[1]), dtype=dt))
         p = randn(3, 2)
         be.adamw_update(p, randn(3, 2), np.zeros_like(p), np.zeros_like(p), lr=1e-3, beta1=0.9,
                         beta2=0.999, eps=1e-8, weight_decay=0.0, step=1)

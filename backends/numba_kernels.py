@@ -15,8 +15,14 @@ Conventions:
   the thread count;
 - matrix products of tiles call np.dot, which numba lowers to BLAS gemm: loops
   written here reach half of BLAS's speed at best (measured on 128 x 64 tiles);
-- no fastmath: results must not depend on flags that reassociate or drop the
-  handling of -inf (masked scores) and inf (exp overflow in silu).
+- no fastmath, but `reassoc` on the float64 row sums (_row_sum, _row_dot): results
+  must not depend on flags that drop the handling of -inf (masked scores), inf
+  (exp overflow in silu) or NaN;
+- error_model="numpy" where a kernel divides: x / 0 gives inf or NaN as in
+  NumPy, and the loop has no zero check that keeps LLVM from vectorising it;
+- elementwise arithmetic in the arrays' dtype, as NumPy's: constants are float32
+  (_F32), which a float64 kernel widens exactly; a Python float literal would
+  widen a float32 kernel's arithmetic to float64 (half the vector width).
 
 Letters as in backends/base.py: B batch, T tokens, N = B*T, d hidden, f MLP width,
 H query heads, Hkv kv heads, g = H/Hkv, hd head dim, V vocabulary.
@@ -217,9 +223,13 @@ KERNEL_BLAS = _one_thread_for_kernel_blas()  # path of the library limited, or N
 
 
 # ---------------------------------------------------------------- row primitives
-# exp and row reductions written so that LLVM vectorises them without fastmath:
-# a scalar math.exp is a libm call per element, and a running max or sum is a
-# chain of dependent operations; either costs more than the tile products.
+# exp and row reductions written so that LLVM vectorises them: a scalar math.exp is
+# a libm call per element, and a running max or sum is a chain of dependent
+# operations; either costs more than the tile products. Without fastmath LLVM
+# vectorises neither a float max nor a float sum (both change with the order), so
+# the max runs on integer keys, which order as the floats do, and the float64 sums
+# alone carry the one fastmath flag used here, `reassoc`: their order is then the
+# compiler's (fixed for a build and CPU), as a BLAS dot's is.
 _F32 = np.float32
 _EXP32_LO, _EXP32_HI = _F32(-87.0), _F32(88.72284)  # below: 0 (exp < 2^-125); above ln(FLT_MAX): inf
 _EXP32_LOG2E, _EXP32_HALF, _EXP32_ONE = _F32(1.4426950408889634), _F32(0.5), _F32(1.0)
@@ -236,12 +246,15 @@ def _exp_block_f32(x, n, scale, shift, bits):
     """x[c] <- exp(scale * x[c] - shift) for c < n <= len(bits), in float32, as Cephes
     expf: a = k ln2 + r with k = round(a / ln2), |r| <= ln2/2 (ln2 split in two so
     k ln2 is exact), exp(r) = 1 + r + r^2 P(r) (degree-5 P, error ~1 ulp), times
-    2^k = 2 * 2^(k-1) with 2^(k-1) built from its bits, (k - 1 + 127) << 23, viewed
-    as float32 (k reaches 128 just below the overflow threshold). Below -87 the
-    factor's bits are those of 0 (exp < 2^-125), above ln(FLT_MAX) those of inf,
-    for NaN those of NaN. In place: separate input and output arrays would make LLVM
-    check them for overlap and fall back to scalar code when they are one array."""
+    2^k = 2 * 2^(k-1) with 2^(k-1) built from its bits, (k - 1 + 127) << 23, written
+    to the scratch as int32 and read back as float32 (k reaches 128 just below the
+    overflow threshold). Below -87 the factor's bits are those of 0 (exp < 2^-125),
+    above ln(FLT_MAX) those of inf, for NaN those of NaN. One pass: the factor is
+    written and read back in the same iteration. In place: separate input and output
+    arrays would make LLVM check them for overlap and fall back to scalar code when
+    they are one array."""
     two_k = bits.view(np.int32)
+    factor = bits.view(np.float32)  # the same bytes
     for c in range(n):
         a = scale * x[c] - shift
         a_in = _EXP32_LO if not a >= _EXP32_LO else (_EXP32_HI if a > _EXP32_HI else a)  # NaN -> LO
@@ -253,12 +266,9 @@ def _exp_block_f32(x, n, scale, shift, bits):
         p = p * r + _EXP32_P[3]
         p = p * r + _EXP32_P[4]
         p = p * r + _EXP32_P[5]
-        x[c] = p * (r * r) + r + _EXP32_ONE
         two_k[c] = (0x7FC00000 if a != a else 0 if a < _EXP32_LO else 0x7F800000 if a > _EXP32_HI
                     else (np.int32(k) + 126) << 23)  # NaN, 0, inf or 2^(k-1)
-    factor = two_k[:n].view(np.float32)
-    for c in range(n):
-        x[c] = x[c] * factor[c] * _F32(2.0)
+        x[c] = (p * (r * r) + r + _EXP32_ONE) * factor[c] * _F32(2.0)
 
 
 @njit(cache=True)
@@ -267,6 +277,7 @@ def _exp_block_f64(x, n, scale, shift, bits):
     _exp_block_f32 with exp(r) by its Taylor series to r^12/12! (truncation < 3e-16
     relative for |r| <= ln2/2) and 2^(k-1) from (k - 1 + 1023) << 52. Below -708 the
     result is 0 (exp < 2^-1021), above ln(DBL_MAX) inf; NaN stays NaN."""
+    factor = bits.view(np.float64)  # the same bytes
     for c in range(n):
         a = scale * x[c] - shift
         a_in = _EXP64_LO if not a >= _EXP64_LO else (_EXP64_HI if a > _EXP64_HI else a)  # NaN -> LO
@@ -284,12 +295,9 @@ def _exp_block_f64(x, n, scale, shift, bits):
         p = p * r + 1.0 / 6.0
         p = p * r + 0.5
         p = p * r + 1.0
-        x[c] = p * r + 1.0
         bits[c] = (0x7FF8000000000000 if a != a else 0 if a < _EXP64_LO else 0x7FF0000000000000 if a > _EXP64_HI
                    else (np.int64(np.int32(k)) + 1022) << 52)  # NaN, 0, inf or 2^(k-1)
-    factor = bits[:n].view(np.float64)
-    for c in range(n):
-        x[c] = x[c] * factor[c] * 2.0
+        x[c] = (p * r + 1.0) * factor[c] * 2.0
 
 
 def _exp_block(x, n, scale, shift, bits):
@@ -319,48 +327,83 @@ def _exp_inplace(x, n, scale, shift, bits):
 
 
 @njit(cache=True)
-def _row_max(x, n, start):
-    """max(start, x[0], ..., x[n-1]) over four running maxima (exact in any order)."""
-    m0 = m1 = m2 = m3 = start
-    n4 = n - n % 4
-    for c in range(0, n4, 4):
-        m0 = max(m0, x[c])
-        m1 = max(m1, x[c + 1])
-        m2 = max(m2, x[c + 2])
-        m3 = max(m3, x[c + 3])
-    for c in range(n4, n):
-        m0 = max(m0, x[c])
-    return max(max(m0, m1), max(m2, m3))
+def _row_max_f32(x, n, start, bits):
+    """max(start, x[0], ..., x[n-1]) for float32 x, by integer keys: a float's bits
+    v as int32, with the 31 value bits flipped when the sign is set,
+    key = v ^ ((v >> 31) & 0x7FFFFFFF), order as the floats do (-0 just below +0;
+    a NaN with the sign clear above +inf, so it wins and propagates). The map is its
+    own inverse: the largest key, written to the scratch `bits`, is read back as the
+    float. n >= 1."""
+    keys = x[:n].view(np.int32)
+    top = np.int32(-2147483648)
+    for c in range(n):
+        v = keys[c]
+        top = max(top, v ^ ((v >> np.int32(31)) & np.int32(0x7FFFFFFF)))
+    out = bits.view(np.int32)
+    out[0] = top ^ ((top >> np.int32(31)) & np.int32(0x7FFFFFFF))
+    top_x = bits.view(np.float32)[0]
+    return start if start > top_x else top_x
 
 
 @njit(cache=True)
+def _row_max_f64(x, n, start, bits):
+    """_row_max_f32 for float64 x, with int64 keys."""
+    keys = x[:n].view(np.int64)
+    top = np.int64(-9223372036854775808)
+    for c in range(n):
+        v = keys[c]
+        top = max(top, v ^ ((v >> np.int64(63)) & np.int64(0x7FFFFFFFFFFFFFFF)))
+    bits[0] = top ^ ((top >> np.int64(63)) & np.int64(0x7FFFFFFFFFFFFFFF))
+    top_x = bits.view(np.float64)[0]
+    return start if start > top_x else top_x
+
+
+def _row_max(x, n, start, bits):
+    """max(start, x[0], ..., x[n-1]), exact (a max is the same in any order), n >= 1;
+    bits: an int64 scratch. _row_max_f32 or _row_max_f64 by x's dtype, picked as
+    _exp_block picks its kernel."""
+    if x.itemsize == 4:
+        return _row_max_f32(x, n, np.float32(start), bits)
+    return _row_max_f64(x, n, start, bits)
+
+
+@numba.extending.overload(_row_max)
+def _row_max_typed(x, n, start, bits):
+    if x.dtype == numba.types.float32:
+        return lambda x, n, start, bits: _row_max_f32(x, n, np.float32(start), bits)
+    return lambda x, n, start, bits: _row_max_f64(x, n, start, bits)
+
+
+@njit(cache=True, fastmath={"reassoc"})
 def _row_sum(x, n):
-    """sum(x[0], ..., x[n-1]) in float64 as four interleaved partial sums."""
-    s0 = s1 = s2 = s3 = 0.0
-    n4 = n - n % 4
-    for c in range(0, n4, 4):
-        s0 += x[c]
-        s1 += x[c + 1]
-        s2 += x[c + 2]
-        s3 += x[c + 3]
-    for c in range(n4, n):
-        s0 += x[c]
-    return (s0 + s1) + (s2 + s3)
+    """sum(x[0], ..., x[n-1]) in float64, in the vectorised order LLVM picks."""
+    s = 0.0
+    for c in range(n):
+        s += x[c]
+    return s
 
 
-@njit(cache=True)
+def _like(x, value):
+    """value in x's dtype: a float32 constant for a float32 array (an inexact constant,
+    such as the GELU's, rounded once), float64 for a float64 one."""
+    return x.dtype.type(value)
+
+
+@numba.extending.overload(_like)
+def _like_typed(x, value):
+    if x.dtype == numba.types.float32:
+        return lambda x, value: np.float32(value)
+    return lambda x, value: np.float64(value)
+
+
+@njit(cache=True, fastmath={"reassoc"})
 def _row_dot(x, y, n):
-    """sum(x[c] * y[c] for c < n) in float64 as four interleaved partial sums."""
-    s0 = s1 = s2 = s3 = 0.0
-    n4 = n - n % 4
-    for c in range(0, n4, 4):
-        s0 += x[c] * y[c]
-        s1 += x[c + 1] * y[c + 1]
-        s2 += x[c + 2] * y[c + 2]
-        s3 += x[c + 3] * y[c + 3]
-    for c in range(n4, n):
-        s0 += x[c] * y[c]
-    return (s0 + s1) + (s2 + s3)
+    """sum(x[c] * y[c] for c < n) in float64 (each product in the inputs' dtype), in
+    the vectorised order LLVM picks."""
+    s = 0.0
+    for c in range(n):
+        s += x[c] * y[c]
+    return s
 
 
 # ---------------------------------------------------------------- attention
@@ -375,15 +418,19 @@ def _tile(buffer, rows, cols):
     return buffer[:rows * cols].reshape((rows, cols))
 
 
+_DIAGONAL_PARTS = 4  # a diagonal tile pair is done as this many row blocks (attention forward, backward)
+
+
 @njit(cache=True)
-def _online_softmax_rows(s, rows_per_head, first_query, first_key, window, m, l, acc, bits):
+def _online_softmax_rows(s, group, first_query, first_key, window, m, l, acc, bits):
     """The online-softmax step of the FlashAttention forward (Dao et al. 2022, Alg. 1,
     lines 9-12) for one score tile s (R, tk), in place. Row r is query position
-    p = first_query + r % rows_per_head; key column c is position first_key + c and
-    is visible when p - window < first_key + c <= p, i.e. for lo <= c < nv with
-    lo = max(0, p - window + 1 - first_key), nv = min(tk, p - first_key + 1)
-    (causal, and inside the sliding window; a window >= p + 1 masks nothing
-    before p). With m the running row max and l the running sum of exponentials:
+    p = first_query + r // group (the g query heads of a kv head, query-major); key
+    column c is position first_key + c and is visible when p - window < first_key + c
+    <= p, i.e. for lo <= c < nv with lo = max(0, p - window + 1 - first_key),
+    nv = min(tk, p - first_key + 1) (causal, and inside the sliding window; a window
+    >= p + 1 masks nothing before p). With m the running row max and l the running
+    sum of exponentials:
         m'  = max(m, max_c s_rc),   s_rc <- exp(s_rc - m')  (0 where masked)
         l  <- l exp(m - m') + sum_c s_rc,   acc_r <- acc_r exp(m - m'),   m <- m'
     so that acc + s V is the next accumulator. bits: scratch for _exp_inplace."""
@@ -391,14 +438,14 @@ def _online_softmax_rows(s, rows_per_head, first_query, first_key, window, m, l,
     hd = acc.shape[1]
     for r in range(n_rows):
         row = s[r]
-        p = first_query + r % rows_per_head
+        p = first_query + r // group
         lo = max(0, p - window + 1 - first_key)  # first visible key column
         nv = min(tk, p - first_key + 1)  # one past the last
         if nv <= lo:
             row[:] = 0.0
             continue
         seen = row[lo:nv]
-        m_new = _row_max(seen, nv - lo, m[r])
+        m_new = _row_max(seen, nv - lo, m[r], bits)
         correction = math.exp(m[r] - m_new)  # exp(-inf) = 0 on the first tile
         _exp_inplace(seen, nv - lo, 1.0, m_new, bits)
         row[:lo] = 0.0
@@ -425,10 +472,13 @@ def attention_forward(q, k, v, tile, q_offset, window, scale, o, lse):
     O(Tq * (window + tile)), not O(Tq * Tk).
 
     Work items are (batch, kv head, query tile); an item stacks the g query heads
-    of its kv head into one (g*tq, hd) block Q, so each key tile feeds one product
-    S = Q K_j^T (g*tq, tk) and one P V_j. Query tiles are visited 0, n-1, 1, n-2, ...
-    so the contiguous blocks of items that prange gives each thread carry equal
-    causal work."""
+    of its kv head into one (tq*g, hd) block Q, query-major (row i*g + hh is query
+    i of head kvh*g + hh), so each key tile feeds one product S = Q K_j^T
+    (tq*g, tk) and one P V_j. A key tile that reaches past the first query (the
+    diagonal one) goes as _DIAGONAL_PARTS row blocks, each against the keys up to
+    its last query only, as in attention_backward. Query tiles are visited 0, n-1,
+    1, n-2, ... so the contiguous blocks of items that prange gives each thread
+    carry equal causal work."""
     n_b, tq_total, n_heads, hd = q.shape
     tk_total, n_kv = k.shape[1], k.shape[2]
     group = n_heads // n_kv
@@ -439,40 +489,95 @@ def attention_forward(q, k, v, tile, q_offset, window, scale, o, lse):
         t = w // 2 if w % 2 == 0 else n_tiles - 1 - w // 2
         i0 = t * tile
         tq = min(tile, tq_total - i0)
-        rows = group * tq  # row r = hh * tq + i: query i0 + i of head kvh * group + hh
+        rows = group * tq
         qg = np.empty((rows, hd), dtype=q.dtype)
-        for hh in range(group):
-            for i in range(tq):
+        for i in range(tq):
+            for hh in range(group):
                 for d in range(hd):
-                    qg[hh * tq + i, d] = q[b, i0 + i, kvh * group + hh, d] * scale
+                    qg[i * group + hh, d] = q[b, i0 + i, kvh * group + hh, d] * scale
         m = np.full(rows, -np.inf, dtype=q.dtype)  # running max
         l = np.zeros(rows, dtype=np.float64)  # running sum of exponentials
         acc = np.zeros((rows, hd), dtype=q.dtype)  # running sum of p v
         k_buf = np.empty(tile * hd, dtype=q.dtype)
         v_buf = np.empty(tile * hd, dtype=q.dtype)
         s_buf = np.empty(rows * tile, dtype=q.dtype)
-        pv = np.empty((rows, hd), dtype=q.dtype)
+        pv_buf = np.empty(rows * hd, dtype=q.dtype)
         bits = np.empty(_EXP_BLOCK, dtype=np.int64)
-        first_key = max(0, q_offset + i0 - window + 1)  # keys before it are outside every window
-        last_key = min(tk_total, q_offset + i0 + tq)  # keys after the tile's last query are masked
+        first_query = q_offset + i0
+        first_key = max(0, first_query - window + 1)  # keys before it are outside every window
+        last_key = min(tk_total, first_query + tq)  # keys after the tile's last query are masked
         for j0 in range(first_key, last_key, tile):
             tk = min(tile, last_key - j0)
-            kj, vj, s = _tile(k_buf, tk, hd), _tile(v_buf, tk, hd), _tile(s_buf, rows, tk)
+            kj, vj = _tile(k_buf, tk, hd), _tile(v_buf, tk, hd)
             for c in range(tk):
                 for d in range(hd):
                     kj[c, d] = k[b, j0 + c, kvh, d]
                     vj[c, d] = v[b, j0 + c, kvh, d]
-            np.dot(qg, kj.T, s)  # S = Q K_j^T (rows, tk)
-            _online_softmax_rows(s, tq, q_offset + i0, j0, window, m, l, acc, bits)
-            np.dot(s, vj, pv)  # P V_j (rows, hd)
-            acc += pv
-        for hh in range(group):
-            for i in range(tq):
-                r = hh * tq + i
+            parts = 1 if j0 + tk <= first_query + 1 else min(_DIAGONAL_PARTS, tq)  # keys past the first query?
+            for s_ in range(parts):
+                i_a, i_b = s_ * tq // parts, (s_ + 1) * tq // parts  # queries i_a .. i_b - 1 of the tile
+                keys = min(tk, first_query + i_b - j0)  # the keys up to the block's last query
+                if keys <= 0 or i_b == i_a:
+                    continue
+                r0, r1 = i_a * group, i_b * group
+                s = _tile(s_buf, r1 - r0, keys)
+                pv = _tile(pv_buf, r1 - r0, hd)
+                np.dot(qg[r0:r1], kj[:keys].T, s)  # S = Q K_j^T (rows, keys)
+                _online_softmax_rows(s, group, first_query + i_a, j0, window, m[r0:r1], l[r0:r1], acc[r0:r1], bits)
+                np.dot(s, vj[:keys], pv)  # P V_j (rows, hd)
+                acc[r0:r1] += pv
+        for i in range(tq):
+            for hh in range(group):
+                r = i * group + hh
                 inv = 1.0 / l[r]
                 for d in range(hd):
                     o[b, i0 + i, kvh * group + hh, d] = acc[r, d] * inv
                 lse[b, i0 + i, kvh * group + hh] = m[r] + math.log(l[r])
+
+
+@njit(cache=True)
+def _backward_pair(do, q, lse, delta, b, h, i0, tq, j0, kj, vj, dkj, dvj, window, scale, dq,
+                   q_buf, do_buf, p_buf, ds_buf, kv_buf, dq_buf, bits):
+    """attention_backward's work for query rows i0 .. i0 + tq - 1 of head h against
+    the tk = len(kj) keys from j0 (kj, vj (tk, hd) gathered; dkj, dvj (tk, hd) their
+    gradients so far, added to): five (tq x tk x hd) BLAS products and the row work
+    between them; dq rows i0.. are added to."""
+    tk, hd = kj.shape
+    qi, doi, dq_out = _tile(q_buf, tq, hd), _tile(do_buf, tq, hd), _tile(dq_buf, tq, hd)
+    kv_out = _tile(kv_buf, tk, hd)
+    for i in range(tq):
+        for d in range(hd):
+            qi[i, d] = q[b, i0 + i, h, d] * scale
+            doi[i, d] = do[b, i0 + i, h, d]
+    p, ds = _tile(p_buf, tq, tk), _tile(ds_buf, tq, tk)
+    np.dot(qi, kj.T, p)  # S (tq, tk)
+    np.dot(doi, vj.T, ds)  # dP = dO V^T
+    for i in range(tq):
+        p_row, ds_row = p[i], ds[i]
+        lo = max(0, i0 + i - window + 1 - j0)  # visible key columns of row i: lo <= c < nv
+        nv = min(tk, i0 + i - j0 + 1)
+        if nv <= lo:  # the row's window ends before these keys
+            p_row[:] = 0.0
+            ds_row[:] = 0.0
+            continue
+        p_seen, ds_seen = p_row[lo:nv], ds_row[lo:nv]
+        _exp_inplace(p_seen, nv - lo, 1.0, lse[b, i0 + i, h], bits)  # P = exp(S - lse)
+        delta_i = delta[i0 + i]
+        for c in range(nv - lo):
+            ds_seen[c] = p_seen[c] * (ds_seen[c] - delta_i)  # dS = P (dP - D)
+        if lo > 0:  # masked: at the window's edge
+            p_row[:lo] = 0.0
+            ds_row[:lo] = 0.0
+        p_row[nv:] = 0.0  # masked: on the diagonal
+        ds_row[nv:] = 0.0
+    np.dot(p.T, doi, kv_out)  # dV_j += P^T dO
+    dvj += kv_out
+    np.dot(ds.T, qi, kv_out)  # dK_j += dS^T Q
+    dkj += kv_out
+    np.dot(ds, kj, dq_out)  # dQ_i += dS K_j
+    for i in range(tq):
+        for d in range(hd):
+            dq[b, i0 + i, h, d] += dq_out[i, d] * scale
 
 
 @njit(parallel=True, cache=True)
@@ -490,8 +595,11 @@ def attention_backward(do, q, k, v, o, lse, tile, window, scale, dq, dk_heads, d
     contributions to dk_heads/dv_heads[b, :, h] (B, T, H, hd), which reduce_kv_heads
     sums over the g query heads of each kv head (with g = 1 they are dk, dv).
     An item loops over key tiles j and, inside, over the query tiles i >= j that
-    reach into the window of a key of tile j: five (tile x tile x hd) BLAS products
-    per pair; what it holds is O(tile^2), never O(T)."""
+    reach into the window of a key of tile j (_backward_pair: five tile x tile x hd
+    BLAS products per pair); what it holds is O(tile^2), never O(T). The diagonal
+    pair (i = j), half of it masked, goes as _DIAGONAL_PARTS row blocks, block s
+    against the keys up to its last row only: with 4, 5/8 of the pair's products
+    (T = 512, tile 256, one thread: 16.7 -> 13.2 ms; docs/speed.md)."""
     n_b, t_total, n_heads, hd = q.shape
     n_kv = k.shape[2]
     group = n_heads // n_kv
@@ -514,7 +622,7 @@ def attention_backward(do, q, k, v, o, lse, tile, window, scale, dq, dk_heads, d
         for j0 in range(0, t_total, tile):
             tk = min(tile, t_total - j0)
             kj, vj = _tile(k_buf, tk, hd), _tile(v_buf, tk, hd)
-            dkj, dvj, kv_out = _tile(dk_buf, tk, hd), _tile(dv_buf, tk, hd), _tile(kv_buf, tk, hd)
+            dkj, dvj = _tile(dk_buf, tk, hd), _tile(dv_buf, tk, hd)
             for c in range(tk):
                 for d in range(hd):
                     kj[c, d] = k[b, j0 + c, kvh, d]
@@ -524,40 +632,15 @@ def attention_backward(do, q, k, v, o, lse, tile, window, scale, dq, dk_heads, d
             last_query = min(t_total, j0 + tk - 1 + window)  # later queries' windows end after the tile
             for i0 in range(j0, last_query, tile):  # causal: query tiles before j0 see no key of it
                 tq = min(tile, t_total - i0)
-                qi, doi, dq_out = _tile(q_buf, tq, hd), _tile(do_buf, tq, hd), _tile(dq_buf, tq, hd)
-                for i in range(tq):
-                    for d in range(hd):
-                        qi[i, d] = q[b, i0 + i, h, d] * scale
-                        doi[i, d] = do[b, i0 + i, h, d]
-                p, ds = _tile(p_buf, tq, tk), _tile(ds_buf, tq, tk)
-                np.dot(qi, kj.T, p)  # S (tq, tk)
-                np.dot(doi, vj.T, ds)  # dP = dO V^T
-                for i in range(tq):
-                    p_row, ds_row = p[i], ds[i]
-                    lo = max(0, i0 + i - window + 1 - j0)  # visible key columns of row i: lo <= c < nv
-                    nv = min(tk, i0 + i - j0 + 1)
-                    if nv <= lo:  # the row's window ends before this key tile
-                        p_row[:] = 0.0
-                        ds_row[:] = 0.0
-                        continue
-                    p_seen, ds_seen = p_row[lo:nv], ds_row[lo:nv]
-                    _exp_inplace(p_seen, nv - lo, 1.0, lse[b, i0 + i, h], bits)  # P = exp(S - lse)
-                    delta_i = delta[i0 + i]
-                    for c in range(nv - lo):
-                        ds_seen[c] = p_seen[c] * (ds_seen[c] - delta_i)  # dS = P (dP - D)
-                    if lo > 0:  # masked: at the window's edge
-                        p_row[:lo] = 0.0
-                        ds_row[:lo] = 0.0
-                    p_row[nv:] = 0.0  # masked: on the diagonal pair
-                    ds_row[nv:] = 0.0
-                np.dot(p.T, doi, kv_out)  # dV_j += P^T dO
-                dvj += kv_out
-                np.dot(ds.T, qi, kv_out)  # dK_j += dS^T Q
-                dkj += kv_out
-                np.dot(ds, kj, dq_out)  # dQ_i += dS K_j
-                for i in range(tq):
-                    for d in range(hd):
-                        dq[b, i0 + i, h, d] += dq_out[i, d] * scale
+                if i0 != j0:
+                    _backward_pair(do, q, lse, delta, b, h, i0, tq, j0, kj, vj, dkj, dvj, window, scale, dq,
+                                   q_buf, do_buf, p_buf, ds_buf, kv_buf, dq_buf, bits)
+                    continue
+                parts = min(_DIAGONAL_PARTS, tq)  # on the diagonal tq = tk: rows of block s see keys < its end
+                for s in range(parts):
+                    r0, r1 = s * tq // parts, (s + 1) * tq // parts
+                    _backward_pair(do, q, lse, delta, b, h, i0 + r0, r1 - r0, j0, kj[:r1], vj[:r1], dkj[:r1],
+                                   dvj[:r1], window, scale, dq, q_buf, do_buf, p_buf, ds_buf, kv_buf, dq_buf, bits)
             for c in range(tk):
                 for d in range(hd):
                     dk_heads[b, j0 + c, h, d] = dkj[c, d]
@@ -579,6 +662,18 @@ def reduce_kv_heads(x_heads, out):
             for hh in range(1, group):
                 for d in range(hd):
                     out[b, t, c, d] += x_heads[b, t, c * group + hh, d]
+
+
+# ---------------------------------------------------------------- thin products
+@njit(cache=True)
+def dot_one_thread(a, b, out):
+    """out = a b, (M, K)(K, C) -> (M, C), on the calling thread: np.dot calls the
+    kernels' BLAS, limited to one thread (KERNEL_BLAS). a and b may be C- or
+    F-contiguous (a transposed view is passed as BLAS's transpose flag, no copy).
+    For the rank-r products of an adapter (NumbaBackend.matmul: thin), which on a
+    multithreaded BLAS wait for the second thread longer than they compute when
+    the cores are busy (docs/speed.md)."""
+    np.dot(a, b, out)
 
 
 # ---------------------------------------------------------------- RMSNorm
@@ -615,7 +710,7 @@ def rmsnorm_backward(dy, x, w, rstd, dx, dw_parts, rows_per_part):
                 x_hat[c] = x[r, c] * rs
                 g[c] = dy[r, c] * w[c]
                 dw[c] += dy[r, c] * x_hat[c]
-            mean = _row_dot(g, x_hat, d) / d
+            mean = _like(dx, _row_dot(g, x_hat, d) / d)
             for c in range(d):
                 dx[r, c] = rs * (g[c] - x_hat[c] * mean)
 
@@ -646,7 +741,11 @@ def rope(x, cos, sin, sign, y):
 # Both read the projection output gate_up = [g | u] (N, 2f) whole: with the gate
 # and up halves passed as column slices, numba cannot know their rows are
 # contiguous and its loops ran at half the speed (SwiGLU at T = 2048: 0.8 s a step).
-@njit(parallel=True, cache=True)
+# Inside, each row's g, u and output are taken as 1-D slices, a block at a time,
+# so that the loops index contiguous vectors (with 2-D indexing LLVM left the
+# division scalar), and error_model="numpy" lets a division by zero give inf as
+# NumPy's does, with no check that would keep the loop scalar.
+@njit(parallel=True, cache=True, error_model="numpy")
 def swiglu_forward(gate_up, h):
     """h = silu(g) * u = g / (1 + exp(-g)) * u (Shazeer 2020), with g = gate_up[:, :f],
     u = gate_up[:, f:]. (N, 2f) -> h (N, f)."""
@@ -656,13 +755,14 @@ def swiglu_forward(gate_up, h):
         bits = np.empty(_EXP_BLOCK, dtype=np.int64)
         for c0 in range(0, f, _EXP_BLOCK):
             m = min(_EXP_BLOCK, f - c0)
-            e[:m] = gate_up[r, c0:c0 + m]
+            g, u, out = gate_up[r, c0:c0 + m], gate_up[r, f + c0:f + c0 + m], h[r, c0:c0 + m]
+            e[:m] = g
             _exp_inplace(e, m, -1.0, 0.0, bits)  # e = exp(-g), inf past float range
             for c in range(m):
-                h[r, c0 + c] = gate_up[r, c0 + c] / (1.0 + e[c]) * gate_up[r, f + c0 + c]
+                out[c] = g[c] / (_F32(1.0) + e[c]) * u[c]
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, cache=True, error_model="numpy")
 def swiglu_backward(dh, gate_up, dgate_up):
     """With sig = 1 / (1 + exp(-g)) and silu = g * sig, g and u the halves of gate_up:
         dg = dh * u * sig * (1 + g (1 - sig)),   du = dh * silu,
@@ -673,13 +773,14 @@ def swiglu_backward(dh, gate_up, dgate_up):
         bits = np.empty(_EXP_BLOCK, dtype=np.int64)
         for c0 in range(0, f, _EXP_BLOCK):
             m = min(_EXP_BLOCK, f - c0)
-            e[:m] = gate_up[r, c0:c0 + m]
+            g, u, dhr = gate_up[r, c0:c0 + m], gate_up[r, f + c0:f + c0 + m], dh[r, c0:c0 + m]
+            dg, du = dgate_up[r, c0:c0 + m], dgate_up[r, f + c0:f + c0 + m]
+            e[:m] = g
             _exp_inplace(e, m, -1.0, 0.0, bits)
             for c in range(m):
-                gc = gate_up[r, c0 + c]
-                sig = 1.0 / (1.0 + e[c])
-                dgate_up[r, c0 + c] = dh[r, c0 + c] * gate_up[r, f + c0 + c] * sig * (1.0 + gc * (1.0 - sig))
-                dgate_up[r, f + c0 + c] = dh[r, c0 + c] * (gc * sig)
+                sig = _F32(1.0) / (_F32(1.0) + e[c])
+                dg[c] = dhr[c] * u[c] * sig * (_F32(1.0) + g[c] * (_F32(1.0) - sig))
+                du[c] = dhr[c] * (g[c] * sig)
 
 
 # ---------------------------------------------------------------- GeGLU (tanh GELU)
@@ -687,28 +788,30 @@ def swiglu_backward(dh, gate_up, dgate_up):
 # (Hendrycks & Gimpel 2016; transformers' gelu_pytorch_tanh). Since
 # 0.5 (1 + tanh(a)) = sigmoid(2a), it is g / (1 + exp(-2a)): the vectorised exp of
 # the SwiGLU kernels, no tanh call (a libm call per element, not vectorised).
+# Row slices and error_model as in SwiGLU.
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, cache=True, error_model="numpy")
 def geglu_forward(gate_up, h):
     """h = gelu_tanh(g) * u = g sig * u with sig = sigmoid(2a) = 1 / (1 + exp(-2a)),
     a = c (g + 0.044715 g^3), g = gate_up[:, :f], u = gate_up[:, f:] (Shazeer 2020's
     GeGLU with the tanh GELU). (N, 2f) -> h (N, f)."""
     n, f = h.shape
+    gelu_k = _like(h, _GELU_K)
     for r in prange(n):
         e = np.empty(_EXP_BLOCK, dtype=h.dtype)
         bits = np.empty(_EXP_BLOCK, dtype=np.int64)
         for c0 in range(0, f, _EXP_BLOCK):
             m = min(_EXP_BLOCK, f - c0)
+            g, u, out = gate_up[r, c0:c0 + m], gate_up[r, f + c0:f + c0 + m], h[r, c0:c0 + m]
             for c in range(m):
-                g = gate_up[r, c0 + c]
-                e[c] = g + _GELU_K * g * g * g  # a / c
+                e[c] = g[c] + gelu_k * g[c] * g[c] * g[c]  # a / c
             _exp_inplace(e, m, -2.0 * _GELU_C, 0.0, bits)  # e = exp(-2a), inf past float range
             for c in range(m):
-                h[r, c0 + c] = gate_up[r, c0 + c] / (1.0 + e[c]) * gate_up[r, f + c0 + c]
+                out[c] = g[c] / (_F32(1.0) + e[c]) * u[c]
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, cache=True, error_model="numpy")
 def geglu_backward(dh, gate_up, dgate_up):
     """With sig = sigmoid(2a) as in geglu_forward and t = tanh(a) = 2 sig - 1:
         gelu_tanh'(g) = 0.5 (1 + t) + 0.5 g (1 - t^2) c (1 + 3 * 0.044715 g^2)
@@ -716,21 +819,24 @@ def geglu_backward(dh, gate_up, dgate_up):
         dg = dh * u * gelu_tanh'(g),   du = dh * gelu_tanh(g),
     written as dgate_up = [dg | du]. dh (N, f), gate_up (N, 2f) -> dgate_up (N, 2f)."""
     n, f = dh.shape
+    gelu_k, gelu_c = _like(dh, _GELU_K), _like(dh, _GELU_C)
     for r in prange(n):
         e = np.empty(_EXP_BLOCK, dtype=dh.dtype)
         bits = np.empty(_EXP_BLOCK, dtype=np.int64)
         for c0 in range(0, f, _EXP_BLOCK):
             m = min(_EXP_BLOCK, f - c0)
+            g, u, dhr = gate_up[r, c0:c0 + m], gate_up[r, f + c0:f + c0 + m], dh[r, c0:c0 + m]
+            dg, du = dgate_up[r, c0:c0 + m], dgate_up[r, f + c0:f + c0 + m]
             for c in range(m):
-                g = gate_up[r, c0 + c]
-                e[c] = g + _GELU_K * g * g * g
+                e[c] = g[c] + gelu_k * g[c] * g[c] * g[c]
             _exp_inplace(e, m, -2.0 * _GELU_C, 0.0, bits)
             for c in range(m):
-                g = gate_up[r, c0 + c]
-                sig = 1.0 / (1.0 + e[c])
-                slope = sig + 2.0 * g * sig * (1.0 - sig) * _GELU_C * (1.0 + 3.0 * _GELU_K * g * g)
-                dgate_up[r, c0 + c] = dh[r, c0 + c] * gate_up[r, f + c0 + c] * slope
-                dgate_up[r, f + c0 + c] = dh[r, c0 + c] * (g * sig)
+                gc = g[c]
+                sig = _F32(1.0) / (_F32(1.0) + e[c])
+                slope = (sig + _F32(2.0) * gc * sig * (_F32(1.0) - sig) * gelu_c
+                         * (_F32(1.0) + _F32(3.0) * gelu_k * gc * gc))
+                dg[c] = dhr[c] * u[c] * slope
+                du[c] = dhr[c] * (gc * sig)
 
 
 # ---------------------------------------------------------------- cross-entropy rows
@@ -749,15 +855,15 @@ def softmax_xent_rows(z, targets, valid, weight, need_grad, losses):
             if need_grad:
                 row[:] = 0.0
             continue
-        shift = _row_max(row, n_vocab, row[0])
+        bits = np.empty(_EXP_BLOCK, dtype=np.int64)
+        shift = _row_max(row, n_vocab, row[0], bits)
         target = targets[r]
         z_target = row[target] - shift
-        bits = np.empty(_EXP_BLOCK, dtype=np.int64)
         _exp_inplace(row, n_vocab, 1.0, shift, bits)  # the logits are not needed again
         row_sum = _row_sum(row, n_vocab)
         losses[r] = math.log(row_sum) - z_target
         if need_grad:
-            factor = weight / row_sum
+            factor = _like(row, weight / row_sum)
             for col in range(n_vocab):
                 row[col] *= factor
             row[target] -= weight
@@ -767,12 +873,12 @@ def softmax_xent_rows(z, targets, valid, weight, need_grad, losses):
 # y = cap tanh(z / cap) (Gemma 2; Bello et al. 2017): logits bounded by cap. tanh is
 # formed as 2 / (1 + exp(-2x)) - 1 with the vectorised exp: exact at both ends
 # (exp -> inf gives -1, exp -> 0 gives 1), absolute error about one ulp of 1.
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _tanh_inplace(x, n, scale, bits):
     """x[c] <- tanh(scale * x[c]) for c < n, in x's dtype, as 2 / (1 + exp(-2 scale x)) - 1."""
     _exp_inplace(x, n, -2.0 * scale, 0.0, bits)
     for c in range(n):
-        x[c] = 2.0 / (1.0 + x[c]) - 1.0
+        x[c] = _F32(2.0) / (_F32(1.0) + x[c]) - _F32(1.0)
 
 
 @njit(parallel=True, cache=True)
@@ -796,7 +902,7 @@ def softcap_xent_rows(z, cap, targets, valid, weight, need_grad, losses):
         e = np.empty(_EXP_BLOCK, dtype=z.dtype)
         bits = np.empty(_EXP_BLOCK, dtype=np.int64)
         _tanh_inplace(row, n_vocab, 1.0 / cap, bits)  # t = y / cap
-        shift = cap * _row_max(row, n_vocab, row[0])  # max_c y_c
+        shift = cap * _row_max(row, n_vocab, row[0], bits)  # max_c y_c
         target = targets[r]
         t_target = row[target]
         row_sum = 0.0
@@ -807,14 +913,14 @@ def softcap_xent_rows(z, cap, targets, valid, weight, need_grad, losses):
             row_sum += _row_sum(e, m)
         losses[r] = math.log(row_sum) - (cap * t_target - shift)
         if need_grad:
-            factor = weight / row_sum
+            factor = _like(row, weight / row_sum)
             for c0 in range(0, n_vocab, _EXP_BLOCK):
                 m = min(_EXP_BLOCK, n_vocab - c0)
                 e[:m] = row[c0:c0 + m]
                 _exp_inplace(e, m, cap, shift, bits)
                 t = row[c0:c0 + m]
                 for col in range(m):
-                    t[col] = factor * e[col] * (1.0 - t[col] * t[col])
+                    t[col] = factor * e[col] * (_F32(1.0) - t[col] * t[col])
             row[target] -= weight * (1.0 - t_target * t_target)
 
 
@@ -832,8 +938,9 @@ def softcap(x, cap, y):
         out = y[c0:c1]
         out[:] = x[c0:c1]
         _tanh_inplace(out, c1 - c0, 1.0 / cap, bits)
+        cap_x = _like(out, cap)
         for i in range(c1 - c0):
-            out[i] *= cap
+            out[i] *= cap_x
 
 
 # ---------------------------------------------------------------- embedding
@@ -918,7 +1025,7 @@ def half_to_single(h_bits, table, out_bits):
 
 
 # ---------------------------------------------------------------- AdamW
-@njit(parallel=True, cache=True)
+@njit(parallel=True, cache=True, error_model="numpy")
 def adamw_update(p, g, m, v, lr, beta1, beta2, eps, weight_decay, bias1, bias2):
     """In place on flat arrays, as torch.optim.AdamW (Loshchilov & Hutter 2019):
         p <- p (1 - lr wd)

@@ -657,11 +657,11 @@ class ShapeBackend(Backend):
     def _rope(self, x, cos, negate: bool):
         """y like x. numpy: the table halves cast to x's dtype and the two products of
         one half (B, T, heads, hd/2) at once; rope_backward first negates sin (float64).
-        numba: the table halves, contiguous, in x's dtype."""
+        numba: the table halves, contiguous, in x's dtype (x read in place)."""
         y = self.new(x.shape, x.dtype)
         tables = 2 * cos.shape[0] * (x.shape[-1] // 2) * x.itemsize
         if self.flavour == "numba" and _jittable(x):
-            self._spike(tables + _copies(x))
+            self._spike(tables)
         else:
             self._spike(tables + x.nbytes + (cos.nbytes if negate else 0))
         return y

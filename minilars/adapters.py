@@ -278,9 +278,15 @@ class LARSSite(_AdapterSite):
             return (be.matmul_nt(dy, self.weight) if need_dx else None), {}
         grads, dz = {}, None
         unmerged = need_dx and self.merged is None
+        whole = None
+        if len(self.targets) > 1 and list(self.targets) == list(self.outputs):
+            whole = be.matmul_tn(cache.z, dy)  # z^T dy for every projection at once: (r, d_out)
         for s in self.targets:
             dy_s = dy[:, self.slices[s]]
-            grads[f"{s}.lars_M"] = be.matmul_tn(cache.z, dy_s)  # dM = z^T dy: (r, d_out_s)
+            if whole is None:
+                grads[f"{s}.lars_M"] = be.matmul_tn(cache.z, dy_s)  # dM = z^T dy: (r, d_out_s)
+            else:
+                grads[f"{s}.lars_M"] = whole[:, self.slices[s]] + 0  # its columns, contiguous
             if unmerged:
                 term = be.matmul_nt(dy_s, self.M[s])  # (N, r)
                 dz = term if dz is None else dz + term
@@ -292,10 +298,17 @@ class LARSSite(_AdapterSite):
         return dx, grads
 
     def to_linear(self, be):
-        w = be.cast(dense_weight(self.weight, be), self.basis.dtype) + 0
-        for s in self.targets:
-            w[:, self.slices[s]] += be.matmul(self.basis, self.M[s])
-        return w
+        """W + P M in one backend call (be.add_low_rank: one product and one sum),
+        with M (r, d_out) the targets' M_s in their columns, zero in the others. A
+        weight kept as GGUF blocks is dequantised first (export only: merge() never
+        folds a kept weight)."""
+        if list(self.targets) == list(self.outputs):  # every projection of the stream: M is theirs side by side
+            m = be.concat([self.M[s] for s in self.outputs], axis=1)
+        else:
+            m = be.zeros((self.rank, sum(self.outputs.values())), self.basis.dtype)
+            for s in self.targets:
+                m[:, self.slices[s]] = self.M[s]
+        return be.add_low_rank(dense_weight(self.weight, be), self.basis, m)
 
     def as_lora(self) -> dict[str, tuple[Array, Array]]:
         """PEFT LoRA factors with scaling 1: lora_A = P^T (r, d_in), lora_B = M_s^T (d_out_s, r)."""

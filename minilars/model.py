@@ -415,6 +415,10 @@ class Model:
             dk = self._head_norm_backward(dk, store.take(pre + "k_norm"), pre + "k_norm.weight", grads)
         dqkv = be.concat([dq.reshape(n, cfg.q_dim), dk.reshape(n, cfg.kv_dim), dv.reshape(n, cfg.kv_dim)], axis=1)
         del dq, dk, dv
+        if not (need_dx or self.train_norms):  # the first block: only its weights' gradients are wanted
+            self._site_backward(i, "attn_in", dqkv, store, grads, need_dx=False)  # no dh = dqkv W^T
+            store.drop(pre + "attn_norm")
+            return None
         dh = self._site_backward(i, "attn_in", dqkv, store, grads)  # (N, d)
         del dqkv
         dxn = self._norm_backward(dh, store.take(pre + "attn_norm"), pre + "attn_norm.weight", grads)

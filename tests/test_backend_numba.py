@@ -232,6 +232,22 @@ def test_adamw_update(shape, weight_decay, dtype, seed):
     check(v, v_ref, "v")
 
 
+@given(m=st.integers(1, 40), c=st.integers(1, 40), k=st.integers(1, 8), a_f=st.booleans(), b_f=st.booleans(),
+       dtype=DTYPES, seed=SEEDS)
+def test_thin_products_on_one_thread_match_numpy(m, c, k, a_f, b_f, dtype, seed):
+    """matmul, matmul_tn and matmul_nt through a rank-k factor (LARS's P M),
+    operands C- or F-contiguous: numba's one-thread product gives numpy's result."""
+    from minilars.backends.numba_backend import _thin
+
+    rng = np.random.default_rng(seed)
+    a = normal(rng, (k, m), dtype).T if a_f else normal(rng, (m, k), dtype)  # (M, K)
+    b = normal(rng, (c, k), dtype).T if b_f else normal(rng, (k, c), dtype)  # (K, C)
+    assert _thin(a, b)
+    check(*both("matmul", a, b), "a b")
+    check(*both("matmul_tn", a.T, b), "(a^T)^T b")
+    check(*both("matmul_nt", a, b.T), "a (b^T)^T")
+
+
 def test_inputs_the_kernels_do_not_take_fall_back_to_numpy():
     """float16 and mixed dtypes go to the reference, so results are identical."""
     rng = np.random.default_rng(0)
@@ -411,14 +427,15 @@ def test_decoding_never_reads_keys_outside_the_window():
 
 
 class _CountingProducts:
-    """numpy as the kernels see it, counting the tile products (np.dot calls)."""
+    """numpy as the kernels see it, counting the multiply-adds of the tile products
+    (np.dot calls): a (m, k) by (k, n) product counts m k n."""
 
     def __init__(self):
-        self.products = 0
+        self.work = 0
 
-    def dot(self, *args):
-        self.products += 1
-        return np.dot(*args)
+    def dot(self, a, b, *out):
+        self.work += a.shape[0] * a.shape[1] * b.shape[1]
+        return np.dot(a, b, *out)
 
     def __getattr__(self, name):
         return getattr(np, name)
@@ -429,25 +446,36 @@ class _CountingProducts:
 def test_a_sliding_layer_does_work_linear_in_t_times_window(monkeypatch):
     """Tile pairs (query tile, key tile) visited: causal grows as T^2 / 2 tile^2; with a
     window w, at most ceil((w - 1) / tile) + 1 key tiles per query tile (forward, 2
-    products a pair) and as many query tiles per key tile (backward, 5 a pair)."""
+    products a pair) and as many query tiles per key tile (backward, 5 a pair). A
+    diagonal pair is done in _DIAGONAL_PARTS row blocks, block s against the keys
+    up to its last row: its causal half and a little more, not the whole pair."""
     from minilars.backends import numba_kernels as K
 
     counter = _CountingProducts()
     monkeypatch.setattr(K, "np", counter)
-    tile, window = 4, 6
+    tile, window, hd = 4, 6, 4
+    pair = tile * tile * hd  # multiply-adds of one tile x tile x hd product
     per_tile = -(-(window - 1) // tile) + 1
+    parts = min(K._DIAGONAL_PARTS, tile)
+    bounds = [s * tile // parts for s in range(parts + 1)]
+    diagonal = sum((r1 - r0) * r1 for r0, r1 in zip(bounds[:-1], bounds[1:])) * hd  # one diagonal product
+    assert diagonal < pair
     for t in (24, 48):
-        q, k, v, do, o, lse = attention_backward_case(1, t, 1, 1, 4, window, None, False, "float64", t)
+        q, k, v, do, o, lse = attention_backward_case(1, t, 1, 1, hd, window, None, False, "float64", t)
         n_tiles = t // tile
-        counter.products = 0
+        counter.work = 0
         NB.attention_forward(q, k, v, tile, window=window)
-        assert counter.products <= 2 * n_tiles * per_tile
-        counter.products = 0
+        assert counter.work <= 2 * n_tiles * per_tile * pair
+        counter.work = 0
         NB.attention_backward(do, q, k, v, o, lse, tile, window=window)
-        assert counter.products <= 5 * n_tiles * per_tile
-        counter.products = 0
+        assert counter.work <= 5 * n_tiles * per_tile * pair
+        counter.work = 0
         NB.attention_forward(q, k, v, tile)
-        assert counter.products == 2 * n_tiles * (n_tiles + 1) // 2  # causal: every key tile up to the diagonal
+        # causal: every key tile below the diagonal whole, the diagonal in blocks
+        assert counter.work == 2 * (n_tiles * (n_tiles - 1) // 2 * pair + n_tiles * diagonal)
+        counter.work = 0
+        NB.attention_backward(do, q, k, v, o, lse, tile)
+        assert counter.work == 5 * (n_tiles * (n_tiles - 1) // 2 * pair + n_tiles * diagonal)
 
 
 def test_bad_window_and_cap_are_named():

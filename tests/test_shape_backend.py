@@ -142,7 +142,8 @@ def _inputs(rng, dtype=np.float32) -> dict:
             "head16": (randn(V, D) / 10).astype(np.float16), "targets": rng.integers(0, V, B * T),
             "w_in": randn(D, Q + 2 * K), "w16": randn(D, 3 * F).astype(np.float16),
             "p": randn(D, 3 * F), "g": randn(D, 3 * F), "m": randn(D, 3 * F), "v2": np.abs(randn(D, 3 * F)),
-            "da": randn(D, 4 * 16)[:, :16]}
+            "da": randn(D, 4 * 16)[:, :16],
+            "basis": randn(D, 16), "lars_m": randn(16, Q + 2 * K), "lars_m3f": randn(16, 3 * F)}
 
 
 KERNELS = {
@@ -151,6 +152,8 @@ KERNELS = {
     "matmul_nt": lambda be, a: be.matmul_nt(a["dy"], a["head"]),
     "matmul_nt float16 weight": lambda be, a: be.matmul_nt(a["dy"], a["head16"]),
     "matmul_tn": lambda be, a: be.matmul_tn(a["x"], a["dy"]),
+    "add_low_rank": lambda be, a: be.add_low_rank(a["w_in"], a["basis"], a["lars_m"]),
+    "add_low_rank float16 weight": lambda be, a: be.add_low_rank(a["w16"], a["basis"], a["lars_m3f"]),
     "rmsnorm_forward": lambda be, a: be.rmsnorm_forward(a["x"], a["w"], 1e-5),
     "rmsnorm_backward": lambda be, a: be.rmsnorm_backward(a["dy"], a["x"], a["w"], a["rstd"]),
     "rope_forward": lambda be, a: be.rope_forward(a["q"], a["cos"][:T], a["sin"][:T]),

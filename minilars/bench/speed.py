@@ -45,11 +45,13 @@ def matmul_gflops(seconds: float = 1.0) -> float:
     return 2 * 2048 * 576 * 1536 * count / (time.perf_counter() - start) / 1e9
 
 
-def step_flops(cfg, seq_len: int, method, recompute: bool, recompute_attention: bool = True) -> float:
+def step_flops(cfg, seq_len: int, method, recompute: bool, recompute_attention: bool = True,
+               labelled: int | None = None) -> float:
     """Matmul + attention FLOPs of one step at batch 1 (2 per multiply-add) under
     `method` (a MethodConfig or a method's name). recompute: backward reruns each
     block's forward (but the down projection); recompute_attention False: except the
-    attention kernel as well (the attention output was kept)."""
+    attention kernel as well (the attention output was kept). labelled: the tokens
+    with a label (default all); the head runs on those rows only (ops.cross_entropy_forward)."""
     from minilars.methods import method_class
 
     kind = method_class(method if isinstance(method, str) else method.name)
@@ -58,7 +60,8 @@ def step_flops(cfg, seq_len: int, method, recompute: bool, recompute_attention: 
     attention = 2 * n * n * cfg.n_heads * cfg.head_dim  # causal half of QK^T and PV: 2 * (n^2/2) * 2
     forward = 2 * n * proj + attention
     backward = (2 * n * proj) * (2 if kind.weight_gradients else 1) + 2.5 * attention  # dx (+ dW)
-    head = 2 * n * cfg.dim * cfg.vocab_size * (3 if kind.trains_embeddings else 2)  # logits, dx (+ dE)
+    rows = n if labelled is None else labelled
+    head = 2 * rows * cfg.dim * cfg.vocab_size * (3 if kind.trains_embeddings else 2)  # logits, dx (+ dE)
     recomputed = forward - 2 * n * cfg.ffn_dim * cfg.dim  # the recompute skips the frozen down projection
     if not recompute_attention:
         recomputed -= attention
