@@ -27,9 +27,11 @@ from gguf import GGMLQuantizationType as Q
 from numba import njit, prange
 
 from ..quant import dequantize_rows_reference
+from .numba_backend import half_to_single_table
 
-# float32 value of each float16 bit pattern (NumPy's cast, so decoding is exact): 256 KiB
-HALF_TO_FLOAT = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)
+# float32 value of each float16 bit pattern, built from the bits (exact, and no
+# invalid-cast warning on ARM, where NumPy's cast flags the NaN patterns): 256 KiB
+HALF_TO_FLOAT = half_to_single_table().view(np.float32)
 
 
 @njit(inline="always")
