@@ -118,7 +118,7 @@ class Backend(ABC):
         mean_sq = self.to_numpy(self.sum(z * z, axis=0)).astype(np.float64) / max(x.shape[0], 1)
         rms = np.sqrt(mean_sq)
         scale = np.where(rms > 0, 1.0 / np.where(rms > 0, rms, 1.0), 1.0)  # (r,)
-        return basis * self.asarray(scale.astype(np.float64), dtype=basis.dtype)
+        return basis * self.asarray(scale, dtype=basis.dtype)
 
     def add_low_rank(self, w: Array, p: Array, m: Array) -> Array:
         """w + p m in p's dtype: (d_in, d_out) + (d_in, r)(r, d_out) -> a new

@@ -20,9 +20,11 @@ after it keeps tensors for backward (a norm of the output, as Gemma 2's
 post_feedforward_layernorm); a residual add keeps none. The first rerun of each
 layer watches what is saved after its MLP returns (a saved-tensors hook); when
 nothing is, later reruns give the MLP's place a zero tensor of its output's shape
-instead of computing it, and the chunks' own reruns in backward stay exact. A module that mixes tokens (a
-token shift as RWKV's feed_forward has, capacity-limited routing) must not be chunked:
-set LarsConfig.mlp_chunk_tokens=None for such a model.
+instead of computing it, and the chunks' own reruns in backward stay exact.
+
+A module that mixes tokens (a token shift as RWKV's feed_forward has,
+capacity-limited routing) must not be chunked: set LarsConfig.mlp_chunk_tokens=None
+for such a model.
 """
 from __future__ import annotations
 
