@@ -469,7 +469,7 @@ def to_old_layout(directory: Path) -> None:
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_logits_old_layout_sharded_and_bf16(family, tmp_path):
     """The older rope layout, a sharded checkpoint with its index, and bf16 weights."""
-    import torch
+    torch = pytest.importorskip("torch")
 
     tokens, _ = tokens_targets()
     ref = hf_model(family)
@@ -621,7 +621,7 @@ def test_lars_gradients_match_autograd_through_transformers(family, backend_name
     """LARS: the transformers weights become W + (P M)^T with M a torch leaf per
     projection (P the calibrated basis of its stream); the gradient of the same loss
     with respect to M is minilars's dM."""
-    import torch
+    torch = pytest.importorskip("torch")
     from torch.func import functional_call
 
     from minilars.weights import HF_MODULE, PROJECTION_STREAM
