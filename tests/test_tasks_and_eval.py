@@ -41,6 +41,32 @@ def test_make_tasks_writes_the_same_bytes_for_the_same_seed(tmp_path):
         assert {"prompt", "completion", "answer", "split", "template"} <= set(record)
 
 
+def test_make_tasks_passkey_lengths_and_counts_from_flags(tmp_path):
+    """Long-context training: --passkey-train-T and --passkey-heldout-T set the lengths
+    (counted here as characters / 4.44), --passkey-train and --passkey-heldout the counts."""
+    argv = ["study", "make-tasks", "--out", str(tmp_path), "--tasks", "passkey", "--passkey-train-T", "300",
+            "--passkey-heldout-T", "200,400", "--passkey-train", "5", "--passkey-heldout", "3"]
+    assert main(argv) == 0
+    train = tasks.read_jsonl(tmp_path / "passkey" / "train.jsonl")
+    held = tasks.read_jsonl(tmp_path / "passkey" / "heldout.jsonl")
+    assert [r["tokens"] for r in train] == [300] * 5
+    assert [r["tokens"] for r in held] == [200] * 3 + [400] * 3
+    sentence = max(len(f) + 1 for f in tasks.FILLER) / tasks.CHARS_PER_TOKEN  # the filling's granularity
+    for r in train + held:  # filled to within one filler sentence of T - RESERVE tokens
+        assert r["tokens"] - tasks.RESERVE - sentence <= np.ceil(len(r["prompt"]) / tasks.CHARS_PER_TOKEN) \
+            <= r["tokens"] - tasks.RESERVE
+    manifest = json.loads((tmp_path / "tasks.json").read_text())
+    assert manifest["sizes"]["passkey_heldout_T"] == [200, 400] and manifest["sizes"]["passkey_train_T"] == 300
+
+
+@pytest.mark.parametrize("flags", [["--passkey-heldout-T", "4k"], ["--passkey-heldout-T", ","],
+                                   ["--passkey-train", "0"]])
+def test_make_tasks_refuses_bad_passkey_flags(flags, tmp_path, capsys):
+    assert main(["study", "make-tasks", "--out", str(tmp_path), "--tasks", "passkey", *flags]) == 2
+    assert flags[0] in capsys.readouterr().err
+    assert not (tmp_path / "passkey").exists()
+
+
 def _skeleton(prompt: str) -> str:
     """The wording of a question with its numbers and names taken out."""
     prompt = re.sub(r"\d+", "#", prompt)

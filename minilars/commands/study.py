@@ -56,6 +56,15 @@ def add_parser(sub) -> None:
                       help="count passkey lengths with this model's tokenizer (e.g. smollm2-135m); default: "
                            "characters / 4.44, the SmolLM2 ratio")
     make.add_argument("--quick", action="store_true", help="small sets with passkey T = 128, 192 (smoke tests)")
+    make.add_argument("--passkey-train-T", type=int, default=None, metavar="T",
+                      help="tokens of each passkey training row (default: 512)")
+    make.add_argument("--passkey-heldout-T", default=None, metavar="T,T,...",
+                      help="held-out passkey lengths (default: 512,1024,2048); long-context training: "
+                           "--passkey-train-T 4096 --passkey-heldout-T 4096,8192")
+    make.add_argument("--passkey-train", type=int, default=None, metavar="N",
+                      help="passkey training examples (default: 200)")
+    make.add_argument("--passkey-heldout", type=int, default=None, metavar="N",
+                      help="held-out passkey examples per length (default: 40)")
     make.set_defaults(func=run_make_tasks)
 
     cmp = actions.add_parser("compare", help="two eval outputs on the same questions, question by question")
@@ -152,12 +161,32 @@ def run_make_tasks(args) -> int:
     count, label = None, None
     if args.tokenizer:
         count, label = _token_counter(args.tokenizer)
-    sizes = tasks.TaskSizes.quick() if args.quick else tasks.TaskSizes()
+    sizes = _passkey_sizes(tasks.TaskSizes.quick() if args.quick else tasks.TaskSizes(), args)
     manifest = tasks.write_tasks(args.out, tuple(names), args.seed, sizes, count, label)
     for task, counts in manifest["tasks"].items():
         print(f"{args.out}/{task}: {counts['train']} train, {counts['heldout']} held-out records")
     print(f"passkey lengths counted with {manifest['lengths_counted_with']}")
     return 0
+
+
+def _passkey_sizes(sizes, args):
+    """sizes with the passkey lengths and counts the make-tasks flags give."""
+    changes = {}
+    for flag in ("passkey_train_T", "passkey_train", "passkey_heldout"):
+        value = getattr(args, flag)
+        if value is not None:
+            if value < 1:
+                raise CommandError(f"--{flag.replace('_', '-')} must be >= 1")
+            changes[flag] = value
+    if args.passkey_heldout_T is not None:
+        try:
+            lengths = tuple(int(x) for x in args.passkey_heldout_T.split(",") if x.strip())
+        except ValueError:
+            raise CommandError(f"--passkey-heldout-T {args.passkey_heldout_T!r}: write lengths like 4096,8192") from None
+        if not lengths or min(lengths) < 1:
+            raise CommandError(f"--passkey-heldout-T {args.passkey_heldout_T!r}: give one or more lengths >= 1")
+        changes["passkey_heldout_T"] = lengths
+    return replace(sizes, **changes)
 
 
 def _token_counter(model: str):
