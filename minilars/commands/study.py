@@ -56,15 +56,18 @@ def add_parser(sub) -> None:
                       help="count passkey lengths with this model's tokenizer (e.g. smollm2-135m); default: "
                            "characters / 4.44, the SmolLM2 ratio")
     make.add_argument("--quick", action="store_true", help="small sets with passkey T = 128, 192 (smoke tests)")
+    from minilars.tasks import TaskSizes
+
+    sizes = TaskSizes()
     make.add_argument("--passkey-train-T", type=int, default=None, metavar="T",
-                      help="tokens of each passkey training row (default: 512)")
+                      help=f"tokens of each passkey training row (default: {sizes.passkey_train_T})")
     make.add_argument("--passkey-heldout-T", default=None, metavar="T,T,...",
-                      help="held-out passkey lengths (default: 512,1024,2048); long-context training: "
-                           "--passkey-train-T 4096 --passkey-heldout-T 4096,8192")
+                      help=f"held-out passkey lengths (default: {','.join(map(str, sizes.passkey_heldout_T))}); "
+                           "long-context training: --passkey-train-T 4096 --passkey-heldout-T 4096,8192")
     make.add_argument("--passkey-train", type=int, default=None, metavar="N",
-                      help="passkey training examples (default: 200)")
+                      help=f"passkey training examples (default: {sizes.passkey_train})")
     make.add_argument("--passkey-heldout", type=int, default=None, metavar="N",
-                      help="held-out passkey examples per length (default: 40)")
+                      help=f"held-out passkey examples per length (default: {sizes.passkey_heldout})")
     make.set_defaults(func=run_make_tasks)
 
     cmp = actions.add_parser("compare", help="two eval outputs on the same questions, question by question")
@@ -179,10 +182,7 @@ def _passkey_sizes(sizes, args):
                 raise CommandError(f"--{flag.replace('_', '-')} must be >= 1")
             changes[flag] = value
     if args.passkey_heldout_T is not None:
-        try:
-            lengths = tuple(int(x) for x in args.passkey_heldout_T.split(",") if x.strip())
-        except ValueError:
-            raise CommandError(f"--passkey-heldout-T {args.passkey_heldout_T!r}: write lengths like 4096,8192") from None
+        lengths = _integers("--passkey-heldout-T", args.passkey_heldout_T, "lengths like 4096,8192")
         if not lengths or min(lengths) < 1:
             raise CommandError(f"--passkey-heldout-T {args.passkey_heldout_T!r}: give one or more lengths >= 1")
         changes["passkey_heldout_T"] = lengths
@@ -223,13 +223,18 @@ class Settings:
         return self.seeds or (self.seed,)
 
 
+def _integers(flag: str, text: str, like: str) -> tuple[int, ...]:
+    """A comma-separated list of integers given to `flag`; like: what the error suggests."""
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise CommandError(f"{flag} {text!r}: write {like}") from None
+
+
 def _seeds(text: str | None) -> tuple[int, ...]:
     if text is None:
         return ()
-    try:
-        seeds = tuple(int(x) for x in text.split(",") if x.strip())
-    except ValueError:
-        raise CommandError(f"--seeds {text!r}: write integers like 0,1,2") from None
+    seeds = _integers("--seeds", text, "integers like 0,1,2")
     if not seeds or len(set(seeds)) != len(seeds):
         raise CommandError(f"--seeds {text!r}: give one or more different seeds")
     return seeds
