@@ -308,12 +308,17 @@ def test_final_runs_repeat_over_seeds_and_the_row_averages_them(monkeypatch, tmp
 
 
 @pytest.mark.slow
-def test_study_quick_runs_end_to_end(tmp_path):
-    """--quick on the tiny preset: every output written, per-length accuracy for passkey,
-    a peak RSS and a finite final loss for every run (about a minute on a busy 2-core machine)."""
+def test_study_quick_runs_end_to_end(tmp_path, monkeypatch):
+    """--quick on the tiny preset, two processes at a time: every output written, per-length
+    accuracy for passkey, a peak RSS and a finite final loss for every run, rows in --methods
+    order (seconds: the tiny preset trains 2 steps)."""
     out = tmp_path / "study"
+    monkeypatch.setenv("MINILARS_CACHE", str(tmp_path / "cache"))
     assert main(["study", "accuracy", "--quick", "--out", str(out), "--tasks", "personal,passkey",
-                 "--methods", "full,lars"]) == 0
+                 "--methods", "full,lars", "--jobs", "2"]) == 0
+    for task in ("personal", "passkey"):  # the base model's rows, kept for the next study
+        kept = [p.read_bytes() for p in (tmp_path / "cache" / "scores").glob("*.jsonl")]
+        assert (out / "runs" / task / "base.jsonl").read_bytes() in kept
     for name in ("results.md", "results.csv", "accuracy_vs_step.png", "study.json"):
         assert (out / name).is_file(), name
     with open(out / "results.csv") as f:
@@ -329,6 +334,7 @@ def test_study_quick_runs_end_to_end(tmp_path):
     assert all(r["contains_after@240"] != "" and r["contains_after@256"] != "" for r in passkey)
     assert "after @T=256" in (out / "results.md").read_text()
     study = json.loads((out / "study.json").read_text())
+    assert study["settings"]["jobs"] == 2 and "2 at a time" in (out / "results.md").read_text()
     assert all(len(run["curve"]) == 2 for run in study["runs"])  # before and after
     assert not (out / "runs" / "personal" / "full" / "lr-3e-05" / "merged").exists()  # weights deleted once scored
 

@@ -28,6 +28,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -35,11 +36,15 @@ from pathlib import Path
 from minilars.cli import CommandError
 from minilars.methods import study_runs
 
+from .jobs import Jobs
+
 # name -> StudyRun(finetune flags, lr grid, method class), from each registered method
 # (its study_lrs and study_runs, minilars/methods/). The grids bracket each method's
 # usual range: full fine-tuning moves every weight and wants ~100x smaller steps than adapters.
 METHODS = study_runs()
 MAX_NEW_TOKENS = {"personal": 24, "passkey": 16, "arithmetic": 64}
+_jobs = Jobs(1)  # the processes of the study in flight; run_accuracy gives it --jobs slots
+_print_lock = threading.Lock()
 
 
 def add_parser(sub) -> None:
@@ -88,8 +93,11 @@ def add_parser(sub) -> None:
     # float32 by default: every method (full included, which cannot train blocks) starts from the same weights
     add_weights_option(acc, default="float32")
     acc.add_argument("--threads", type=int, default=0,
-                     help="BLAS / torch threads per process (0: the cores idle at start; more threads than free "
-                          "cores made greedy decoding 8x slower on a loaded 2-core machine)")
+                     help="BLAS / torch threads per process (0: the cores idle at start, shared out over --jobs; "
+                          "more threads than free cores made greedy decoding 8x slower on a loaded 2-core machine)")
+    acc.add_argument("--jobs", type=int, default=1,
+                     help="training and scoring processes run at once (default: %(default)s): the lr sweep's runs, "
+                          "the seeds' final runs, the methods and the base model's scoring are independent")
     acc.add_argument("--tasks", default="personal,passkey,arithmetic", help="comma-separated (default: %(default)s)")
     acc.add_argument("--methods", default=",".join(METHODS),
                      help=f"comma-separated from {', '.join(METHODS)} (default: all)")
@@ -123,6 +131,9 @@ def add_parser(sub) -> None:
                           "training rows, the adapter's initialisation, LARS's calibration rows) and the table "
                           "gives the mean accuracy and each seed's; the lr sweep uses the first, the task files "
                           "--seed (default: --seed alone)")
+    acc.add_argument("--rescore-base", action="store_true", help="score the base model again even when the "
+                     "score cache holds its rows for this model, question set, scoring settings and engine "
+                     "source (minilars/score_cache.py)")
     acc.add_argument("--keep-weights", action="store_true", help="keep the merged weights full fine-tuning exports "
                      "(deleted after scoring otherwise: 540 MB each for SmolLM2-135M)")
     acc.add_argument("--quick", action="store_true", help="smoke mode: tiny preset (unless --model), 2 steps, "
@@ -217,6 +228,7 @@ class Settings:
     quick: bool
     seeds: tuple[int, ...] = ()  # training seeds of the final runs; () means (seed,)
     weights: str = "float32"  # --weights of every finetune and eval process
+    jobs: int = 1  # processes at once (Jobs)
 
     @property
     def train_seeds(self) -> tuple[int, ...]:
@@ -265,6 +277,9 @@ def settings_from(args) -> Settings:
     sweep = args.sweep_steps if args.sweep_steps is not None else max(1, steps // 4)
     if not 1 <= sweep <= steps:
         raise CommandError(f"--sweep-steps must be in [1, --steps], got {sweep}")
+    jobs = getattr(args, "jobs", 1)
+    if jobs < 1:
+        raise CommandError("--jobs must be >= 1")
     for flag in ("threads", "eval_questions", "curve_questions", "eval_every"):
         if (getattr(args, flag) or 0) < 0:
             raise CommandError(f"--{flag.replace('_', '-')} must be >= 0")
@@ -274,7 +289,7 @@ def settings_from(args) -> Settings:
 
     return Settings(
         model=args.model or ("tiny" if quick else "smollm2-135m"),
-        backend=args.backend, device=args.device, threads=args.threads or idle_cores(),
+        backend=args.backend, device=args.device, threads=args.threads or max(1, idle_cores() // jobs),
         tasks=_names(args.tasks, tasks.TASKS, "task"), methods=methods, steps=steps,
         batch_size=args.batch_size or (2 if quick else 8), lrs=lrs, sweep_steps=sweep,
         eval_questions=args.eval_questions if args.eval_questions is not None else (4 if quick else None),
@@ -282,7 +297,7 @@ def settings_from(args) -> Settings:
         eval_every=args.eval_every if args.eval_every is not None else (0 if quick else max(1, steps // 5)),
         max_new_tokens=args.max_new_tokens or (8 if quick else None),
         seed=args.seed, quick=quick, seeds=_seeds(getattr(args, "seeds", None)),
-        weights=getattr(args, "weights", "float32"))
+        weights=getattr(args, "weights", "float32"), jobs=jobs)
 
 
 @dataclass
@@ -343,15 +358,28 @@ def _run_accuracy(args) -> int:
           flush=True)
     rows, runs = [], []
     counter = [0, n_runs]
-    for task in s.tasks:
-        prepared = prepare_task(task, task_dir, out / "runs" / task, s)
-        base = evaluate_run(s, prepared, None, out / "runs" / task / "base.jsonl")
-        print(f"[{task}] base model: {base['summary'].text()}", flush=True)
-        for method in s.methods:
-            row, method_runs = study_method(s, prepared, method, base, out, counter, args.keep_weights)
-            rows.append(row)
-            runs += method_runs
-            write_outputs(out, s, rows, runs, time.perf_counter() - started)
+    global _jobs
+    _jobs = Jobs(s.jobs)
+    try:
+        for task in s.tasks:
+            prepared = prepare_task(task, task_dir, out / "runs" / task, s)
+            base = Background(score_base, s, prepared, out / "runs" / task / "base.jsonl", args.rescore_base)
+            done: dict[str, tuple[dict, list[Run]]] = {}
+
+            def method_row(method: str) -> None:
+                row_and_runs = study_method(s, prepared, method, base.result, out, counter, args.keep_weights)
+                with _print_lock:  # the rows so far, in --methods order, written as each method ends
+                    done[method] = row_and_runs
+                    finished = [done[m] for m in s.methods if m in done]
+                    write_outputs(out, s, rows + [r for r, _ in finished], runs + [x for _, rs in finished for x in rs],
+                                  time.perf_counter() - started)
+
+            _jobs.map(method_row, s.methods)
+            base.result()
+            rows += [done[m][0] for m in s.methods]
+            runs += [r for m in s.methods for r in done[m][1]]
+    finally:
+        _jobs = Jobs(1)
     write_outputs(out, s, rows, runs, time.perf_counter() - started)
     print(f"wrote {out / 'results.md'}, {out / 'results.csv'}, {out / 'accuracy_vs_step.png'} "
           f"({time.perf_counter() - started:.0f} s)")
@@ -367,6 +395,36 @@ def runs_per_method(s: Settings, method: str) -> int:
     if grid == 1:
         return 1 + repeats
     return grid + (s.sweep_steps != s.steps) + repeats
+
+
+class Background:
+    """fn(*args) started now: on its own thread when the study runs several jobs at
+    once, else here and now; result() waits for it (and raises what it raised)."""
+
+    def __init__(self, fn, *args):
+        self._result, self._error = None, None
+        self._thread = None
+        if _jobs.n > 1:
+            self._thread = threading.Thread(target=self._run, args=(fn, args), daemon=True)
+            self._thread.start()
+        else:
+            self._run(fn, args)
+            if self._error is not None:
+                raise self._error
+
+    def _run(self, fn, args) -> None:
+        try:
+            self._result = fn(*args)
+        except BaseException as e:
+            self._error = e
+
+    def result(self):
+        if self._thread is not None:
+            while self._thread.is_alive():
+                self._thread.join(0.2)
+        if self._error is not None:
+            raise self._error
+        return self._result
 
 
 @dataclass
@@ -420,20 +478,22 @@ def _sorted(values) -> list:
         return sorted(values, key=str)
 
 
-def study_method(s: Settings, p: Prepared, method: str, base: dict, out: Path, counter, keep_weights: bool):
+def study_method(s: Settings, p: Prepared, method: str, base, out: Path, counter, keep_weights: bool):
     """Sweep the lr grid (first training seed), train the final run with every
-    training seed, score each; one results row (means over the seeds)."""
+    training seed, score each; one results row (means over the seeds). base: the
+    base model's scores, or a function that waits for them (scored alongside).
+    The sweep's runs, and the seeds' train-then-score chains, run as jobs (_jobs)."""
     grid = s.lrs[method]
     runs: list[Run] = []
     if len(grid) > 1:
-        sweep = [train_run(s, p, method, lr, s.sweep_steps, "sweep", out, counter) for lr in grid]
+        sweep = _jobs.map(lambda lr: train_run(s, p, method, lr, s.sweep_steps, "sweep", out, counter), grid)
         runs += sweep
         for r in sweep:
             if METHODS[method].method.saves_merged and not keep_weights:
                 shutil.rmtree(Path(r.out) / "merged", ignore_errors=True)
         good = [r for r in sweep if r.ok]
         if not good:
-            return _row(s, p, method, None, base, None, "every lr of the sweep failed"), runs
+            return _row(s, p, method, None, _ready(base), None, "every lr of the sweep failed"), runs
         key = (lambda r: r.eval_loss) if all(r.eval_loss is not None for r in good) else (lambda r: r.final_train_loss)
         best = min(good, key=key)
         final = best if s.sweep_steps == s.steps else None
@@ -441,28 +501,36 @@ def study_method(s: Settings, p: Prepared, method: str, base: dict, out: Path, c
     else:
         final, chosen = None, grid[0]
     seeds = s.train_seeds
-    if final is None:
-        final = train_run(s, p, method, chosen, s.steps, "final", out, counter, seed=seeds[0])
-        runs.append(final)
-    else:
+    if final is not None:
         final.role = "final"
-    finals = [final]
-    for seed in seeds[1:]:
-        finals.append(train_run(s, p, method, chosen, s.steps, "final", out, counter, seed=seed))
-        runs.append(finals[-1])
-    failed = next((r for r in finals if not r.ok), None)
-    if failed is not None:
-        return _row(s, p, method, failed, base, None, failed.error), runs
-    afters = []
-    for seed, run in zip(seeds, finals):
+
+    def train_and_score(seed: int) -> tuple[Run, dict | None]:
+        run = final if final is not None and seed == seeds[0] else \
+            train_run(s, p, method, chosen, s.steps, "final", out, counter, seed=seed)
+        if not run.ok:
+            return run, None
         weights = Path(run.out) / "merged" if METHODS[method].method.saves_merged else None
-        afters.append(evaluate_run(s, p, run, Path(run.out) / "eval.jsonl", weights))
+        after = evaluate_run(s, p, run, Path(run.out) / "eval.jsonl", weights)
         if weights is not None and not keep_weights:
             shutil.rmtree(weights, ignore_errors=True)
         label = f" seed {seed}" if len(seeds) > 1 else ""
-        print(f"[{p.task}] {method} lr {chosen:g}{label}: after {run.steps} steps {afters[-1]['summary'].text()}",
-              flush=True)
-    return _row(s, p, method, finals, base, afters, None), runs
+        with _print_lock:
+            print(f"[{p.task}] {method} lr {chosen:g}{label}: after {run.steps} steps {after['summary'].text()}",
+                  flush=True)
+        return run, after
+
+    scored = _jobs.map(train_and_score, seeds)
+    finals = [run for run, _ in scored]
+    runs += [run for run in finals if run is not final]
+    failed = next((r for r in finals if not r.ok), None)
+    if failed is not None:
+        return _row(s, p, method, failed, _ready(base), None, failed.error), runs
+    return _row(s, p, method, finals, _ready(base), [after for _, after in scored], None), runs
+
+
+def _ready(base) -> dict:
+    """The base scores, waiting for them when they are scored alongside (Background.result)."""
+    return base() if callable(base) else base
 
 
 def _mean_over_seeds(afters: list[dict]) -> dict:
@@ -506,9 +574,11 @@ def train_run(s: Settings, p: Prepared, method: str, lr: float, steps: int, role
     run = Run(p.task, method, lr, steps, role, str(out_dir),
               _finetune_command(s, p, method, lr, steps, out_dir, curve=role == "final" or steps == s.steps,
                                 seed=seed), seed=seed)
-    counter[0] += 1
-    print(f"[{counter[0]}/{counter[1]}] {p.task} {method} lr {lr:g}, {steps} steps ({role})"
-          + (f", seed {seed}" if several else "") + " ...", end=" ", flush=True)
+    with _print_lock:
+        counter[0] += 1
+        label = f"[{counter[0]}/{counter[1]}] {p.task} {method} lr {lr:g}, {steps} steps ({role})" \
+            + (f", seed {seed}" if several else "")
+        print(f"{label} ...", flush=True)
     started = time.perf_counter()
     run.returncode, run.peak_rss_mib = _spawn(run.command, out_dir / "finetune.log", s.threads)
     run.wall_s = time.perf_counter() - started
@@ -517,13 +587,14 @@ def train_run(s: Settings, p: Prepared, method: str, lr: float, steps: int, role
         run.final_train_loss = result["losses"][-1]
         run.eval_loss = (result.get("after") or {}).get("loss")
         run.curve, run.s_per_step = _read_log(out_dir / "log.jsonl", s.batch_size * p.seq_len)
-        print(f"{run.wall_s:.0f} s, final train loss {run.final_train_loss:.4f}, eval loss "
-              f"{'-' if run.eval_loss is None else f'{run.eval_loss:.4f}'}, peak RSS {run.peak_rss_mib:.0f} MiB",
-              flush=True)
+        outcome = (f"{run.wall_s:.0f} s, final train loss {run.final_train_loss:.4f}, eval loss "
+                   f"{'-' if run.eval_loss is None else f'{run.eval_loss:.4f}'}, peak RSS {run.peak_rss_mib:.0f} MiB")
     else:
         log = (out_dir / "finetune.log").read_text(errors="replace").strip().splitlines()
         run.error = log[-1] if log else f"exit status {run.returncode}"
-        print(f"failed: {run.error}", flush=True)
+        outcome = f"failed: {run.error}"
+    with _print_lock:
+        print(f"{label}: {outcome}", flush=True)
     return run
 
 
@@ -563,8 +634,8 @@ def _spawn(command: list[str], log_path: Path, threads: int) -> tuple[int, float
     env = dict(os.environ)
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
         env[var] = str(threads)
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+    with open(log_path, "w") as log, \
+            _jobs.process(lambda: subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)) as proc:
         try:
             _, status, rusage = os.wait4(proc.pid, 0)
         except BaseException:
@@ -595,8 +666,6 @@ def _read_log(path: Path, tokens_per_step: int) -> tuple[list[dict], float | Non
 def evaluate_run(s: Settings, p: Prepared, run: Run | None, out_file: Path, weights: Path | None = None) -> dict:
     """`minilars eval` on the held-out subset: the base model (run None), a run's
     adapter, or merged weights; {"summary", "by"} from its rows."""
-    from minilars.evaluate import read_rows, summarize, summarize_by
-
     model = str(weights) if weights is not None else s.model
     cmd = minilars_command("eval", "--model", model, "--data", str(p.heldout_file), "--out", str(out_file),
                            "--max-new-tokens", str(p.max_new_tokens), "--show", "0", "--no-progress")
@@ -607,8 +676,34 @@ def evaluate_run(s: Settings, p: Prepared, run: Run | None, out_file: Path, weig
     if code != 0:
         log = out_file.with_suffix(".log").read_text(errors="replace").strip().splitlines()
         raise CommandError(f"eval of {run.out if run else 'the base model'} failed: {log[-1] if log else code}")
-    rows = read_rows(out_file)
+    return _scores(p, out_file)
+
+
+def _scores(p: Prepared, rows_file: Path) -> dict:
+    """{"summary", "by"} of the rows `minilars eval --out` wrote."""
+    from minilars.evaluate import read_rows, summarize, summarize_by
+
+    rows = read_rows(rows_file)
     return {"summary": summarize(rows), "by": summarize_by(rows, p.group_by) if p.group_by else {}}
+
+
+def score_base(s: Settings, p: Prepared, out_file: Path, rescore: bool = False) -> dict:
+    """The base model's scores (evaluate_run with no run), copied from the score cache
+    when this model, question set, scoring settings and engine source were scored
+    before (minilars/score_cache.py), and kept there after scoring otherwise."""
+    from minilars import score_cache
+
+    key = score_cache.scores_key(s.model, p.heldout_file, {"backend": s.backend, "device": s.device,
+                                                           "weights": s.weights,
+                                                           "max_new_tokens": p.max_new_tokens})
+    if not rescore and score_cache.fetch(key, out_file):
+        scores, source = _scores(p, out_file), f"rows from the score cache, {score_cache.entry(key)}"
+    else:
+        scores, source = evaluate_run(s, p, None, out_file), "scored"
+        score_cache.store(key, out_file)
+    with _print_lock:
+        print(f"[{p.task}] base model ({source}): {scores['summary'].text()}", flush=True)
+    return scores
 
 
 def _row(s: Settings, p: Prepared, method: str, runs: Run | list[Run] | None, base: dict,
@@ -691,6 +786,8 @@ def markdown(s: Settings, rows: list[dict], wall: float) -> str:
              + (f"Each final run was trained with seeds {', '.join(map(str, s.train_seeds))}: accuracies, losses, "
                 "wall time and s/step are means over them, peak RSS the largest, and the last column is each "
                 "seed's accuracy. " if len(s.train_seeds) > 1 else "")
+             + (f"Processes ran {s.jobs} at a time ({s.threads} thread{'s' if s.threads > 1 else ''} each), so "
+                "wall times and s/step include their sharing of the machine. " if s.jobs > 1 else "")
              + f"Study wall time {wall:.0f} s.", ""]
     for task in dict.fromkeys(r["task"] for r in rows):
         mine = [r for r in rows if r["task"] == task]

@@ -1,0 +1,95 @@
+"""Independent child processes run several at a time, for `minilars study accuracy --jobs N`.
+
+    jobs = Jobs(2)
+    jobs.map(fn, items)          [fn(x) for x in items]; with N > 1 each call on its own
+                                 thread (calls may nest: a method's runs inside the methods)
+    with jobs.process(start) as proc:
+        ...                      start() runs once a slot is free: at most N processes
+                                 are alive at once, whatever the nesting
+    jobs.stop()                  kill every live process; later starts raise KeyboardInterrupt
+
+The threads only wait on processes; the work is in the processes, so the GIL costs
+nothing. map never queues calls on a fixed pool (a call that waits on its own nested
+map would deadlock one): every call gets a thread, and the slots bound the processes.
+Ctrl-C or SIGTERM reaches the main thread inside map, which stops every process and
+re-raises, so no training process outlives the study.
+"""
+from __future__ import annotations
+
+import subprocess
+import threading
+from contextlib import contextmanager
+from typing import Callable, Iterable, Iterator, TypeVar
+
+X = TypeVar("X")
+Y = TypeVar("Y")
+
+
+class Jobs:
+    def __init__(self, n: int = 1):
+        if n < 1:
+            raise ValueError(f"jobs must be >= 1, got {n}")
+        self.n = n
+        self._slots = threading.BoundedSemaphore(n)
+        self._lock = threading.Lock()
+        self._live: set[subprocess.Popen] = set()
+        self._stopped = False
+        self.most_alive = 0  # the largest number of processes alive at once so far
+
+    @contextmanager
+    def process(self, start: Callable[[], subprocess.Popen]) -> Iterator[subprocess.Popen]:
+        """start() once a slot is free; the slot is held until the block ends."""
+        with self._slots:
+            with self._lock:
+                if self._stopped:
+                    raise KeyboardInterrupt("the study was stopped")
+                proc = start()
+                self._live.add(proc)
+                self.most_alive = max(self.most_alive, len(self._live))
+            try:
+                yield proc
+            finally:
+                with self._lock:
+                    self._live.discard(proc)
+
+    def stop(self) -> None:
+        """Kill every live process; no process starts after this."""
+        with self._lock:
+            self._stopped = True
+            for proc in self._live:
+                proc.kill()
+
+    def map(self, fn: Callable[[X], Y], items: Iterable[X]) -> list[Y]:
+        """[fn(x) for x in items], concurrently when n > 1; the first exception (in
+        item order) is raised once every call has ended."""
+        items = list(items)
+        if self.n == 1 or len(items) < 2:
+            return [fn(x) for x in items]
+        results: list = [None] * len(items)
+        errors: list[BaseException | None] = [None] * len(items)
+
+        def work(i: int, x: X) -> None:
+            try:
+                results[i] = fn(x)
+            except BaseException as e:  # carried to the caller's thread
+                errors[i] = e
+
+        threads = [threading.Thread(target=work, args=(i, x), daemon=True) for i, x in enumerate(items)]
+        for thread in threads:
+            thread.start()
+        try:
+            for thread in threads:
+                while thread.is_alive():
+                    thread.join(0.2)  # short waits, so Ctrl-C reaches this thread
+        except BaseException:
+            self.stop()
+            for thread in threads:
+                thread.join()
+            raise
+        first = next((e for e in errors if e is not None), None)
+        if first is not None:
+            raise first
+        return results
+
+
+__all__ = ["Jobs"]

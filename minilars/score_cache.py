@@ -1,0 +1,92 @@
+"""Held-out scores kept between runs, keyed by everything that decides them.
+
+The accuracy study scores the base model on the held-out questions before it trains
+anything, and that scoring is the same in every study run of one model and question
+set: greedy decoding is deterministic. On passkey it is ~7 minutes of this 2-core
+machine per run (120 prefills of up to 2,048 tokens), a third of a one-method seed
+screen. So the study keeps the rows it wrote and reuses them when the key matches:
+
+    key = sha256(model files' bytes, question file's bytes, scoring settings,
+                 the source of minilars/, backends/ and models/)
+
+The engine's source is in the key so that a change to any kernel, the tokenizer
+path or the scoring means scoring again; a stale entry can only miss, never be read. Entries
+live in cache_dir()/scores/<key>.jsonl (models.cache_dir: $MINILARS_CACHE, else
+$XDG_CACHE_HOME/minilars, else ~/.cache/minilars), written atomically.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+SUBDIR = "scores"
+_PACKAGES = ("minilars", "backends", "models")  # the engine's source, beside this file's package
+
+
+def engine_source_digest(root: Path | None = None) -> str:
+    """sha256 over every .py file of the engine's packages under root (default: where
+    this file's package is installed), in path order."""
+    root = Path(__file__).resolve().parent.parent if root is None else Path(root)
+    digest = hashlib.sha256()
+    for package in _PACKAGES:
+        for path in sorted((root / package).rglob("*.py")):
+            digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
+def _model_files(spec: str) -> list[Path]:
+    """The files a model spec loads: the GGUF, or every file of a Hugging Face
+    directory; [] for the built-in tiny preset (its weights come from its seed)."""
+    if spec == "tiny":
+        return []
+    from models import resolve_model
+
+    path = resolve_model(spec)
+    return sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+
+
+def scores_key(model: str, questions: Path, settings: dict) -> str:
+    """The cache key of scoring `model` on the question file with `settings`
+    (backend, device, weights, max_new_tokens: whatever the answers depend on)."""
+    from models.cache import sha256_file
+
+    digest = hashlib.sha256()
+    parts = {"engine": engine_source_digest(), "settings": settings,
+             "model": model if model == "tiny" else [[p.name, sha256_file(p)] for p in _model_files(model)],
+             "questions": sha256_file(Path(questions))}
+    digest.update(json.dumps(parts, sort_keys=True, default=str).encode())
+    return digest.hexdigest()[:32]
+
+
+def entry(key: str) -> Path:
+    from models.cache import cache_dir
+
+    return cache_dir() / SUBDIR / f"{key}.jsonl"
+
+
+def fetch(key: str, dest: Path) -> bool:
+    """Copy the cached rows of `key` to dest; False when there are none."""
+    cached = entry(key)
+    if not cached.is_file():
+        return False
+    shutil.copyfile(cached, dest)
+    return True
+
+
+def store(key: str, rows_file: Path) -> Path | None:
+    """Keep a copy of rows_file under `key`; None (and nothing changed) when the
+    cache cannot be written: a cache is a saving, never a reason to fail a run."""
+    from .files import WriteError, atomic_write
+
+    target = entry(key)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(target, lambda tmp: shutil.copyfile(rows_file, tmp))
+    except (OSError, WriteError):
+        return None
+    return target
+
+
+__all__ = ["engine_source_digest", "entry", "fetch", "scores_key", "store"]
