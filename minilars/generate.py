@@ -53,12 +53,19 @@ def decode(model: Model, prompts: Sequence[Sequence[int]], max_new_tokens: int, 
         raise ValueError("the prompt is empty")
     if length >= model.cfg.max_seq_len:
         raise ValueError(f"prompt of {length} tokens does not fit the model's context ({model.cfg.max_seq_len})")
-    stop = set(stop_ids or ())
-    rng = np.random.default_rng(seed)
     tokens = np.asarray([list(p) for p in prompts], dtype=np.int64)  # (B, L)
     kv = model.new_kv_cache(len(prompts), min(length + max_new_tokens, model.cfg.max_seq_len))
     logits = model.logits(tokens, kv, last_only=True)  # (B, V)
-    stopped = [False] * len(prompts)
+    yield from decode_from(model, kv, logits, max_new_tokens, temperature, top_p, stop_ids, seed)
+
+
+def decode_from(model: Model, kv, logits, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
+                stop_ids: Collection[int] | None = None, seed: int = 0) -> Iterator[list[int | None]]:
+    """`decode` after its prefill: kv holds the B prompts (kv.length = L) and logits
+    (B, V) are their last positions' logits; the steps and their stopping as there."""
+    stop = set(stop_ids or ())
+    rng = np.random.default_rng(seed)
+    stopped = [False] * logits.shape[0]
     for _ in range(max_new_tokens):
         rows = model.be.to_numpy(logits)  # (B, V)
         picked = [sample_next(row, temperature, top_p, rng) for row in rows]

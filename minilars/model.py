@@ -475,10 +475,22 @@ class Model:
         if last_only:
             h = h[:, -1:]
         batch, seq_len = h.shape[0], h.shape[1]
-        out = self.be.matmul_nt(h.reshape(batch * seq_len, self.cfg.dim), self.head)
-        if self.cfg.final_softcap is not None:
-            out = self.be.softcap(out, self.cfg.final_softcap)
+        out = self.head_logits(h.reshape(batch * seq_len, self.cfg.dim))
         return out.reshape(batch, self.cfg.vocab_size) if last_only else out.reshape(batch, seq_len, -1)
+
+    def head_logits(self, h: Array) -> Array:
+        """(N, d) final-normed hidden states -> (N, V) logits h E^T, soft-capped when
+        the model has a final_softcap."""
+        out = self.be.matmul_nt(h, self.head)
+        return out if self.cfg.final_softcap is None else self.be.softcap(out, self.cfg.final_softcap)
+
+    def loss_of_hidden(self, h: Array, targets, ignore_index: int = -100) -> tuple[float, int]:
+        """(mean loss, labelled count) of final-normed hidden states h (N, d) against
+        targets (N,), forward only: the head and loss of `forward` without its blocks."""
+        loss, n_labelled, _ = cross_entropy_forward(
+            h, self.head, self.be.asarray(targets, "int64"), self.be, chunk=self.loss_chunk,
+            ignore_index=ignore_index, need_dx=False, softcap=self.cfg.final_softcap)
+        return loss, n_labelled
 
     def new_kv_cache(self, batch: int, max_len: int | None = None) -> KVCache:
         cfg, be = self.cfg, self.be

@@ -276,8 +276,14 @@ class EvalResult:
 
 def eval_loss(model: Model, examples: list[Example], seq_len: int, batch_size: int, pad_id: int) -> float | None:
     """Mean loss over the labelled tokens of `examples`, forward only."""
+    total, count = _loss_sum(model, examples, seq_len, batch_size, pad_id)
+    return total / count if count else None
+
+
+def _loss_sum(model: Model, examples: list[Example], seq_len: int, batch_size: int, pad_id: int) -> tuple[float, int]:
+    """(sum of the losses, labelled tokens) over `examples` packed into rows."""
     if not examples:
-        return None
+        return 0.0, 0
     rows = make_rows(examples, seq_len, pad_id, packing="pack", seed=0)
     total, count = 0.0, 0
     for start in range(0, len(rows), batch_size):
@@ -285,7 +291,7 @@ def eval_loss(model: Model, examples: list[Example], seq_len: int, batch_size: i
         tape = model.forward(tokens, targets, need_grad=False)
         total += tape.loss * tape.n_labelled
         count += tape.n_labelled
-    return total / count if count else None
+    return total, count
 
 
 def generate_answers(model: Model, tokenizer, prompts: list, max_new_tokens: int, stop_ids: set[int]) -> list[str]:
@@ -297,13 +303,87 @@ def generate_answers(model: Model, tokenizer, prompts: list, max_new_tokens: int
             for ids in generate_batch(model, prompts, max_new_tokens, stop_ids=stop_ids)]
 
 
+def shares_its_prompt(ex: Example, seq_len: int) -> bool:
+    """The example's loss can come from its answer's prefill: it has a generation
+    prompt, nothing labelled inside it (a prompt/completion record, or a chat whose
+    last assistant turn is its only labelled one), and it fits a row of seq_len + 1."""
+    n = len(ex.prompt_ids or ())
+    return 0 < n < len(ex.ids) <= seq_len + 1 and tuple(ex.ids[:n]) == tuple(ex.prompt_ids) \
+        and not ex.labelled[:n].any()
+
+
+def loss_and_answers(model: Model, examples: list[Example], max_new_tokens: int, stop_ids: set[int],
+                     ignore_index: int = -100) -> tuple[float, int, list[list[int]]]:
+    """Held-out loss and greedy answers of prompts of one length L, from one prefill.
+
+    The (B, L) prompts are prefilled once into a KV cache; the last position's hidden
+    state h_L gives both the first answer token (greedy) and the loss's first term.
+    The completions, fed against the cache as one (B, C - 1) chunk (right-padded;
+    causal attention keeps the padding out of every real position), give the other
+    terms: loss = sum over labelled t >= L of -log softmax(h_t E^T)[ids[t+1]], what the
+    example alone in a padded row gives `forward`. Then the cache is cut back to L
+    and the answers decode from h_L's logits (minilars.generate.decode_from), as
+    `decode` would after its own prefill: the prompt's forward serves the loss and
+    the answer instead of running once for each. Returns (sum of the losses, labelled
+    tokens, each example's new token ids, the stop id left out)."""
+    from .generate import decode_from
+
+    be, d = model.be, model.cfg.dim
+    L = len(examples[0].prompt_ids)
+    completion = max(len(ex.ids) for ex in examples) - L  # C: the longest completion, in tokens
+    prompts = np.asarray([ex.prompt_ids for ex in examples], dtype=np.int64)  # (B, L)
+    chunk = np.zeros((len(examples), max(completion - 1, 1)), dtype=np.int64)  # (B, C - 1), inputs after L
+    targets = np.full((len(examples), completion), ignore_index, dtype=np.int64)  # (B, C), the targets from L - 1
+    for b, ex in enumerate(examples):
+        ids, labelled = np.asarray(ex.ids), np.asarray(ex.labelled)
+        chunk[b, :len(ids) - L - 1] = ids[L:-1]
+        targets[b, :len(ids) - L] = np.where(labelled[L:], ids[L:], ignore_index)
+    kv = model.new_kv_cache(len(examples), min(L + max(completion - 1, max_new_tokens), model.cfg.max_seq_len))
+    h_last = model.hidden(prompts, kv)[:, -1]  # (B, d)
+    first_logits = model.head_logits(h_last)  # (B, V)
+    h = [h_last[:, None]]
+    if completion > 1:
+        h.append(model.hidden(chunk, kv))  # (B, C - 1, d)
+    h = be.concat(h, axis=1).reshape(len(examples) * completion, d)  # (B C, d)
+    loss, count = model.loss_of_hidden(h, targets.reshape(-1), ignore_index)
+    kv.length = L
+    answers: list[list[int]] = [[] for _ in examples]
+    for step in decode_from(model, kv, first_logits, max_new_tokens, stop_ids=stop_ids):
+        for b, token in enumerate(step):
+            if token is not None:
+                answers[b].append(token)
+    return loss * count, count, answers
+
+
 def evaluate(model: Model, tokenizer, examples: list[Example], step: int, seq_len: int, batch_size: int,
              pad_id: int, stop_ids: set[int], max_new_tokens: int = 32) -> EvalResult:
-    """Eval loss on `examples`, then greedy answers to those that have a prompt."""
-    result = EvalResult(step, loss=eval_loss(model, examples, seq_len, batch_size, pad_id))
+    """Eval loss on `examples`, and greedy answers to those that have a prompt.
+
+    Examples whose prompt holds no label (shares_its_prompt) get both from one
+    prefill, prompts of one length batched up to batch_size (loss_and_answers);
+    the rest (text records, chats with earlier labelled turns, examples longer than a
+    row) keep the packed rows of eval_loss for the loss and generate_answers for
+    the answer."""
+    shared = [ex for ex in examples if shares_its_prompt(ex, seq_len)]
+    total, count = _loss_sum(model, [ex for ex in examples if not shares_its_prompt(ex, seq_len)], seq_len,
+                             batch_size, pad_id)
+    outputs: dict[int, str] = {}  # id(example) -> answer
+    groups: dict[int, list[Example]] = {}
+    for ex in shared:
+        groups.setdefault(len(ex.prompt_ids), []).append(ex)
+    for group in groups.values():
+        for start in range(0, len(group), batch_size):
+            part = group[start:start + batch_size]
+            loss_sum, n, answers = loss_and_answers(model, part, max_new_tokens, stop_ids)
+            total, count = total + loss_sum, count + n
+            outputs.update((id(ex), tokenizer.decode(ids, skip_special_tokens=True)) for ex, ids in zip(part, answers))
+    unshared = [ex for ex in examples if ex.prompt_ids and id(ex) not in outputs]
+    outputs.update(zip(map(id, unshared), generate_answers(model, tokenizer, [ex.prompt_ids for ex in unshared],
+                                                           max_new_tokens, stop_ids)))
+    result = EvalResult(step, loss=total / count if count else None)
     scored = [ex for ex in examples if ex.prompt_ids]
-    outputs = generate_answers(model, tokenizer, [ex.prompt_ids for ex in scored], max_new_tokens, stop_ids)
-    for ex, output in zip(scored, outputs):
+    for ex in scored:
+        output = outputs[id(ex)]
         result.answers.append(Answer(ex.question or "", output, ex.reference, exact_match(output, ex.reference),
                                      contains_answer(output, ex.answer or ex.reference)))
     if scored:
