@@ -4,6 +4,7 @@
     minilars study accuracy --out study/              # every task x method, with an lr sweep
     minilars study accuracy --quick --out /tmp/s      # smoke run: tiny preset, 2 steps, 1 lr, 4 questions
     minilars study compare A/eval.jsonl B/eval.jsonl  # two runs, question by question (McNemar)
+    minilars study accuracy --jobs 2 --out study/    # two processes at a time
 
 `accuracy` trains each method on each task with the same step budget and batch,
 every training run a fresh `minilars finetune` process (so its peak RSS, the
@@ -16,6 +17,11 @@ model, which every method starts from exactly (LoRA B = 0, IA3 scales 1, LARS M 
 Outputs in --out: results.md and results.csv (one row per task and method),
 accuracy_vs_step.png, study.json (everything, including each run's command),
 runs/<task>/<method>/lr-<lr>[-sweep]/ (finetune output, finetune.log, eval.jsonl).
+
+What costs less: the base model's rows come from the score cache when this model,
+question set, scoring settings and engine source were scored before
+(minilars/score_cache.py; --rescore-base scores again), and --jobs N runs the
+independent processes N at a time (minilars/commands/jobs.py).
 """
 from __future__ import annotations
 
