@@ -183,3 +183,52 @@ def test_the_engine_source_is_in_the_key(tmp_path):
     assert score_cache.engine_source_digest(tmp_path) == before
     (tmp_path / "backends" / "sub" / "kernel.py").write_text("x = 2\n")
     assert score_cache.engine_source_digest(tmp_path) != before
+
+
+# ---------------------------------------------------------------- interrupting a study
+def _finetunes_of(out) -> list[int]:
+    """pids of live `minilars finetune` processes writing under `out` (from /proc)."""
+    import os
+
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    args = f.read().split(b"\0")
+            except OSError:
+                continue
+            if b"finetune" in args and any(str(out).encode() in a for a in args):
+                pids.append(int(entry))
+    return pids
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_sigterm_ends_the_study_and_every_process_it_runs(tmp_path):
+    """A study of two methods at 2 jobs, each training 100,000 steps, stopped by SIGTERM
+    once a finetune runs: the study exits and leaves no finetune process behind."""
+    import os
+    import signal
+    import time
+
+    out = tmp_path / "study"
+    proc = subprocess.Popen([sys.executable, "-m", "minilars", "study", "accuracy", "--quick", "--out", str(out),
+                             "--tasks", "personal", "--methods", "lora,lars", "--steps", "100000", "--jobs", "2"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "MINILARS_CACHE": str(tmp_path / "cache")})
+    try:
+        deadline = time.monotonic() + 300
+        while not _finetunes_of(out) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert _finetunes_of(out), "no finetune process started"
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=120)
+        deadline = time.monotonic() + 30
+        while _finetunes_of(out) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert proc.returncode != 0 and not _finetunes_of(out)
+    finally:
+        proc.kill()
+        for pid in _finetunes_of(out):
+            os.kill(pid, signal.SIGKILL)

@@ -384,7 +384,8 @@ def _run_accuracy(args) -> int:
             base.result()
             rows += [done[m][0] for m in s.methods]
             runs += [r for m in s.methods for r in done[m][1]]
-    finally:
+    finally:  # an interrupt anywhere (the base model's wait included) ends every process in flight
+        _jobs.stop()
         _jobs = Jobs(1)
     write_outputs(out, s, rows, runs, time.perf_counter() - started)
     print(f"wrote {out / 'results.md'}, {out / 'results.csv'}, {out / 'accuracy_vs_step.png'} "
