@@ -11,7 +11,7 @@ screen. So the study keeps the rows it wrote and reuses them when the key matche
 
 The engine's source is in the key so that a change to any kernel, the tokenizer
 path or the scoring means scoring again; a stale entry can only miss, never be read. Entries
-live in cache_dir()/scores/<key>.jsonl (models.cache_dir: $MINILARS_CACHE, else
+live in cache_dir()/scores/<key>.jsonl (minilars.models.cache_dir: $MINILARS_CACHE, else
 $XDG_CACHE_HOME/minilars, else ~/.cache/minilars), written atomically.
 """
 from __future__ import annotations
@@ -22,17 +22,19 @@ import shutil
 from pathlib import Path
 
 SUBDIR = "scores"
-_PACKAGES = ("minilars", "backends", "models")  # the engine's source, beside this file's package
 
 
-def engine_source_digest(root: Path | None = None) -> str:
-    """sha256 over every .py file of the engine's packages under root (default: where
-    this file's package is installed), in path order."""
-    root = Path(__file__).resolve().parent.parent if root is None else Path(root)
+def engine_source_digest(packages: list[Path] | None = None) -> str:
+    """sha256 over every .py file under the engine's package folders (default: where
+    minilars, minilars.backends and minilars.models are installed), in path order."""
+    if packages is None:
+        from . import backends, models
+
+        packages = [Path(__file__).parent, Path(backends.__file__).parent, Path(models.__file__).parent]
     digest = hashlib.sha256()
-    for package in _PACKAGES:
-        for path in sorted((root / package).rglob("*.py")):
-            digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes() + b"\0")
+    for i, folder in enumerate(packages):
+        for path in sorted(Path(folder).rglob("*.py")):
+            digest.update(f"{i}/{path.relative_to(folder)}".encode() + b"\0" + path.read_bytes() + b"\0")
     return digest.hexdigest()
 
 
@@ -41,7 +43,7 @@ def _model_files(spec: str) -> list[Path]:
     directory; [] for the built-in tiny preset (its weights come from its seed)."""
     if spec == "tiny":
         return []
-    from models import resolve_model
+    from .models import resolve_model
 
     path = resolve_model(spec)
     return sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
@@ -50,7 +52,7 @@ def _model_files(spec: str) -> list[Path]:
 def scores_key(model: str, questions: Path, settings: dict) -> str:
     """The cache key of scoring `model` on the question file with `settings`
     (backend, device, weights, max_new_tokens: whatever the answers depend on)."""
-    from models.cache import sha256_file
+    from .models.cache import sha256_file
 
     digest = hashlib.sha256()
     parts = {"engine": engine_source_digest(), "settings": settings,
@@ -61,7 +63,7 @@ def scores_key(model: str, questions: Path, settings: dict) -> str:
 
 
 def entry(key: str) -> Path:
-    from models.cache import cache_dir
+    from .models.cache import cache_dir
 
     return cache_dir() / SUBDIR / f"{key}.jsonl"
 

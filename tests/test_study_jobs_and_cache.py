@@ -174,15 +174,37 @@ def test_an_unwritable_cache_costs_the_saving_not_the_run(monkeypatch, tmp_path)
 
 
 def test_the_engine_source_is_in_the_key(tmp_path):
-    for package in ("minilars", "backends", "models"):
-        (tmp_path / package / "sub").mkdir(parents=True)
-        (tmp_path / package / "sub" / "kernel.py").write_text("x = 1\n")
-    (tmp_path / "minilars" / "notes.txt").write_text("not source")
-    before = score_cache.engine_source_digest(tmp_path)
-    (tmp_path / "minilars" / "notes.txt").write_text("changed, still not source")
-    assert score_cache.engine_source_digest(tmp_path) == before
-    (tmp_path / "backends" / "sub" / "kernel.py").write_text("x = 2\n")
-    assert score_cache.engine_source_digest(tmp_path) != before
+    packages = [tmp_path / name for name in ("minilars", "backends", "models")]
+    for package in packages:
+        (package / "sub").mkdir(parents=True)
+        (package / "sub" / "kernel.py").write_text("x = 1\n")
+    (packages[0] / "notes.txt").write_text("not source")
+    before = score_cache.engine_source_digest(packages)
+    (packages[0] / "notes.txt").write_text("changed, still not source")
+    assert score_cache.engine_source_digest(packages) == before
+    (packages[1] / "sub" / "kernel.py").write_text("x = 2\n")
+    assert score_cache.engine_source_digest(packages) != before
+
+
+def test_the_installed_engine_is_hashed_and_the_real_model_keyed(tmp_path):
+    """From outside the repository (no `models` on sys.path), the default packages are
+    the installed ones and the key of a registered model reads its file."""
+    import os
+
+    code = ("from pathlib import Path; from minilars import score_cache; "
+            "print(score_cache.engine_source_digest()); "
+            "print(score_cache.scores_key('hf', Path('q.jsonl'), {}))")
+    (tmp_path / "q.jsonl").write_text('{"prompt": "q", "completion": "a"}\n')
+    (tmp_path / "hf").mkdir()  # a Hugging Face directory: its files are what the key reads
+    (tmp_path / "hf" / "config.json").write_text("{}")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    digest, key = out.stdout.split()
+    assert digest == score_cache.engine_source_digest() and len(key) == 32
+    (tmp_path / "hf" / "model.safetensors").write_bytes(b"weights")
+    again = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert again.stdout.split()[1] != key  # another file in the model directory, another key
 
 
 # ---------------------------------------------------------------- interrupting a study
