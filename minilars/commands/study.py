@@ -585,10 +585,15 @@ def train_run(s: Settings, p: Prepared, method: str, lr: float, steps: int, role
         counter[0] += 1
         label = f"[{counter[0]}/{counter[1]}] {p.task} {method} lr {lr:g}, {steps} steps ({role})" \
             + (f", seed {seed}" if several else "")
-        print(f"{label} ...", flush=True)
-    started = time.perf_counter()
-    run.returncode, run.peak_rss_mib = _spawn(run.command, out_dir / "finetune.log", s.threads)
-    run.wall_s = time.perf_counter() - started
+    started = [0.0]
+
+    def on_start() -> None:  # once a job slot is free, so the wall time is the process's own
+        started[0] = time.perf_counter()
+        with _print_lock:
+            print(f"{label} ...", flush=True)
+
+    run.returncode, run.peak_rss_mib = _spawn(run.command, out_dir / "finetune.log", s.threads, on_start)
+    run.wall_s = time.perf_counter() - started[0]
     if run.ok:
         result = json.loads((out_dir / "result.json").read_text())
         run.final_train_loss = result["losses"][-1]
@@ -631,18 +636,23 @@ def minilars_command(*args: str) -> list[str]:
     return [sys.executable, "-c", _PEAK_WRAPPER, "PEAK_FILE", *args]
 
 
-def _spawn(command: list[str], log_path: Path, threads: int) -> tuple[int, float]:
-    """Run a minilars_command with `threads` BLAS threads; (exit status, its peak RSS
-    in MiB). Where /proc is missing the peak falls back to ru_maxrss from os.wait4
-    (an upper bound: see _PEAK_WRAPPER)."""
+def _spawn(command: list[str], log_path: Path, threads: int, on_start=None) -> tuple[int, float]:
+    """Run a minilars_command with `threads` BLAS threads once a job slot is free
+    (on_start() is called then); (exit status, its peak RSS in MiB). Where /proc is
+    missing the peak falls back to ru_maxrss from os.wait4 (an upper bound: see
+    _PEAK_WRAPPER)."""
     peak_file = log_path.with_suffix(".peak")
     peak_file.unlink(missing_ok=True)
     command = [str(peak_file) if c == "PEAK_FILE" else c for c in command]
     env = dict(os.environ)
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
         env[var] = str(threads)
-    with open(log_path, "w") as log, \
-            _jobs.process(lambda: subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)) as proc:
+    def start() -> subprocess.Popen:
+        if on_start is not None:
+            on_start()
+        return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+
+    with open(log_path, "w") as log, _jobs.process(start) as proc:
         try:
             _, status, rusage = os.wait4(proc.pid, 0)
         except BaseException:
