@@ -10,7 +10,11 @@ screen. So the study keeps the rows it wrote and reuses them when the key matche
                  the source of minilars/, backends/ and models/)
 
 The engine's source is in the key so that a change to any kernel, the tokenizer
-path or the scoring means scoring again; a stale entry can only miss, never be read. Entries
+path or the scoring means scoring again; a stale entry can only miss, never be read.
+Left out are the files that only run the study (ORCHESTRATION: this file, the
+study command and its job runner): what they hand the scoring process is in the
+key already (the question file, the settings), and leaving them out lets a study
+reuse its base scores across changes to how it schedules and prints. Entries
 live in cache_dir()/scores/<key>.jsonl (minilars.models.cache_dir: $MINILARS_CACHE, else
 $XDG_CACHE_HOME/minilars, else ~/.cache/minilars), written atomically.
 """
@@ -22,11 +26,13 @@ import shutil
 from pathlib import Path
 
 SUBDIR = "scores"
+ORCHESTRATION = ("score_cache.py", "commands/study.py", "commands/jobs.py")  # in minilars/, not hashed
 
 
 def engine_source_digest(packages: list[Path] | None = None) -> str:
     """sha256 over every .py file under the engine's package folders (default: where
-    minilars, minilars.backends and minilars.models are installed), in path order."""
+    minilars, minilars.backends and minilars.models are installed), in path order,
+    but the first folder's ORCHESTRATION files."""
     if packages is None:
         from . import backends, models
 
@@ -34,6 +40,8 @@ def engine_source_digest(packages: list[Path] | None = None) -> str:
     digest = hashlib.sha256()
     for i, folder in enumerate(packages):
         for path in sorted(Path(folder).rglob("*.py")):
+            if i == 0 and path.relative_to(folder).as_posix() in ORCHESTRATION:
+                continue
             digest.update(f"{i}/{path.relative_to(folder)}".encode() + b"\0" + path.read_bytes() + b"\0")
     return digest.hexdigest()
 

@@ -182,8 +182,14 @@ def test_the_engine_source_is_in_the_key(tmp_path):
     before = score_cache.engine_source_digest(packages)
     (packages[0] / "notes.txt").write_text("changed, still not source")
     assert score_cache.engine_source_digest(packages) == before
+    (packages[0] / "commands").mkdir()
+    (packages[0] / "commands" / "study.py").write_text("print('the study schedules differently')\n")
+    assert score_cache.engine_source_digest(packages) == before  # orchestration only
+    (packages[0] / "commands" / "eval.py").write_text("print('the eval command changed')\n")
+    changed = score_cache.engine_source_digest(packages)
+    assert changed != before
     (packages[1] / "sub" / "kernel.py").write_text("x = 2\n")
-    assert score_cache.engine_source_digest(packages) != before
+    assert score_cache.engine_source_digest(packages) not in (before, changed)
 
 
 def test_the_installed_engine_is_hashed_and_the_real_model_keyed(tmp_path):
