@@ -316,13 +316,17 @@ def loss_and_answers(model: Model, examples: list[Example], max_new_tokens: int,
                      ignore_index: int = -100) -> tuple[float, int, list[list[int]]]:
     """Held-out loss and greedy answers of prompts of one length L, from one prefill.
 
-    The (B, L) prompts are prefilled once into a KV cache; the last position's hidden
-    state h_L gives both the first answer token (greedy) and the loss's first term.
-    The completions, fed against the cache as one (B, C - 1) chunk (right-padded;
-    causal attention keeps the padding out of every real position), give the other
-    terms: loss = sum over labelled t >= L of -log softmax(h_t E^T)[ids[t+1]], what the
+    The (B, L) prompts are prefilled once into a KV cache; the hidden state at the
+    prompt's last position, h_{L-1}, gives both the first answer token (greedy) and
+    the loss's first term. The completions, fed against the cache as one (B, C - 1)
+    chunk (right-padded; causal attention keeps the padding out of every real
+    position), give the other terms:
+
+        loss = sum over labelled t >= L of -log softmax(h_{t-1} E^T)[ids[t]]
+
+    (positions 0-based, the head soft-capped where the model has one), what the
     example alone in a padded row gives `forward`. Then the cache is cut back to L
-    and the answers decode from h_L's logits (minilars.generate.decode_from), as
+    and the answers decode from h_{L-1}'s logits (minilars.generate.decode_from), as
     `decode` would after its own prefill: the prompt's forward serves the loss and
     the answer instead of running once for each. Returns (sum of the losses, labelled
     tokens, each example's new token ids, the stop id left out)."""
