@@ -3,6 +3,7 @@
     jobs = Jobs(2)
     jobs.map(fn, items)          [fn(x) for x in items]; with N > 1 each call on its own
                                  thread (calls may nest: a method's runs inside the methods)
+    jobs.start(fn, *args)        one call begun alongside; .result() waits for it
     with jobs.process(start) as proc:
         ...                      start() runs once a slot is free: at most N processes
                                  are alive at once, whatever the nesting
@@ -59,37 +60,58 @@ class Jobs:
             for proc in self._live:
                 proc.kill()
 
+    def start(self, fn: Callable[..., Y], *args) -> "Started":
+        """fn(*args) begun now: on its own thread when n > 1, else run here at once
+        (an exception it raises is raised here)."""
+        return Started(fn, args, threaded=self.n > 1)
+
     def map(self, fn: Callable[[X], Y], items: Iterable[X]) -> list[Y]:
         """[fn(x) for x in items], concurrently when n > 1; the first exception (in
         item order) is raised once every call has ended."""
         items = list(items)
         if self.n == 1 or len(items) < 2:
             return [fn(x) for x in items]
-        results: list = [None] * len(items)
-        errors: list[BaseException | None] = [None] * len(items)
-
-        def work(i: int, x: X) -> None:
-            try:
-                results[i] = fn(x)
-            except BaseException as e:  # carried to the caller's thread
-                errors[i] = e
-
-        threads = [threading.Thread(target=work, args=(i, x), daemon=True) for i, x in enumerate(items)]
-        for thread in threads:
-            thread.start()
+        calls = [self.start(fn, x) for x in items]
         try:
-            for thread in threads:
-                while thread.is_alive():
-                    thread.join(0.2)  # short waits, so Ctrl-C reaches this thread
+            for call in calls:
+                call.wait()  # short waits, so Ctrl-C reaches this thread
         except BaseException:
             self.stop()
-            for thread in threads:
-                thread.join()
+            for call in calls:
+                call.wait()
             raise
-        first = next((e for e in errors if e is not None), None)
-        if first is not None:
-            raise first
-        return results
+        return [call.result() for call in calls]
 
 
-__all__ = ["Jobs"]
+class Started:
+    """One call begun by Jobs.start; result() waits for it and returns its value or
+    raises what it raised."""
+
+    def __init__(self, fn: Callable, args: tuple, threaded: bool):
+        self._value, self._error, self._thread = None, None, None
+        if threaded:
+            self._thread = threading.Thread(target=self._run, args=(fn, args), daemon=True)
+            self._thread.start()
+        else:
+            self._run(fn, args)
+            if self._error is not None:
+                raise self._error
+
+    def _run(self, fn: Callable, args: tuple) -> None:
+        try:
+            self._value = fn(*args)
+        except BaseException as e:  # carried to the thread that asks for the result
+            self._error = e
+
+    def wait(self) -> None:
+        while self._thread is not None and self._thread.is_alive():
+            self._thread.join(0.2)
+
+    def result(self):
+        self.wait()
+        if self._error is not None:
+            raise self._error
+        return self._value
+
+
+__all__ = ["Jobs", "Started"]

@@ -369,7 +369,7 @@ def _run_accuracy(args) -> int:
     try:
         for task in s.tasks:
             prepared = prepare_task(task, task_dir, out / "runs" / task, s)
-            base = Background(score_base, s, prepared, out / "runs" / task / "base.jsonl", args.rescore_base)
+            base = _jobs.start(score_base, s, prepared, out / "runs" / task / "base.jsonl", args.rescore_base)
             done: dict[str, tuple[dict, list[Run]]] = {}
 
             def method_row(method: str) -> None:
@@ -402,36 +402,6 @@ def runs_per_method(s: Settings, method: str) -> int:
     if grid == 1:
         return 1 + repeats
     return grid + (s.sweep_steps != s.steps) + repeats
-
-
-class Background:
-    """fn(*args) started now: on its own thread when the study runs several jobs at
-    once, else here and now; result() waits for it (and raises what it raised)."""
-
-    def __init__(self, fn, *args):
-        self._result, self._error = None, None
-        self._thread = None
-        if _jobs.n > 1:
-            self._thread = threading.Thread(target=self._run, args=(fn, args), daemon=True)
-            self._thread.start()
-        else:
-            self._run(fn, args)
-            if self._error is not None:
-                raise self._error
-
-    def _run(self, fn, args) -> None:
-        try:
-            self._result = fn(*args)
-        except BaseException as e:
-            self._error = e
-
-    def result(self):
-        if self._thread is not None:
-            while self._thread.is_alive():
-                self._thread.join(0.2)
-        if self._error is not None:
-            raise self._error
-        return self._result
 
 
 @dataclass
@@ -536,7 +506,7 @@ def study_method(s: Settings, p: Prepared, method: str, base, out: Path, counter
 
 
 def _ready(base) -> dict:
-    """The base scores, waiting for them when they are scored alongside (Background.result)."""
+    """The base scores, waiting for them when they are scored alongside (Jobs.start)."""
     return base() if callable(base) else base
 
 
