@@ -5,6 +5,7 @@ Concurrency is checked by counting live processes, never by timing them."""
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 
@@ -50,6 +51,33 @@ def test_map_raises_the_first_error_after_every_call_ended():
     with pytest.raises(ValueError, match="item 1"):
         jobs.map(fn, range(5))
     assert sorted(ended) == [0, 2, 4]
+
+
+def test_a_chain_holds_its_slot_so_begun_chains_finish_before_others_begin():
+    """Three train-then-score chains on 2 slots: at most 2 chains are ever begun and
+    unfinished. (With a slot per process, the slot a training frees goes to the third
+    chain's training while the first chain does its work between processes, and all
+    three are open at once.)"""
+    jobs = Jobs(2)
+    lock, open_chains, most_open = threading.Lock(), set(), [0]
+
+    def chain(name):
+        with jobs.chain():
+            with jobs.process(lambda: subprocess.Popen(SLEEP)) as training:
+                with lock:
+                    open_chains.add(name)
+                    most_open[0] = max(most_open[0], len(open_chains))
+                training.wait()
+            time.sleep(0.05)  # the study reads the training's results here
+            _sleeper(jobs)  # the scoring
+        with lock:
+            open_chains.discard(name)
+
+    jobs.map(chain, "abc")
+    assert most_open[0] == 2 and jobs.most_alive == 2
+    with pytest.raises(RuntimeError, match="do not nest"):
+        with jobs.chain(), jobs.chain():
+            pass
 
 
 def test_stop_kills_live_processes_and_refuses_new_ones():

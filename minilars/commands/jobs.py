@@ -7,6 +7,9 @@
     with jobs.process(start) as proc:
         ...                      start() runs once a slot is free: at most N processes
                                  are alive at once, whatever the nesting
+    with jobs.chain():
+        ...                      one slot held for the whole block: its processes (one
+                                 after another, on this thread) start without waiting
     jobs.stop()                  kill every live process; later starts raise KeyboardInterrupt
 
 The threads only wait on processes; the work is in the processes, so the GIL costs
@@ -14,12 +17,19 @@ nothing. map never queues calls on a fixed pool (a call that waits on its own ne
 map would deadlock one): every call gets a thread, and the slots bound the processes.
 Ctrl-C or SIGTERM reaches the main thread inside map, which stops every process and
 re-raises, so no training process outlives the study.
+
+A chain is work whose processes depend on each other, such as a seed's training and
+then its scoring. Holding one slot from the first process to the last, a chain that
+has begun finishes before later work takes its slot: its result is reported as soon as
+it can be, at the same throughput. (Without it, the slot freed by a training goes to
+the next one waiting, and every training runs before the first scoring.) Nothing
+inside a chain may wait on work that needs a slot of its own.
 """
 from __future__ import annotations
 
 import subprocess
 import threading
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Callable, Iterable, Iterator, TypeVar
 
 X = TypeVar("X")
@@ -34,13 +44,15 @@ class Jobs:
         self._slots = threading.BoundedSemaphore(n)
         self._lock = threading.Lock()
         self._live: set[subprocess.Popen] = set()
+        self._holds = threading.local()  # .chain: this thread is inside chain() and holds a slot
         self._stopped = False
         self.most_alive = 0  # the largest number of processes alive at once so far
 
     @contextmanager
     def process(self, start: Callable[[], subprocess.Popen]) -> Iterator[subprocess.Popen]:
-        """start() once a slot is free; the slot is held until the block ends."""
-        with self._slots:
+        """start() once a slot is free (at once inside chain(), which holds one); the
+        slot is held until the block ends."""
+        with nullcontext() if getattr(self._holds, "chain", False) else self._slots:
             with self._lock:
                 if self._stopped:
                     raise KeyboardInterrupt("the study was stopped")
@@ -52,6 +64,18 @@ class Jobs:
             finally:
                 with self._lock:
                     self._live.discard(proc)
+
+    @contextmanager
+    def chain(self) -> Iterator[None]:
+        """Hold one slot for the block; the processes it starts run in it, in turn."""
+        if getattr(self._holds, "chain", False):
+            raise RuntimeError("chains do not nest: the inner one would wait for a second slot")
+        with self._slots:
+            self._holds.chain = True
+            try:
+                yield
+            finally:
+                self._holds.chain = False
 
     def stop(self) -> None:
         """Kill every live process; no process starts after this."""

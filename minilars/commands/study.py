@@ -482,12 +482,13 @@ def study_method(s: Settings, p: Prepared, method: str, base, out: Path, counter
         final.role = "final"
 
     def train_and_score(seed: int) -> tuple[Run, dict | None]:
-        run = final if final is not None and seed == seeds[0] else \
-            train_run(s, p, method, chosen, s.steps, "final", out, counter, seed=seed)
-        if not run.ok:
-            return run, None
-        weights = Path(run.out) / "merged" if METHODS[method].method.saves_merged else None
-        after = evaluate_run(s, p, run, Path(run.out) / "eval.jsonl", weights)
+        with _jobs.chain():  # a seed's scoring goes before the next seed's training
+            run = final if final is not None and seed == seeds[0] else \
+                train_run(s, p, method, chosen, s.steps, "final", out, counter, seed=seed)
+            if not run.ok:
+                return run, None
+            weights = Path(run.out) / "merged" if METHODS[method].method.saves_merged else None
+            after = evaluate_run(s, p, run, Path(run.out) / "eval.jsonl", weights)
         if weights is not None and not keep_weights:
             shutil.rmtree(weights, ignore_errors=True)
         label = f" seed {seed}" if len(seeds) > 1 else ""
