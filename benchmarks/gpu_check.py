@@ -67,14 +67,16 @@ def ensure_minilars_importable() -> None:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    from minilars.commands.common import comma_separated
+
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda", help="torch device: cuda, cuda:1 or cpu (default cuda)")
     p.add_argument("--quick", action="store_true",
                    help="tiny preset, T = 64, random weights: a smoke run of this script")
-    p.add_argument("--seq-lens", default=None,
+    p.add_argument("--seq-lens", default=None, type=comma_separated(int, "2048,8192"),
                    help="comma-separated sequence lengths (default 1024,...,16384; quick: 64)")
-    p.add_argument("--methods", default="full,lora,lars", help="engine methods to run (default full,lora,lars)")
+    p.add_argument("--methods", default="full,lora,lars", type=comma_separated(str, "lora,lars"), help="engine methods to run (default full,lora,lars)")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"],
                    help="weights, compute, gradients and optimizer state (default bfloat16; CPUs without native "
                         "bf16 matmul want float32)")
@@ -328,7 +330,7 @@ def main(argv=None) -> int:
     else:
         seq_lens, cfg_name = [1024, 2048, 4096, 8192, 16384], "smollm2-135m"
     if args.seq_lens:
-        seq_lens = [int(t) for t in args.seq_lens.split(",")]
+        seq_lens = args.seq_lens
     args.tile = args.tile or (1024 if cuda else 64)
     args.loss_chunk = args.loss_chunk or (1024 if cuda else 64)
     cfg, params_np, source = load_params(args, cfg_name)
@@ -336,7 +338,7 @@ def main(argv=None) -> int:
         cfg = cfg.with_(max_seq_len=max(seq_lens))
 
     rows: list[Row] = []
-    for method in [m.strip() for m in args.methods.split(",") if m.strip()]:
+    for method in args.methods:
         rows += run_engine(args, be, cfg, params_np, method, seq_lens, started)
         release(be)
     if not args.no_hf:

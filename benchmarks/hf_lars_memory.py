@@ -43,10 +43,12 @@ MIB = 2**20
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    from minilars.commands.common import comma_separated
+
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--seq-lens", default="512,1024,2048,4096,8192", help="comma-separated T")
-    p.add_argument("--systems", default=",".join(SYSTEMS), help=f"comma-separated, of {', '.join(SYSTEMS)}")
+    p.add_argument("--seq-lens", default="512,1024,2048,4096,8192", type=comma_separated(int, "512,2048"), help="comma-separated T")
+    p.add_argument("--systems", default=",".join(SYSTEMS), type=comma_separated(str, "lars,peft-lora"), help=f"comma-separated, of {', '.join(SYSTEMS)}")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps first (their memory counts in the peak)")
     p.add_argument("--steps", type=int, default=2, help="timed steps")
     p.add_argument("--threads", type=int, default=2)
@@ -171,8 +173,7 @@ def main(argv=None) -> int:
     if args.worker:
         print(json.dumps(worker(args)), flush=True)
         return 0
-    seq_lens = [int(t) for t in args.seq_lens.split(",")]
-    systems = args.systems.split(",")
+    seq_lens, systems = args.seq_lens, args.systems
     print(f"uptime: {open('/proc/loadavg').read().split()[:3]} (1, 5, 15 min load), "
           f"{args.threads} threads; one process per point; MALLOC_MMAP_THRESHOLD_={args.malloc_mmap_threshold}, "
           f"LARS cpu_mmap_threshold={args.lars_cpu_mmap_threshold}, mlp_chunk_tokens={args.lars_mlp_chunk_tokens}",

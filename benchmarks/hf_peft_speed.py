@@ -46,6 +46,7 @@ import time
 from pathlib import Path
 
 import minilars  # noqa: F401  before numpy: OPENBLAS_THREAD_TIMEOUT (docs/speed.md)
+from minilars.commands.common import comma_separated
 import numpy as np
 
 TARGET_RATIO = {"labelled": 0.7, "chat": 0.5}  # LARS step / peft LoRA step, at most
@@ -56,9 +57,9 @@ DATASETS = ("labelled", "chat")
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="smollm2-135m", help="model (default: %(default)s)")
-    p.add_argument("--seq-lens", default="512,2048", help="T values, comma separated (default: %(default)s)")
+    p.add_argument("--seq-lens", default="512,2048", type=comma_separated(int, "512,2048"), help="T values, comma separated (default: %(default)s)")
     p.add_argument("--quick", action="store_true", help="T = 512 only (overrides --seq-lens)")
-    p.add_argument("--datasets", default=",".join(DATASETS),
+    p.add_argument("--datasets", default=",".join(DATASETS), type=comma_separated(str, "labelled,chat"),
                    help="comma separated from labelled, chat (default: %(default)s)")
     p.add_argument("--rounds", type=int, default=4,
                    help="rounds per (T, dataset); a round is one step of each, in alternating order (default: "
@@ -132,7 +133,7 @@ def lars_worker(args):
     from minilars.pretrained import load_model
 
     model, tokenizer = load_model(args.model, args.backend)
-    tokens, targets = make_batch(args.data, model.cfg.vocab_size, tokenizer, int(args.seq_lens), args.seed)
+    tokens, targets = make_batch(args.data, model.cfg.vocab_size, tokenizer, args.seq_lens[0], args.seed)
     np.savez(args.batch, tokens=tokens, targets=targets)
     if model.be.name == "numba":
         from minilars.backends.numba_backend import warmup
@@ -235,8 +236,8 @@ def main(argv=None) -> int:
         return serve(args)
     from minilars.bench.common import print_table
 
-    seq_lens = [512] if args.quick else [int(t) for t in args.seq_lens.split(",")]
-    kinds = [k.strip() for k in args.datasets.split(",") if k.strip()]
+    seq_lens = [512] if args.quick else args.seq_lens
+    kinds = args.datasets
     unknown = [k for k in kinds if k not in DATASETS]
     if unknown:
         raise SystemExit(f"hf_peft_speed: unknown dataset {unknown[0]!r}; choose from {', '.join(DATASETS)}")

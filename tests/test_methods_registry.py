@@ -194,11 +194,13 @@ def test_bench_memory_runs_take_ranks_and_storage_from_the_registry():
     """`minilars bench memory`'s menu: each method at its typical rank (LARS 16,
     LoRA 8), storage recipes for the method that reads them, labels as the tables
     in docs/memory.md print them; --rank overrides every method that has a rank."""
-    from types import SimpleNamespace
+    import argparse
 
-    from minilars.bench.memory import build_runs, label_of
-    args = SimpleNamespace(methods="inference,lars,lora,ia3,full", seq_lens="64", other_seq_lens=None,
-                           max_seq_len_others=2048, storage=["default", "exact"], quick=False, rank=None)
+    from minilars.bench.memory import add_arguments, build_runs, label_of
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["--methods", "inference,lars,lora,ia3,full", "--seq-lens", "64",
+                              "--storage", "default", "--storage", "exact"])
     runs = build_runs(args)
     assert [(r["method"], r["rank"], r["storage"]) for r in runs] == [
         ("frozen", None, None), ("lars", 16, "default"), ("lars", 16, "exact"), ("lora", 8, None),

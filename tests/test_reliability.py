@@ -483,3 +483,30 @@ def test_a_resumed_run_reports_the_activation_peak_of_its_steps(data_file, tmp_p
     assert main(tiny_args(data_file, out, "--seq-len", "128", "--resume")) == 0  # every step already taken
     assert json.loads((out / "result.json").read_text())["activation_bytes_peak"] == expected
     assert f"activation store peak {expected / 2**20:,.1f} MiB" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, needles", [
+    (["bench", "speed", "--seq-lens", "512,2O48"], ["--seq-lens", "'512,2O48'", "integers like 512,2048"]),
+    (["bench", "memory", "--other-seq-lens", "1k"], ["--other-seq-lens", "'1k'", "integers"]),
+    (["bench", "gradients", "--ranks", "4;16"], ["--ranks", "'4;16'"]),
+    (["study", "accuracy", "--quick", "--out", "OUT", "--lrs", "1e-3,fast"], ["--lrs", "'1e-3,fast'", "numbers like"]),
+])
+def test_a_bad_comma_separated_flag_is_one_line_naming_it(argv, needles, capsys, tmp_path):
+    """Every comma-separated flag goes through commands.common.comma_separated: a bad
+    item stops the command at once with the flag and the value, no traceback."""
+    with pytest.raises(SystemExit) as stop:
+        code = main([str(tmp_path / "out") if a == "OUT" else a for a in argv])
+        raise SystemExit(code)
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and not (tmp_path / "out").exists()
+    for needle in needles:
+        assert needle in err
+
+
+def test_comma_separated_lists_parse_with_blanks_dropped():
+    from minilars.commands.common import comma_separated
+
+    assert comma_separated(int)(" 512, 2048,") == [512, 2048]
+    assert comma_separated(float)("3e-4,1e-3") == [3e-4, 1e-3]
+    assert comma_separated()("lars, lora") == ["lars", "lora"]

@@ -13,6 +13,8 @@ import math
 
 import numpy as np
 
+from minilars.commands.common import comma_separated
+
 from .common import load_model, print_table, random_batch, write_csv
 
 FROZEN_FIELDS = ("attn_norm.x", "attn.q", "attn.k", "attn.v", "attn.o", "mlp_norm.x", "mlp.gate_up")
@@ -30,7 +32,7 @@ def policies(ranks: list[int]) -> list[tuple[str, tuple]]:
 def add_arguments(parser) -> None:
     parser.add_argument("--model", action="append", default=None,
                         help="tiny and/or a pretrained model (repeatable; default: tiny and smollm2-135m)")
-    parser.add_argument("--ranks", default="4,16,64,256", help="subspace ranks, comma separated (default: %(default)s)")
+    parser.add_argument("--ranks", default="4,16,64,256", type=comma_separated(int, "4,16"), help="subspace ranks, comma separated (default: %(default)s)")
     parser.add_argument("--adapter-rank", type=int, default=16, help="LARS adapter rank (default: %(default)s)")
     parser.add_argument("--seq-len", type=int, default=256, help="tokens per sequence (default: %(default)s)")
     parser.add_argument("--backend", default="numpy", help="kernel backend (default: %(default)s)")
@@ -61,7 +63,7 @@ def gradient_errors(model, tokens, targets, adapter_rank: int, ranks: list[int],
 
 
 def run(args) -> int:
-    ranks = [int(r) for r in args.ranks.split(",") if r.strip()]
+    ranks = args.ranks
     all_rows = []
     for name in args.model or ["tiny", "smollm2-135m"]:
         model = load_model(name, backend=args.backend)

@@ -29,6 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from minilars.commands.common import comma_separated
 from minilars.methods import method_class
 
 MIB = 2**20
@@ -48,13 +49,13 @@ LIMIT_COLUMNS = ("memory_limit_mib", "cgroup_peak_mib")
 def add_arguments(parser) -> None:
     parser.add_argument("--model", default="smollm2-135m",
                         help="model name, .gguf or HF directory; 'tiny' uses random weights (default: %(default)s)")
-    parser.add_argument("--methods", default=",".join(ALL_METHODS),
+    parser.add_argument("--methods", default=",".join(ALL_METHODS), type=comma_separated(str, "lars,lora"),
                         help="comma-separated from inference, lars, lora, ia3, full (default: %(default)s)")
-    parser.add_argument("--seq-lens", default=None,
+    parser.add_argument("--seq-lens", default=None, type=comma_separated(int, "256,512"),
                         help="comma-separated T for LARS (default: 256,...,8192; --quick: 16,32,64)")
     parser.add_argument("--max-seq-len-others", type=int, default=2048,
                         help="the other methods (and inference) run only the T up to this (default: %(default)s)")
-    parser.add_argument("--other-seq-lens", default=None,
+    parser.add_argument("--other-seq-lens", default=None, type=comma_separated(int, "256,512"),
                         help="comma-separated T for the non-LARS methods, overriding --max-seq-len-others")
     parser.add_argument("--rank", type=int, default=None,
                         help="rank of every method that has one (default: each method's typical rank, "
@@ -89,19 +90,15 @@ def add_arguments(parser) -> None:
 
 
 # ---------------------------------------------------------------- the sweep
-def _ints(text: str) -> list[int]:
-    return [int(x) for x in text.split(",") if x.strip()]
-
-
 def build_runs(args) -> list[dict]:
     """One dict of worker arguments per run, in the order they run."""
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    methods = args.methods
     unknown = [m for m in methods if m not in ALL_METHODS]
     if unknown:
         raise ValueError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(ALL_METHODS)}")
-    lars_lens = _ints(args.seq_lens) if args.seq_lens else list(QUICK_SEQ_LENS if args.quick else LARS_SEQ_LENS)
+    lars_lens = args.seq_lens if args.seq_lens else list(QUICK_SEQ_LENS if args.quick else LARS_SEQ_LENS)
     if args.other_seq_lens:
-        other_lens = _ints(args.other_seq_lens)
+        other_lens = args.other_seq_lens
     else:
         other_lens = [t for t in lars_lens if t <= args.max_seq_len_others]
     storages = args.storage or ["default"]

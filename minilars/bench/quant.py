@@ -17,12 +17,15 @@ import time
 
 import numpy as np
 
+from minilars.commands.common import comma_separated
+
 from .common import print_table, random_batch, write_csv
 
 
 def add_arguments(parser) -> None:
     parser.add_argument("--model", default="smollm2-135m", help="a GGUF model (default: %(default)s)")
-    parser.add_argument("--seq-lens", default="512,2048", help="T values, comma separated (default: %(default)s)")
+    parser.add_argument("--seq-lens", default="512,2048", type=comma_separated(int, "512,2048"),
+                        help="T values, comma separated (default: %(default)s)")
     parser.add_argument("--backend", default="numba", choices=("numpy", "numba", "torch"),
                         help="kernel backend of both models (default: %(default)s)")
     parser.add_argument("--rounds", type=int, default=5, help="timed rounds, one step of each model per round "
@@ -47,7 +50,7 @@ def run(args) -> int:
           f"{weight_summary(models['float32'])}; {args.rounds} rounds per T, order alternating")
     method = MethodConfig.lars_default()
     rows = []
-    for seq_len in [int(t) for t in args.seq_lens.split(",") if t.strip()]:
+    for seq_len in args.seq_lens:
         tokens, targets = random_batch(models["keep"].cfg.vocab_size, 1, seq_len)
         bases = calibrate(models["float32"], tokens[:, :512], method.rank, seed=method.seed)
         optimizers = {}

@@ -12,17 +12,20 @@ import time
 
 import numpy as np
 
+from minilars.commands.common import comma_separated
+
 from .common import load_model, print_table, random_batch, write_csv
 from .profile import timed_backend
 
 
 def add_arguments(parser) -> None:
     parser.add_argument("--model", default="smollm2-135m", help="model (default: %(default)s)")
-    parser.add_argument("--seq-lens", default="512,2048", help="T values, comma separated (default: %(default)s)")
-    parser.add_argument("--methods", default="lars,lora,full",
+    parser.add_argument("--seq-lens", default="512,2048", type=comma_separated(int, "512,2048"),
+                        help="T values, comma separated (default: %(default)s)")
+    parser.add_argument("--methods", default="lars,lora,full", type=comma_separated(str, "lars,lora"),
                         help="comma separated from lars (default recipe), lars-fast (--storage fast), lora, full "
                              "(default: %(default)s)")
-    parser.add_argument("--backends", default="numpy,numba", help="comma separated (default: %(default)s)")
+    parser.add_argument("--backends", default="numpy,numba", type=comma_separated(str, "numpy,numba"), help="comma separated (default: %(default)s)")
     parser.add_argument("--steps", type=int, default=2, help="timed steps after one warm-up step (default: %(default)s)")
     parser.add_argument("--csv", default=None, help="also write the table to this CSV file")
     parser.add_argument("--profile", action="store_true",
@@ -84,7 +87,7 @@ def run(args) -> int:
     from minilars.optim import AdamW
 
     rows = []
-    backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+    backends = list(args.backends)
     if "numba" in backends:
         started = time.perf_counter()
         try:
@@ -99,11 +102,11 @@ def run(args) -> int:
     models = {name: load_model(args.model, backend=get_backend(name)) for name in backends}
     configs = {"lars": MethodConfig.lars_default(), "lars-fast": MethodConfig("lars", storage=LARS_FAST_STORAGE),
                "lora": MethodConfig("lora", rank=8), "full": MethodConfig("full")}
-    methods = [m.strip() for m in args.methods.split(",")]
+    methods = args.methods
     unknown = [m for m in methods if m not in configs]
     if unknown:
         raise SystemExit(f"bench speed: unknown method {unknown[0]!r}; choose from {', '.join(configs)}")
-    for seq_len in [int(t) for t in args.seq_lens.split(",")]:
+    for seq_len in args.seq_lens:
         tokens, targets = random_batch(models[backends[0]].cfg.vocab_size, 1, seq_len)
         for method in methods:
             for name in backends:

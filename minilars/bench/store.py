@@ -5,6 +5,8 @@ activation memory the step ever kept (for LARS with recompute, that includes the
 block whose caches are refilled during its backward). Also printed per site kind."""
 from __future__ import annotations
 
+from minilars.commands.common import comma_separated
+
 from .common import load_model, print_table, random_batch, write_csv
 
 METHODS = ("full", "lora", "ia3", "lars")
@@ -16,7 +18,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--seq-len", type=int, default=512, help="tokens (default: %(default)s)")
     parser.add_argument("--rank", type=int, default=16, help="LoRA rank is 8 (PEFT default); LARS rank (default: %(default)s)")
     parser.add_argument("--backend", default="numpy", help="kernel backend (default: %(default)s)")
-    parser.add_argument("--methods", default=",".join(METHODS), help="comma separated (default: %(default)s)")
+    parser.add_argument("--methods", default=",".join(METHODS), type=comma_separated(str, "lars,lora"), help="comma separated (default: %(default)s)")
     parser.add_argument("--csv", default=None, help="also write the table to this CSV file")
 
 
@@ -38,8 +40,8 @@ def run(args) -> int:
                "ia3": MethodConfig("ia3"), "lars": MethodConfig.lars_default(rank=args.rank)}
     rows, kinds = [], {}
     lora_peak = None
-    for name in args.methods.split(","):
-        method = configs[name.strip()]
+    for name in args.methods:
+        method = configs[name]
         peak, by_kind = measure(model, tokens, targets, method)
         if name == REFERENCE:
             lora_peak = peak

@@ -2,9 +2,26 @@
 from __future__ import annotations
 
 import argparse
+from typing import Callable
 
 BACKEND_HELP = ("kernel backend; auto: the fastest installed for the device (on a CPU numba, else torch, else "
                 "numpy; with --device cuda torch), as measured in docs/speed.md")
+
+
+def comma_separated(kind: type = str, example: str = "a,b") -> Callable[[str], list]:
+    """An argparse type: "512, 2048" -> [512, 2048] for kind int (blank items dropped).
+    A bad item is argparse's clear error naming the flag; called directly it raises
+    argparse.ArgumentTypeError. The one parser of every comma-separated flag."""
+    what = {int: "integers", float: "numbers"}.get(kind, "names")
+
+    def parse(text: str) -> list:
+        try:
+            return [kind(item.strip()) for item in text.split(",") if item.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r}: write {what} like {example}") from None
+
+    parse.__name__ = f"comma-separated {what}"
+    return parse
 
 
 def add_model_options(parser: argparse.ArgumentParser, default_model: str | None = "smollm2-135m") -> None:

@@ -42,6 +42,7 @@ from pathlib import Path
 from minilars.cli import CommandError
 from minilars.methods import study_runs
 
+from .common import comma_separated
 from .jobs import Jobs
 
 # name -> StudyRun(finetune flags, lr grid, method class), from each registered method
@@ -199,7 +200,7 @@ def _passkey_sizes(sizes, args):
                 raise CommandError(f"--{flag.replace('_', '-')} must be >= 1")
             changes[flag] = value
     if args.passkey_heldout_T is not None:
-        lengths = _integers("--passkey-heldout-T", args.passkey_heldout_T, "lengths like 4096,8192")
+        lengths = _numbers("--passkey-heldout-T", args.passkey_heldout_T, int, "4096,8192")
         if not lengths or min(lengths) < 1:
             raise CommandError(f"--passkey-heldout-T {args.passkey_heldout_T!r}: give one or more lengths >= 1")
         changes["passkey_heldout_T"] = lengths
@@ -241,18 +242,19 @@ class Settings:
         return self.seeds or (self.seed,)
 
 
-def _integers(flag: str, text: str, like: str) -> tuple[int, ...]:
-    """A comma-separated list of integers given to `flag`; like: what the error suggests."""
+def _numbers(flag: str, text: str, kind: type, example: str) -> tuple:
+    """A comma-separated list of kind given to `flag` (commands.common.comma_separated),
+    its error a CommandError that names the flag and shows the example."""
     try:
-        return tuple(int(x) for x in text.split(",") if x.strip())
-    except ValueError:
-        raise CommandError(f"{flag} {text!r}: write {like}") from None
+        return tuple(comma_separated(kind, example)(text))
+    except argparse.ArgumentTypeError as e:
+        raise CommandError(f"{flag} {e}") from None
 
 
 def _seeds(text: str | None) -> tuple[int, ...]:
     if text is None:
         return ()
-    seeds = _integers("--seeds", text, "integers like 0,1,2")
+    seeds = _numbers("--seeds", text, int, "0,1,2")
     if not seeds or len(set(seeds)) != len(seeds):
         raise CommandError(f"--seeds {text!r}: give one or more different seeds")
     return seeds
@@ -273,10 +275,7 @@ def settings_from(args) -> Settings:
         raise CommandError("--steps must be >= 1")
     methods = _names(args.methods, METHODS, "method")
     if args.lrs:
-        try:
-            grid = tuple(float(x) for x in args.lrs.split(",") if x.strip())
-        except ValueError:
-            raise CommandError(f"--lrs {args.lrs!r}: write learning rates like 1e-3,3e-3") from None
+        grid = _numbers("--lrs", args.lrs, float, "1e-3,3e-3")
         lrs = {m: grid for m in methods}
     else:
         lrs = {m: (METHODS[m][1][1],) if quick else METHODS[m][1] for m in methods}
