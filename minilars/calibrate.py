@@ -35,7 +35,8 @@ class _Recorder(LinearSite):
 
 def calibrate(model: Model, tokens, rank: int | None, seed: int = 0,
               streams: tuple[str, ...] = tuple(STREAMS), token_mask=None,
-              whiten: bool = False) -> tuple[dict[str, Array], dict[str, Array]]:
+              whiten: bool = False, stream_scale: dict[str, float] | None = None
+              ) -> tuple[dict[str, Array], dict[str, Array]]:
     """Returns (stream_bases, storage_bases):
     stream_bases["blocks.{i}.{stream}"] = P (d_in, rank), the top-`rank` directions of
     that stream's inputs (none when rank is None);
@@ -50,7 +51,11 @@ def calibrate(model: Model, tokens, rank: int | None, seed: int = 0,
 
     whiten: each stream basis's columns are divided by the rms of z = x P over the
     kept tokens (Backend.whiten_columns), so an optimiser step on M moves every direction's
-    output alike instead of most along the high-energy ones."""
+    output alike instead of most along the high-energy ones.
+
+    stream_scale {stream: c}: that stream's basis (after any whitening) is c P, so a
+    step of Adam on M (whose size does not follow the gradient's) changes the
+    stream's output c times as much: a per-stream step size that is a change of basis."""
     be = model.be
     stream_bases: dict[str, Array] = {}
     storage_bases: dict[str, Array] = {}
@@ -69,7 +74,10 @@ def calibrate(model: Model, tokens, rank: int | None, seed: int = 0,
         if rank is not None:
             for stream, x in inputs.items():
                 basis = be.orthonormal_range(x, rank, seed=seed + i)
-                stream_bases[f"blocks.{i}.{stream}"] = be.whiten_columns(x, basis) if whiten else basis
+                basis = be.whiten_columns(x, basis) if whiten else basis
+                if stream in (stream_scale or {}):
+                    be.scale_(basis, stream_scale[stream])
+                stream_bases[f"blocks.{i}.{stream}"] = basis
     return stream_bases, storage_bases
 
 

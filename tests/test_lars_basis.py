@@ -64,9 +64,12 @@ def test_an_unknown_basis_is_named(capsys):
     assert "basis 'round'" in capsys.readouterr().err
 
 
-def test_whitened_lars_exports_the_lora_it_equals(tmp_path):
-    """Trained on the whitened basis, saved as LoRA (A = (P D^-1)^T): peft's logits on the
-    transformers model equal minilars's, and the saved A is not orthonormal."""
+@pytest.mark.parametrize("extra", [(("basis", "whitened"),), (("stream_scale", "attn_in=0.5,mlp_out=3"),)],
+                         ids=["whitened", "stream-scale"])
+def test_a_rescaled_lars_basis_exports_the_lora_it_equals(tmp_path, extra):
+    """Trained on the whitened basis (A = (P D^-1)^T) or on per-stream scaled ones (A =
+    c_s P_s^T), saved as LoRA: peft's logits on the transformers model equal minilars's,
+    and a saved A is not orthonormal (the rescaled basis was saved, not P)."""
     peft = pytest.importorskip("peft")
     import torch
     from test_families_loading import ALL_PROJECTIONS, assert_logits_close, hf_model, load, tokens_targets
@@ -78,7 +81,7 @@ def test_whitened_lars_exports_the_lora_it_equals(tmp_path):
     ref.save_pretrained(tmp_path / "hf")
     model = load(tmp_path / "hf", "numpy")
     config = MethodConfig("lars", rank=4, targets=ALL_PROJECTIONS, storage=(("block", "recompute"),),
-                          extra=(("basis", "whitened"),))
+                          extra=extra)
     apply_method(model, config, calibration_tokens=tokens_targets(seed=7)[0])
     rng = np.random.default_rng(3)
     for _, p in sorted(model.trainable().items()):
@@ -88,11 +91,12 @@ def test_whitened_lars_exports_the_lora_it_equals(tmp_path):
     tokens, _ = tokens_targets(seed=5)
     with torch.no_grad():
         got = peft_model(input_ids=torch.as_tensor(tokens)).logits.numpy()
-    assert_logits_close(model.logits(tokens), got, name="whitened lars")
+    assert_logits_close(model.logits(tokens), got, name=f"lars {extra}")
     from safetensors.numpy import load_file
 
-    a = next(v for k, v in load_file(tmp_path / "adapter" / "adapter_model.safetensors").items() if "lora_A" in k)
-    assert not np.allclose(a @ a.T, np.eye(a.shape[0]), atol=1e-3)  # the scaled basis was saved
+    saved = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    a = next(v for k, v in saved.items() if "lora_A" in k and ".q_proj." in k)  # attn_in: scaled in both
+    assert not np.allclose(a @ a.T, np.eye(a.shape[0]), atol=1e-3)
 
 
 def test_the_planner_plans_a_whitened_run_like_an_orthonormal_one():
@@ -106,3 +110,45 @@ def test_the_planner_plans_a_whitened_run_like_an_orthonormal_one():
     white = plan_memory(cfg, MethodConfig.from_options("lars", {"basis": "whitened"}), 128, 1, "float32", "numpy")
     assert white.total == plain.total
     assert white.calibration_peak >= plain.calibration_peak
+
+
+# ---------------------------------------------------------------- --stream-scale: c_s P_s per stream
+def test_stream_scales_parse_and_name_a_bad_part():
+    import argparse
+
+    from minilars.methods.lars import stream_scales
+
+    assert stream_scales(" attn_in=0.5, mlp_out = 2 ,") == {"attn_in": 0.5, "mlp_out": 2.0}
+    assert stream_scales(None) == {} == stream_scales("")
+    for bad in ("attn=0.5", "attn_in", "attn_in=0", "attn_in=-1", "attn_in=nan", "attn_in=half"):
+        with pytest.raises(argparse.ArgumentTypeError, match="stream scale"):
+            stream_scales(bad)
+    config = MethodConfig.from_options("lars", {"stream_scale": "attn_in=0.5"})
+    assert config.option("stream_scale") == "attn_in=0.5"
+    assert MethodConfig.from_options("lars", {}).option("stream_scale") is None  # the default is not recorded
+
+
+def test_a_bad_stream_scale_is_one_argparse_line(capsys):
+    from minilars.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["finetune", "--method", "lars", "--stream-scale", "attn_in=0.5,heads=2"])
+    assert exit_.value.code == 2
+    assert "stream scale 'heads=2'" in capsys.readouterr().err
+
+
+def test_a_scaled_stream_gets_c_times_the_basis_and_the_others_keep_theirs():
+    """calibrate with {attn_in: 0.5, mlp_out: 3} against calibrate without, same seed and
+    tokens: those streams' bases are 0.5 P and 3 P, the other two are P itself."""
+    from minilars.calibrate import calibrate
+    from minilars.config import preset
+    from minilars.model import Model
+
+    model = Model.random(preset("tiny"), seed=0)
+    tokens = np.random.default_rng(1).integers(0, model.cfg.vocab_size, (2, 24))
+    plain, _ = calibrate(model, tokens, 4, seed=3)
+    scaled, _ = calibrate(model, tokens, 4, seed=3, stream_scale={"attn_in": 0.5, "mlp_out": 3.0})
+    factor = {"attn_in": 0.5, "attn_out": 1.0, "mlp_in": 1.0, "mlp_out": 3.0}
+    assert plain.keys() == scaled.keys()
+    for name, basis in plain.items():
+        np.testing.assert_allclose(scaled[name], factor[name.split(".")[-1]] * basis, rtol=1e-12)

@@ -10,13 +10,14 @@ minilars_adapter.json recording the method so it reloads as LARS.
 from __future__ import annotations
 
 import argparse
+import math
 
 import numpy as np
 
 from ..adapters import LARSSite
 from ..calibrate import calibrate
 from ..store import StoragePlan
-from ..weights import PROJECTION_STREAM
+from ..weights import PROJECTION_STREAM, STREAMS
 from .base import RANK_HELP, TARGETS_HELP, Method, MethodOption, StudyRun, positive_int
 from .lora import lora_peft_config
 from .method_config import MethodConfig, apply_frozen
@@ -31,6 +32,31 @@ def _basis_kind(text) -> str:
     if text not in BASIS_KINDS:
         raise argparse.ArgumentTypeError(f"basis {text!r}: choose one of {', '.join(BASIS_KINDS)}")
     return text
+
+
+def stream_scales(text: str | None) -> dict[str, float]:
+    """'attn_in=0.5, attn_out=0.5' -> {'attn_in': 0.5, 'attn_out': 0.5}: a factor c_s per
+    stream of minilars.weights.STREAMS, each finite and > 0; None or '' -> {}. Raises
+    argparse.ArgumentTypeError naming the bad part."""
+    scales = {}
+    for part in (text or "").split(","):
+        if not part.strip():
+            continue
+        stream, sep, value = (piece.strip() for piece in part.partition("="))
+        try:
+            factor = float(value) if sep else math.nan
+        except ValueError:
+            factor = math.nan
+        if stream not in STREAMS or not (math.isfinite(factor) and factor > 0):
+            raise argparse.ArgumentTypeError(f"stream scale {part.strip()!r}: write STREAM=FACTOR with STREAM one of "
+                                             f"{', '.join(STREAMS)} and FACTOR > 0, e.g. attn_in=0.5")
+        scales[stream] = factor
+    return scales
+
+
+def _stream_scale_text(text) -> str:
+    """The --stream-scale value, checked (stream_scales) and written back as 'stream=factor,...'."""
+    return ",".join(f"{stream}={factor:g}" for stream, factor in stream_scales(text).items())
 
 
 @register
@@ -49,6 +75,10 @@ class LARS(Method):
         MethodOption("basis", _basis_kind, "orthonormal", "how the calibrated basis is scaled",
                      note="'orthonormal' (P as calibrated) or 'whitened' (each column of P divided by the "
                           "rms of z = x P over the calibration tokens, so every z column has unit variance)"),
+        MethodOption("stream_scale", _stream_scale_text, "", "per-stream factors on the calibrated basis",
+                     note="e.g. 'attn_in=0.5,attn_out=0.5': P_s becomes c_s P_s, so an optimiser step on M_s "
+                          "moves that stream's output c_s times as far (Adam's step on M does not depend on the "
+                          "gradient's scale); the span, and the PEFT export's equality, are unchanged"),
     )
     needs_calibration = True
     saves_adapter = True
@@ -63,7 +93,10 @@ class LARS(Method):
         flags = ("--method", cls.name, "--rank", str(cls.typical_rank), "--storage")
         return {cls.name: StudyRun((*flags, "default"), cls.study_lrs, cls),  # lars_default()
                 f"{cls.name}-exact": StudyRun((*flags, "exact"), cls.study_lrs, cls),  # every activation exact
-                f"{cls.name}-whitened": StudyRun((*flags, "default", "--basis", "whitened"), cls.study_lrs, cls)}
+                f"{cls.name}-whitened": StudyRun((*flags, "default", "--basis", "whitened"), cls.study_lrs, cls),
+                # attention's adapters at half the step of the MLP's (docs/accuracy.md, passkey)
+                f"{cls.name}-attn-half": StudyRun((*flags, "default", "--stream-scale", "attn_in=0.5,attn_out=0.5"),
+                                                  cls.study_lrs, cls)}
 
     @classmethod
     def rank_limit(cls, d_in, d_out):
@@ -71,7 +104,10 @@ class LARS(Method):
 
     def describe(self):
         c = self.config
-        return f"lars(r={c.rank}, targets={','.join(c.resolved_targets)}, storage: {self.storage_plan().describe()})"
+        basis = "".join(f", {name.replace('_', ' ')} {c.option(name)}" for name in ("basis", "stream_scale")
+                        if c.option(name))
+        return (f"lars(r={c.rank}, targets={','.join(c.resolved_targets)}{basis}, "
+                f"storage: {self.storage_plan().describe()})")
 
     def storage_plan(self):
         return StoragePlan.from_mapping(dict(self.config.storage))
@@ -88,7 +124,8 @@ class LARS(Method):
         else:
             self.stream_bases, model.bases = calibrate(model, calibration_tokens, c.rank, seed=c.seed,
                                                        token_mask=calibration_mask,
-                                                       whiten=c.option("basis") == "whitened")
+                                                       whiten=c.option("basis") == "whitened",
+                                                       stream_scale=stream_scales(c.option("stream_scale")))
 
     def adapter(self, weight, where):
         basis = self.stream_bases[f"blocks.{where.block}.{where.stream}"]
