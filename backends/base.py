@@ -34,6 +34,16 @@ def is_quantized(x) -> bool:
     return quant is not None and isinstance(x, quant.QuantizedWeight)
 
 
+def check_quantized_head(softcap, need_dhead: bool) -> None:
+    """What cross_entropy_head cannot do with a head kept as GGUF blocks, refused with
+    the flag that avoids it: a soft cap (Gemma 2's), and a gradient for the table."""
+    if softcap is not None:
+        raise ValueError("a soft-capped loss over a head kept as GGUF blocks is not implemented "
+                         "(load float weights: --weights float32)")
+    if need_dhead:
+        raise ValueError("the head is kept as GGUF blocks, which do not train (load float weights)")
+
+
 class Backend(ABC):
     """Kernel interface. Forward kernels return what their backward needs."""
 

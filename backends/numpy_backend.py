@@ -8,7 +8,7 @@ import math
 
 import numpy as np
 
-from .base import Backend, is_quantized
+from .base import Backend, check_quantized_head, is_quantized
 
 GELU_C = math.sqrt(2.0 / math.pi)  # tanh-GELU: 0.5 g (1 + tanh(GELU_C (g + GELU_K g^3)))
 GELU_K = 0.044715
@@ -286,12 +286,8 @@ class NumpyBackend(Backend):
 
     def cross_entropy_head(self, x, head, targets, chunk, ignore_index, need_dx, need_dhead, softcap=None):
         if is_quantized(head):  # a vocabulary tile at a time; the frozen table has no dhead
-            if softcap is not None:
-                raise ValueError("a soft-capped loss over a head kept as GGUF blocks is not implemented "
-                                 "(load float weights: --weights float32)")
+            check_quantized_head(softcap, need_dhead)
             from minilars import quant
-            if need_dhead:
-                raise ValueError("the head is kept as GGUF blocks, which do not train (load float weights)")
             return (*quant.cross_entropy_head(x, head, targets, ignore_index, need_dx, self.decode_tile), None)
         n = x.shape[0]
         valid = targets != ignore_index

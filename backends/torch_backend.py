@@ -27,7 +27,7 @@ import math
 import numpy as np
 import torch
 
-from .base import Backend, is_quantized
+from .base import Backend, check_quantized_head, is_quantized
 from .numpy_backend import GELU_C, GELU_K
 
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32,
@@ -390,12 +390,8 @@ class TorchBackend(Backend):
     @_no_grad
     def cross_entropy_head(self, x, head, targets, chunk, ignore_index, need_dx, need_dhead, softcap=None):
         if is_quantized(head):  # a vocabulary tile at a time; the frozen table has no dhead
-            if softcap is not None:
-                raise ValueError("a soft-capped loss over a head kept as GGUF blocks is not implemented "
-                                 "(load float weights: --weights float32)")
+            check_quantized_head(softcap, need_dhead)
             from . import quant_torch
-            if need_dhead:
-                raise ValueError("the head is kept as GGUF blocks, which do not train (load float weights)")
             return (*quant_torch.cross_entropy_head(x, head, targets, ignore_index, need_dx), None)
         n = x.shape[0]
         acc_dt = _acc_dtype(x.dtype)

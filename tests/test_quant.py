@@ -186,3 +186,20 @@ def test_quantize_weight_leaves_rows_that_do_not_split_into_blocks():
     assert isinstance(quantize_weight(w, "q4_0", transposed=True), np.ndarray)
     with pytest.raises(ValueError, match="q4_0"):
         quantize_weight(w, "q3_k", transposed=True)
+
+
+@pytest.mark.parametrize("backend_name", ["numpy", "numba", "torch"])
+def test_a_head_kept_as_blocks_refuses_a_soft_cap_and_a_head_gradient(backend_name):
+    """cross_entropy_head over a GGUF-block head: a soft cap, or a gradient for the table,
+    is a ValueError that names the flag loading float weights (--weights float32)."""
+    pytest.importorskip({"numpy": "numpy", "numba": "numba", "torch": "torch"}[backend_name])
+    from minilars.backends import get_backend
+
+    be = get_backend(backend_name)
+    head = QuantizedWeight([random_rows(Q.Q8_0, 12, 1, seed=0)], transposed=False)  # (12, 32)
+    x = be.asarray(np.random.default_rng(1).standard_normal((3, 32)).astype(np.float32))
+    targets = be.asarray(np.array([1, 2, -100]), "int64")
+    with pytest.raises(ValueError, match="soft-capped.*--weights float32"):
+        be.cross_entropy_head(x, head, targets, 128, -100, need_dx=True, need_dhead=False, softcap=30.0)
+    with pytest.raises(ValueError, match="do not train"):
+        be.cross_entropy_head(x, head, targets, 128, -100, need_dx=True, need_dhead=True)
