@@ -93,10 +93,7 @@ class LARS(Method):
         flags = ("--method", cls.name, "--rank", str(cls.typical_rank), "--storage")
         return {cls.name: StudyRun((*flags, "default"), cls.study_lrs, cls),  # lars_default()
                 f"{cls.name}-exact": StudyRun((*flags, "exact"), cls.study_lrs, cls),  # every activation exact
-                f"{cls.name}-whitened": StudyRun((*flags, "default", "--basis", "whitened"), cls.study_lrs, cls),
-                # attention's adapters at half the step of the MLP's (docs/accuracy.md, passkey)
-                f"{cls.name}-attn-half": StudyRun((*flags, "default", "--stream-scale", "attn_in=0.5,attn_out=0.5"),
-                                                  cls.study_lrs, cls)}
+                f"{cls.name}-whitened": StudyRun((*flags, "default", "--basis", "whitened"), cls.study_lrs, cls)}
 
     @classmethod
     def rank_limit(cls, d_in, d_out):
