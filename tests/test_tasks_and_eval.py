@@ -387,6 +387,31 @@ def test_study_compare_prints_each_metric_and_refuses_other_questions(tmp_path, 
     assert main(["study", "compare", str(a), str(b)]) == 2
 
 
+def test_study_compare_pools_pairs_and_splits_by_a_field(tmp_path, capsys):
+    """Two seeds' pairs pooled (their counts add up) and split by passkey length: the
+    counts are worked out by hand from the rows below."""
+    def rows(flags):
+        return [{"prompt": f"q{i}", "tokens": 512 if i < 2 else 2048, "contains": f, "exact": False}
+                for i, f in enumerate(flags)]
+
+    files = {}
+    for name, flags in {"a0": [True, True, True, False], "b0": [True, False, False, False],
+                        "a1": [False, True, True, True], "b1": [True, True, False, False]}.items():
+        files[name] = tmp_path / f"{name}.jsonl"
+        evaluate.write_rows(files[name], rows(flags))
+    pairs = [str(files[n]) for n in ("a0", "b0", "a1", "b1")]
+    assert main(["study", "compare", *pairs, "--group-by", "tokens"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    # all 8: A 6, B 3; only A: seed 0 q1, q2; seed 1 q2, q3 -> 4; only B: seed 1 q0 -> 1; p = 2 * 6/32
+    assert "contains: A 6/8, B 3/8; only A right 4, only B right 1; exact McNemar p = 0.38" in out
+    assert "tokens = 512, contains: A 3/4, B 3/4; only A right 1, only B right 1; exact McNemar p = 1" in out
+    assert "tokens = 2048, contains: A 3/4, B 0/4; only A right 3, only B right 0; exact McNemar p = 0.25" in out
+    assert main(["study", "compare", *pairs[:3]]) == 2  # an odd number of files
+    assert "in pairs" in capsys.readouterr().err
+    assert main(["study", "compare", *pairs, "--group-by", "depth"]) == 2
+    assert "'depth'" in capsys.readouterr().err
+
+
 def test_paired_text_keeps_small_p_values_readable():
     """13 vs 0 discordant questions: p = 2 / 2^13, printed as 0.00024, not rounded to 0."""
     text = evaluate.Paired("contains", 120, 117, 104, 13, 0).text()

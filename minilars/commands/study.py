@@ -4,6 +4,7 @@
     minilars study accuracy --out study/              # every task x method, with an lr sweep
     minilars study accuracy --quick --out /tmp/s      # smoke run: tiny preset, 2 steps, 1 lr, 4 questions
     minilars study compare A/eval.jsonl B/eval.jsonl  # two runs, question by question (McNemar)
+    minilars study compare A0 B0 A1 B1 --group-by tokens  # pooled over two seeds, and per passkey length
     minilars study accuracy --jobs 2 --out study/    # two processes at a time
 
 `accuracy` trains each method on each task with the same step budget and batch,
@@ -85,6 +86,10 @@ def add_parser(sub) -> None:
     cmp = actions.add_parser("compare", help="two eval outputs on the same questions, question by question")
     cmp.add_argument("a", help="eval.jsonl of run A (minilars eval --out, or a study run's eval.jsonl)")
     cmp.add_argument("b", help="eval.jsonl of run B, the same questions in the same order")
+    cmp.add_argument("more", nargs="*", metavar="A B",
+                     help="more pairs of runs, pooled with the first (e.g. one pair per seed: the counts add up)")
+    cmp.add_argument("--group-by", default=None, metavar="FIELD",
+                     help="also compare within each value of a record field (e.g. tokens: each passkey length)")
     cmp.set_defaults(func=run_compare)
 
     acc = actions.add_parser("accuracy", help="train every method on every task, held-out accuracy before/after",
@@ -157,24 +162,41 @@ def _names(text: str, known, what: str) -> list[str]:
     return names
 
 
-# ---------------------------------------------------------------- make-tasks
+# ---------------------------------------------------------------- compare
 def run_compare(args) -> int:
     """Right answers of each run, the questions only one of them got right, and the
-    exact McNemar p-value, for every metric both files score."""
+    exact McNemar p-value, for every metric both files score; with more pairs, over
+    all their questions together; with --group-by, also within each value of the field."""
     from minilars.evaluate import paired, read_rows
 
-    rows_a, rows_b = read_rows(args.a), read_rows(args.b)
+    files = [args.a, args.b, *args.more]
+    if len(files) % 2:
+        print(f"study compare: give the files in pairs, A B [A B ...]; got {len(files)}", file=sys.stderr)
+        return 2
     try:
-        for metric in ("contains", "exact", "number"):
-            result = paired(rows_a, rows_b, metric)
-            if result.n:
-                print(result.text())
+        rows_a = [row for path in files[0::2] for row in read_rows(path)]
+        rows_b = [row for path in files[1::2] for row in read_rows(path)]
+        groups = [("", rows_a, rows_b)]
+        if args.group_by:
+            values = sorted({r[args.group_by] for r in rows_a if args.group_by in r})
+            if not values:
+                raise KeyError(f"no row of {args.a} has the field {args.group_by!r}")
+            for value in values:
+                kept = [i for i, r in enumerate(rows_a) if r.get(args.group_by) == value]
+                groups.append((f"{args.group_by} = {value}, ", [rows_a[i] for i in kept],
+                               [rows_b[i] for i in kept if i < len(rows_b)]))
+        for label, a, b in groups:
+            for metric in ("contains", "exact", "number"):
+                result = paired(a, b, metric)
+                if result.n:
+                    print(label + result.text())
     except (ValueError, KeyError) as e:
         print(f"study compare: {e}", file=sys.stderr)
         return 2
     return 0
 
 
+# ---------------------------------------------------------------- make-tasks
 def run_make_tasks(args) -> int:
     from minilars import tasks
 
