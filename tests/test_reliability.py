@@ -327,6 +327,8 @@ def test_a_really_full_disk(data_file, tiny_tmpfs, capsys):
     (["--rank", "100000"], ["--rank 100000", "attn_in stream (32)"]),
     (["--targets", "q,nope"], ["'nope'"]),
     (["--method", "lora", "--storage", "exact"], ["--method lora has none"]),
+    (["--method", "lora", "--basis", "whitened"], ["--basis whitened is an option of lars", "--method lora does not"]),
+    (["--method", "ia3", "--rank", "4"], ["--rank 4 is an option of lora, lars", "--method ia3 does not"]),
 ])
 def test_bad_settings_stop_before_any_work(data_file, tmp_path, capsys, monkeypatch, extra, needles):
     from minilars import data

@@ -488,9 +488,17 @@ def _method_class(opts):
 
 
 def _method(opts):
-    """The MethodConfig of --method from the options it reads (minilars/methods/<name>.py)."""
-    from minilars.methods import MethodConfig
+    """The MethodConfig of --method from the options it reads (minilars/methods/<name>.py).
+    Another method's option set away from its default is refused: it would do nothing."""
+    from minilars.methods import MethodConfig, method_class, method_options, registered
 
+    kind = _method_class(opts)
+    for option in method_options():
+        value = getattr(opts, option.name, option.default)
+        if not kind.reads(option.name) and value != option.default:
+            readers = [name for name in registered() if method_class(name).reads(option.name)]
+            raise CommandError(f"--{option.name.replace('_', '-')} {value} is an option of "
+                               f"{', '.join(readers)}; --method {opts.method} does not read it")
     return MethodConfig.from_options(opts.method, vars(opts), seed=opts.seed)
 
 
