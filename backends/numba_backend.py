@@ -29,6 +29,7 @@ Letters as in backends/base.py.
 from __future__ import annotations
 
 import math
+import os
 import time
 
 import numpy as np
@@ -388,6 +389,61 @@ class NumbaBackend(NumpyBackend):
         K.adamw_update(p.reshape(-1), g.reshape(-1), m.reshape(-1), v.reshape(-1), float(lr),
                        float(beta1), float(beta2), float(eps), float(weight_decay),
                        1.0 - beta1 ** step, 1.0 - beta2 ** step)
+
+
+_WARM_CHILD = ("from minilars.backends.numba_backend import warmup; "
+               "from minilars.backends.quant_kernels import warmup as warmup_decoders; warmup(); warmup_decoders()")
+
+
+def cache_marker(cache_dir: str | None = None) -> str:
+    """The file that says numba's kernel cache in cache_dir (default: the one the kernels
+    use, numba_kernels.CACHE_DIR or backends/__pycache__) was filled by warm_cache_in_child,
+    named by a hash of what decides the compiled code: the kernel sources, numba's and
+    Python's versions and the machine."""
+    import hashlib
+    import platform
+    import sys
+
+    import numba
+
+    from . import quant_kernels
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    key = hashlib.sha256()
+    for module in (K, quant_kernels, sys.modules[__name__]):
+        with open(module.__file__, "rb") as f:
+            key.update(f.read())
+    key.update(f"{numba.__version__} {sys.version} {platform.machine()}".encode())
+    directory = cache_dir or K.CACHE_DIR or os.path.join(here, "__pycache__")
+    return os.path.join(directory, f"minilars-warm-{key.hexdigest()[:16]}")
+
+
+def warm_cache_in_child(cache_dir: str | None = None) -> bool:
+    """On the first run of these kernels on this machine, compile them (warmup() and
+    the GGUF decoders) in a child process, which fills numba's on-disk cache, then
+    leave a marker (cache_marker). The caller then only loads kernels from the cache:
+    compiled in the caller instead, LLVM's memory stays in its peak (measured with
+    finetune, LARS at T = 1024, one thread: 649 MiB compiling in-process, 452 MiB
+    with the cache filled; docs/memory.md). Returns whether a child ran; one that
+    fails is said on stderr and the kernels compile in the caller as before."""
+    import subprocess
+    import sys
+
+    marker = cache_marker(cache_dir)
+    if os.path.exists(marker):
+        return False
+    code = subprocess.run([sys.executable, "-c", _WARM_CHILD]).returncode
+    if code != 0:
+        print(f"minilars: filling numba's kernel cache in a child process failed (exit status {code}); "
+              "the kernels compile in this process instead", file=sys.stderr)
+        return True
+    try:
+        os.makedirs(os.path.dirname(marker), exist_ok=True)
+        with open(marker, "w") as f:
+            f.write("filled by minilars.backends.numba_backend.warm_cache_in_child\n")
+    except OSError:
+        pass  # a cache that cannot be marked is warmed again next run: time, not memory
+    return True
 
 
 def warmup(dtypes=("float32",)) -> float:

@@ -17,6 +17,7 @@ kernels then execute as plain Python, which keeps what they say honest.
 """
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -852,3 +853,53 @@ def test_numpy_path_does_not_import_numba():
             "get_backend('numpy')\n"
             "assert 'numba' not in sys.modules, 'numba was imported'\n")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("backend_name, expected", [("numba", ["warm cache", "model"]), ("numpy", ["model"])])
+def test_finetune_fills_numbas_cache_before_the_model(monkeypatch, tmp_path, backend_name, expected):
+    """On numba, finetune has the kernel cache filled (by a child on the first run)
+    before any weight is read, so that its own process only loads kernels."""
+    from minilars import pretrained
+    from minilars.backends import numba_backend
+    from minilars.cli import main
+
+    calls = []
+
+    class Loaded(Exception):
+        pass
+
+    def load_model(*args, **kwargs):
+        calls.append("model")
+        raise Loaded
+
+    monkeypatch.setattr(numba_backend, "warm_cache_in_child", lambda: calls.append("warm cache"))
+    monkeypatch.setattr(pretrained, "load_model", load_model)
+    with pytest.raises(Loaded):
+        main(["finetune", "--model", "tiny", "--backend", backend_name, "--output", str(tmp_path / "out")])
+    assert calls == expected
+
+
+def test_the_cache_is_warmed_in_a_child_once_and_marked(tmp_path):
+    """A real child (the kernels load from, or compile into, numba's cache): the first
+    call runs it and leaves the marker, the next one finds the marker and runs nothing."""
+    from minilars.backends.numba_backend import cache_marker, warm_cache_in_child
+
+    marker = cache_marker(str(tmp_path))
+    assert not os.path.exists(marker)
+    assert warm_cache_in_child(str(tmp_path)) is True
+    assert os.path.exists(marker)
+    assert warm_cache_in_child(str(tmp_path)) is False
+
+
+def test_a_failed_warm_child_is_said_and_leaves_no_marker(tmp_path, monkeypatch, capsys):
+    import subprocess as subprocess_module
+
+    from minilars.backends.numba_backend import cache_marker, warm_cache_in_child
+
+    ran = []
+    monkeypatch.setattr(subprocess_module, "run",
+                        lambda cmd, **kw: ran.append(cmd) or subprocess_module.CompletedProcess(cmd, 3))
+    assert warm_cache_in_child(str(tmp_path)) is True
+    assert len(ran) == 1 and ran[0][1] == "-c"
+    assert "failed (exit status 3)" in capsys.readouterr().err
+    assert not os.path.exists(cache_marker(str(tmp_path)))  # tried again next run
