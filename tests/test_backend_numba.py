@@ -855,10 +855,12 @@ def test_numpy_path_does_not_import_numba():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
+@pytest.mark.parametrize("command", ["finetune", "generate"])
 @pytest.mark.parametrize("backend_name, expected", [("numba", ["warm cache", "model"]), ("numpy", ["model"])])
-def test_finetune_fills_numbas_cache_before_the_model(monkeypatch, tmp_path, backend_name, expected):
-    """On numba, finetune has the kernel cache filled (by a child on the first run)
-    before any weight is read, so that its own process only loads kernels."""
+def test_commands_fill_numbas_cache_before_the_model(monkeypatch, tmp_path, backend_name, expected, command):
+    """On numba, finetune and generate (and eval, which loads its model as generate
+    does) have the kernel cache filled (by a child on the first run) before any weight
+    is read, so that their own process only loads kernels."""
     from minilars import pretrained
     from minilars.backends import numba_backend
     from minilars.cli import main
@@ -875,7 +877,10 @@ def test_finetune_fills_numbas_cache_before_the_model(monkeypatch, tmp_path, bac
     monkeypatch.setattr(numba_backend, "warm_cache_in_child", lambda: calls.append("warm cache"))
     monkeypatch.setattr(pretrained, "load_model", load_model)
     with pytest.raises(Loaded):
-        main(["finetune", "--model", "tiny", "--backend", backend_name, "--output", str(tmp_path / "out")])
+        if command == "finetune":
+            main(["finetune", "--model", "tiny", "--backend", backend_name, "--output", str(tmp_path / "out")])
+        else:
+            main(["generate", "--model", "tiny", "--backend", backend_name, "hello"])
     assert calls == expected
 
 

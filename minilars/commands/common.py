@@ -44,10 +44,18 @@ def add_weights_option(parser: argparse.ArgumentParser, default: str = "keep") -
 
 
 def backend_from_args(args):
-    """The Backend for --backend/--device ("auto": backends.default_backend_name)."""
+    """The Backend for --backend/--device ("auto": backends.default_backend_name). On
+    numba, the first run fills numba's kernel cache from a child process before any
+    weight is read (numba_backend.warm_cache_in_child), so that this process only loads
+    kernels: compiled here, LLVM's memory would stay in its peak (docs/memory.md)."""
     from minilars.backends import resolve_backend
 
-    return resolve_backend(args.backend, args.device)
+    backend = resolve_backend(args.backend, args.device)
+    if backend.name == "numba":
+        from minilars.backends.numba_backend import warm_cache_in_child
+
+        warm_cache_in_child()
+    return backend
 
 
 def load_model_from_args(args, **model_options):

@@ -432,10 +432,10 @@ def _clear_run_files(out: Path) -> None:
 # ---------------------------------------------------------------- model and method
 def _backend(opts):
     """--backend/--device (auto: backends.default_backend_name, as in every command)."""
-    from minilars.backends import resolve_backend
+    from .common import backend_from_args
 
     try:
-        backend = resolve_backend(opts.backend, opts.device)
+        backend = backend_from_args(opts)
     except ImportError as exc:
         raise CommandError(f"the {opts.backend} backend is not available here ({exc})") from None
     if backend.name == "torch":
@@ -444,20 +444,7 @@ def _backend(opts):
         from minilars.distributed import threads_per_process
 
         torch.set_num_threads(opts.threads or threads_per_process(idle_cores()))
-    if backend.name == "numba":
-        _numba_kernels_before_the_model()
     return backend
-
-
-def _numba_kernels_before_the_model() -> None:
-    """Fill numba's on-disk kernel cache from a child process on the first run
-    (backends.numba_backend.warm_cache_in_child), so that this process only loads
-    kernels: compiling them here would keep LLVM's memory in its peak for the whole
-    run (measured: 649 MiB against 452 with the cache filled, LARS at T = 1024;
-    docs/memory.md)."""
-    from minilars.backends.numba_backend import warm_cache_in_child
-
-    warm_cache_in_child()
 
 
 def idle_cores() -> int:
