@@ -429,8 +429,10 @@ def warm_cache_in_child(cache_dir: str | None = None) -> bool:
     import subprocess
     import sys
 
+    import numba
+
     marker = cache_marker(cache_dir)
-    if os.path.exists(marker):
+    if numba.config.DISABLE_JIT or os.path.exists(marker):  # nothing to compile, or already compiled
         return False
     code = subprocess.run([sys.executable, "-c", _WARM_CHILD]).returncode
     if code != 0:

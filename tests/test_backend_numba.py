@@ -884,6 +884,7 @@ def test_commands_fill_numbas_cache_before_the_model(monkeypatch, tmp_path, back
     assert calls == expected
 
 
+@pytest.mark.skipif(__import__("os").environ.get("NUMBA_DISABLE_JIT") == "1", reason="nothing to compile")
 def test_the_cache_is_warmed_in_a_child_once_and_marked(tmp_path):
     """A real child (the kernels load from, or compile into, numba's cache): the first
     call runs it and leaves the marker, the next one finds the marker and runs nothing."""
@@ -896,6 +897,7 @@ def test_the_cache_is_warmed_in_a_child_once_and_marked(tmp_path):
     assert warm_cache_in_child(str(tmp_path)) is False
 
 
+@pytest.mark.skipif(__import__("os").environ.get("NUMBA_DISABLE_JIT") == "1", reason="nothing to compile")
 def test_a_failed_warm_child_is_said_and_leaves_no_marker(tmp_path, monkeypatch, capsys):
     import subprocess as subprocess_module
 
