@@ -488,17 +488,9 @@ def _method_class(opts):
 
 
 def _method(opts):
-    """The MethodConfig of --method from the options it reads (minilars/methods/<name>.py).
-    Another method's option set away from its default is refused: it would do nothing."""
-    from minilars.methods import MethodConfig, method_class, method_options, registered
+    """The MethodConfig of --method from the options it reads (minilars/methods/<name>.py)."""
+    from minilars.methods import MethodConfig
 
-    kind = _method_class(opts)
-    for option in method_options():
-        value = getattr(opts, option.name, option.default)
-        if not kind.reads(option.name) and value != option.default:
-            readers = [name for name in registered() if method_class(name).reads(option.name)]
-            raise CommandError(f"--{option.name.replace('_', '-')} {value} is an option of "
-                               f"{', '.join(readers)}; --method {opts.method} does not read it")
     return MethodConfig.from_options(opts.method, vars(opts), seed=opts.seed)
 
 
@@ -582,7 +574,8 @@ def available_memory() -> int | None:
 # ---------------------------------------------------------------- settings checked before any work
 def _check_settings(opts) -> None:
     """CommandError for a setting that cannot work, found before anything is loaded:
-    storage rules naming fields that do not exist, targets that do not exist."""
+    storage rules naming fields that do not exist, targets that do not exist, and
+    another method's option set away from its default (it would do nothing)."""
     if opts.targets is not None:
         from minilars.methods import ALL_PROJECTIONS
 
@@ -615,6 +608,15 @@ def _check_settings(opts) -> None:
                     raise CommandError(f"--storage {opts.storage!r}: {exc}") from None
     elif opts.storage != options_by_name()["storage"].default:
         raise CommandError(f"--storage sets LARS's activation storage; --method {opts.method} has none")
+    from minilars.methods import method_class, method_options, registered
+
+    kind = _method_class(opts)
+    for option in method_options():
+        value = getattr(opts, option.name)
+        if not kind.reads(option.name) and value != option.default:
+            readers = [name for name in registered() if method_class(name).reads(option.name)]
+            raise CommandError(f"--{option.name.replace('_', '-')} {value} is an option of "
+                               f"{', '.join(readers)}; --method {opts.method} does not read it")
 
 
 def storage_fields() -> set[str]:
