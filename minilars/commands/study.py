@@ -181,10 +181,9 @@ def run_compare(args) -> int:
             values = sorted({r[args.group_by] for r in rows_a if args.group_by in r})
             if not values:
                 raise KeyError(f"no row of {args.a} has the field {args.group_by!r}")
-            for value in values:
-                kept = [i for i, r in enumerate(rows_a) if r.get(args.group_by) == value]
-                groups.append((f"{args.group_by} = {value}, ", [rows_a[i] for i in kept],
-                               [rows_b[i] for i in kept if i < len(rows_b)]))
+            for value in values:  # pairs whose A row has the value; "all" above checks A and B pair up
+                kept = [(a, b) for a, b in zip(rows_a, rows_b) if a.get(args.group_by) == value]
+                groups.append((f"{args.group_by} = {value}, ", [a for a, _ in kept], [b for _, b in kept]))
         for label, a, b in groups:
             for metric in ("contains", "exact", "number"):
                 result = paired(a, b, metric)
