@@ -101,6 +101,7 @@ def kernel_cache_dir(source_dir: str = os.path.dirname(os.path.abspath(__file__)
 CACHE_DIR = kernel_cache_dir()
 if CACHE_DIR is not None:
     os.environ["NUMBA_CACHE_DIR"] = CACHE_DIR
+CACHE_LOCATION = CACHE_DIR or os.path.join(os.path.dirname(os.path.abspath(__file__)), "__pycache__")  # either way
 
 import numpy as np  # noqa: E402
 import scipy.linalg.cython_blas  # noqa: E402, F401  the BLAS numba's np.dot calls: no scipy, no numba backend
@@ -147,9 +148,8 @@ class _CompileNotice(numba.core.event.Listener):
             import platform
 
             minutes = _COMPILE_SECONDS_X86 * _COMPILE_SLOWDOWN.get(platform.machine(), 1.0) / 60
-            where = CACHE_DIR or os.path.join(os.path.dirname(os.path.abspath(__file__)), "__pycache__")
             print(f"minilars: compiling kernels for this CPU (one time, about {max(1, round(minutes))} min at most; "
-                  f"cached in {where}; {threads_note()})", file=sys.stderr, flush=True)
+                  f"cached in {CACHE_LOCATION}; {threads_note()})", file=sys.stderr, flush=True)
         self.count += 1
         dtypes = sorted({str(a.dtype) for a in event.data["args"] if isinstance(a, numba.types.Array)})
         print(f"  [{self.count}] {event.data['dispatcher'].py_func.__name__} ({', '.join(dtypes)}) ...",
