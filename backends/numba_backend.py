@@ -421,9 +421,10 @@ def warm_cache_in_child(cache_dir: str | None = None) -> bool:
     the GGUF decoders) in a child process, which fills numba's on-disk cache, then
     leave a marker (cache_marker). The caller then only loads kernels from the cache:
     compiled in the caller instead, LLVM's memory stays in its peak (measured with
-    finetune, LARS at T = 1024, one thread, side by side from empty caches: 641.6 MiB
-    compiling in-process, 451.5 MiB with this child; docs/memory.md). Returns whether a child ran; one that
-    fails is said on stderr and the kernels compile in the caller as before."""
+    finetune, LARS at T = 1024, one thread, side by side from empty caches: 626.6 MiB
+    compiling in-process, 440.9 MiB with this child; docs/memory.md). Returns whether
+    a child ran; one that fails is said on stderr and the kernels compile in the
+    caller as before."""
     import subprocess
     import sys
 
