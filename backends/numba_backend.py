@@ -28,6 +28,7 @@ Letters as in backends/base.py.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
@@ -422,9 +423,10 @@ def warm_cache_in_child(cache_dir: str | None = None) -> bool:
     leave a marker (cache_marker). The caller then only loads kernels from the cache:
     compiled in the caller instead, LLVM's memory stays in its peak (measured with
     finetune, LARS at T = 1024, one thread, side by side from empty caches: 626.6 MiB
-    compiling in-process, 440.9 MiB with this child; docs/memory.md). Returns whether
-    a child ran; one that fails is said on stderr and the kernels compile in the
-    caller as before."""
+    compiling in-process, 440.9 MiB with this child; docs/memory.md). Processes that
+    start together wait on one lock, so one of them compiles. Returns whether a child
+    ran; one that fails is said on stderr and the kernels compile in the caller as
+    before."""
     import subprocess
     import sys
 
@@ -433,18 +435,41 @@ def warm_cache_in_child(cache_dir: str | None = None) -> bool:
     marker = cache_marker(cache_dir)
     if numba.config.DISABLE_JIT or os.path.exists(marker):  # nothing to compile, or already compiled
         return False
-    code = subprocess.run([sys.executable, "-c", _WARM_CHILD]).returncode
-    if code != 0:
-        print(f"minilars: filling numba's kernel cache in a child process failed (exit status {code}); "
-              "the kernels compile in this process instead", file=sys.stderr)
-        return True
-    try:
-        os.makedirs(os.path.dirname(marker), exist_ok=True)
-        with open(marker, "w") as f:
-            f.write("filled by minilars.backends.numba_backend.warm_cache_in_child\n")
-    except OSError:
-        pass  # a cache that cannot be marked is warmed again next run: time, not memory
+    with _held_lock(marker + ".lock"):  # processes started together (a study's --jobs) compile once
+        if os.path.exists(marker):  # another process filled the cache while this one waited
+            return False
+        code = subprocess.run([sys.executable, "-c", _WARM_CHILD]).returncode
+        if code != 0:
+            print(f"minilars: filling numba's kernel cache in a child process failed (exit status {code}); "
+                  "the kernels compile in this process instead", file=sys.stderr)
+            return True
+        try:
+            with open(marker, "w") as f:
+                f.write("filled by minilars.backends.numba_backend.warm_cache_in_child\n")
+        except OSError:
+            pass  # a cache that cannot be marked is warmed again next run: time, not memory
     return True
+
+
+@contextlib.contextmanager
+def _held_lock(path: str):
+    """An exclusive advisory lock on `path` while the block runs (flock: released when the
+    file closes, so also when the process dies). Where there is no flock (Windows) or the
+    cache directory cannot be written, the block runs unlocked: a second compile costs
+    time, not correctness."""
+    try:
+        import fcntl
+
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        lock = open(path, "a")
+    except (ImportError, OSError):
+        lock = None
+    if lock is None:
+        yield
+        return
+    with lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
 
 
 def warmup(dtypes=("float32",)) -> float:

@@ -910,3 +910,33 @@ def test_a_failed_warm_child_is_said_and_leaves_no_marker(tmp_path, monkeypatch,
     assert len(ran) == 1 and ran[0][1] == "-c"
     assert "failed (exit status 3)" in capsys.readouterr().err
     assert not os.path.exists(cache_marker(str(tmp_path)))  # tried again next run
+
+
+@pytest.mark.skipif(__import__("os").environ.get("NUMBA_DISABLE_JIT") == "1", reason="nothing to compile")
+def test_processes_started_together_fill_the_cache_once(tmp_path, monkeypatch):
+    """Two callers at once (a study's --jobs 2 starts two finetunes together): the one
+    that gets the lock runs the child, the other waits for it and finds the marker."""
+    import subprocess as subprocess_module
+    import threading
+    import time
+
+    from minilars.backends.numba_backend import cache_marker, warm_cache_in_child
+
+    ran = []
+
+    def slow_child(cmd, **kw):
+        ran.append(cmd)
+        time.sleep(0.5)  # long enough for the other caller to arrive while this one compiles
+        return subprocess_module.CompletedProcess(cmd, 0)
+
+    monkeypatch.setattr(subprocess_module, "run", slow_child)
+    results = []
+    callers = [threading.Thread(target=lambda: results.append(warm_cache_in_child(str(tmp_path))))
+               for _ in range(2)]
+    for caller in callers:
+        caller.start()
+    for caller in callers:
+        caller.join()
+    assert len(ran) == 1
+    assert sorted(results) == [False, True]
+    assert os.path.exists(cache_marker(str(tmp_path)))
