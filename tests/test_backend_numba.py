@@ -26,6 +26,7 @@ import pytest
 
 pytest.importorskip("numba", reason="the numba backend needs numba: pip install numba")
 pytest.importorskip("scipy", reason="the numba backend needs scipy: numba's np.dot calls its BLAS")
+JIT_OFF = os.environ.get("NUMBA_DISABLE_JIT") == "1"  # the second CI run: kernels as plain Python
 
 from hypothesis import example, given, strategies as st  # noqa: E402
 
@@ -442,7 +443,7 @@ class _CountingProducts:
         return getattr(np, name)
 
 
-@pytest.mark.skipif(__import__("os").environ.get("NUMBA_DISABLE_JIT") != "1",
+@pytest.mark.skipif(not JIT_OFF,
                     reason="counts the kernels' tile products as plain Python (the NUMBA_DISABLE_JIT run)")
 def test_a_sliding_layer_does_work_linear_in_t_times_window(monkeypatch):
     """Tile pairs (query tile, key tile) visited: causal grows as T^2 / 2 tile^2; with a
@@ -745,7 +746,7 @@ def test_warmup_compiles_every_kernel_and_reports_seconds():
     assert isinstance(NB, NumbaBackend) and NB.name == "numba"
 
 
-@pytest.mark.skipif(__import__("os").environ.get("NUMBA_DISABLE_JIT") == "1", reason="no compiled signatures")
+@pytest.mark.skipif(JIT_OFF, reason="no compiled signatures")
 def test_warmup_covers_what_the_model_compiles():
     """After warmup, a float32 training step and a decoding step of the tiny model
     compile nothing more (in a fresh process, so earlier tests' signatures do not count)."""
@@ -794,7 +795,7 @@ def test_kernel_cache_goes_to_the_user_cache_when_the_package_is_read_only(tmp_p
     assert kernel_cache_dir(str(source)) == str(tmp_path / "numba-own")
 
 
-@pytest.mark.skipif(__import__("os").environ.get("NUMBA_DISABLE_JIT") == "1", reason="nothing compiled")
+@pytest.mark.skipif(JIT_OFF, reason="nothing compiled")
 def test_a_read_only_package_compiles_into_the_user_cache(tmp_path):
     """In a fresh process where the package directory may not be written, a kernel's
     machine code lands under $MINILARS_CACHE/numba, and numba was told before it
@@ -813,13 +814,13 @@ out = np.empty((1, 2, 2, 3), np.float32)
 K.reduce_kv_heads(x, out)
 assert (out == 2).all()
 """
-    env = {k: v for k, v in __import__("os").environ.items() if k != "NUMBA_CACHE_DIR"}
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_CACHE_DIR"}
     subprocess.run([sys.executable, "-c", code], check=True, env={**env, "MINILARS_CACHE": str(tmp_path)})
     cached = [p.name for p in (tmp_path / "numba").rglob("*") if p.suffix in (".nbi", ".nbc")]
     assert any(name.startswith("numba_kernels.reduce_kv_heads") for name in cached), cached
 
 
-@pytest.mark.skipif(__import__("os").environ.get("NUMBA_DISABLE_JIT") == "1", reason="no threads without the JIT")
+@pytest.mark.skipif(JIT_OFF, reason="no threads without the JIT")
 def test_kernels_run_threaded_without_openmp_and_say_what_to_install():
     """A minimal image without libgomp.so.1 (OpenMP) and without TBB, simulated by
     making both pool modules fail to import: numba falls back to its workqueue
@@ -843,7 +844,7 @@ for threads in (1, 2):
     assert np.allclose(NumbaBackend().rmsnorm_forward(x, w, 1e-5)[0], reference, rtol=1e-6, atol=1e-6)
 assert numba.threading_layer() == "workqueue", numba.threading_layer()
 """
-    env = {k: v for k, v in __import__("os").environ.items() if k != "NUMBA_THREADING_LAYER"}
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_THREADING_LAYER"}
     subprocess.run([sys.executable, "-c", code], check=True, env={**env, "NUMBA_NUM_THREADS": "2"})
 
 
@@ -884,7 +885,7 @@ def test_commands_fill_numbas_cache_before_the_model(monkeypatch, tmp_path, back
     assert calls == expected
 
 
-@pytest.mark.skipif(__import__("os").environ.get("NUMBA_DISABLE_JIT") == "1", reason="nothing to compile")
+@pytest.mark.skipif(JIT_OFF, reason="nothing to compile")
 def test_the_cache_is_warmed_in_a_child_once_and_marked(tmp_path):
     """A real child (the kernels load from, or compile into, numba's cache): the first
     call runs it and leaves the marker, the next one finds the marker and runs nothing."""
@@ -897,7 +898,7 @@ def test_the_cache_is_warmed_in_a_child_once_and_marked(tmp_path):
     assert warm_cache_in_child(str(tmp_path)) is False
 
 
-@pytest.mark.skipif(__import__("os").environ.get("NUMBA_DISABLE_JIT") == "1", reason="nothing to compile")
+@pytest.mark.skipif(JIT_OFF, reason="nothing to compile")
 def test_a_failed_warm_child_is_said_and_leaves_no_marker(tmp_path, monkeypatch, capsys):
     import subprocess as subprocess_module
 
@@ -912,7 +913,7 @@ def test_a_failed_warm_child_is_said_and_leaves_no_marker(tmp_path, monkeypatch,
     assert not os.path.exists(cache_marker(str(tmp_path)))  # tried again next run
 
 
-@pytest.mark.skipif(__import__("os").environ.get("NUMBA_DISABLE_JIT") == "1", reason="nothing to compile")
+@pytest.mark.skipif(JIT_OFF, reason="nothing to compile")
 def test_processes_started_together_fill_the_cache_once(tmp_path, monkeypatch):
     """Two callers at once (a study's --jobs 2 starts two finetunes together): the one
     that gets the lock runs the child, the other waits for it and finds the marker."""
