@@ -432,10 +432,15 @@ def warm_cache_in_child(cache_dir: str | None = None) -> bool:
 
     import numba
 
+    from minilars.files import DirectoryLock, WriteError
+
     marker = cache_marker(cache_dir)
     if numba.config.DISABLE_JIT or os.path.exists(marker):  # nothing to compile, or already compiled
         return False
-    with _held_lock(marker + ".lock"):  # processes started together (a study's --jobs) compile once
+    lock = DirectoryLock(os.path.dirname(marker), wait=True)
+    with contextlib.suppress(WriteError):  # a cache directory that cannot be written: compiled unlocked
+        lock.acquire()  # processes started together (a study's --jobs) compile once
+    try:
         if os.path.exists(marker):  # another process filled the cache while this one waited
             return False
         code = subprocess.run([sys.executable, "-c", _WARM_CHILD]).returncode
@@ -448,28 +453,9 @@ def warm_cache_in_child(cache_dir: str | None = None) -> bool:
                 f.write("filled by minilars.backends.numba_backend.warm_cache_in_child\n")
         except OSError:
             pass  # a cache that cannot be marked is warmed again next run: time, not memory
-    return True
-
-
-@contextlib.contextmanager
-def _held_lock(path: str):
-    """An exclusive advisory lock on `path` while the block runs (flock: released when the
-    file closes, so also when the process dies). Where there is no flock (Windows) or the
-    cache directory cannot be written, the block runs unlocked: a second compile costs
-    time, not correctness."""
-    try:
-        import fcntl
-
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        lock = open(path, "a")
-    except (ImportError, OSError):
-        lock = None
-    if lock is None:
-        yield
-        return
-    with lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        yield
+        return True
+    finally:
+        lock.release()  # a no-op when it was never acquired
 
 
 def warmup(dtypes=("float32",)) -> float:

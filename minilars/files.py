@@ -13,6 +13,7 @@ that gives an output directory to one run at a time.
                                       naming the holder's pid. The kernel drops the lock
                                       when its process dies, so a killed run leaves no
                                       stale lock behind (the file stays; its lock does not).
+                                      wait=True: the second one waits for the first instead.
 """
 from __future__ import annotations
 
@@ -177,11 +178,14 @@ class DirectoryLock:
     """Holds DIRECTORY/.minilars.lock with fcntl.flock(LOCK_EX | LOCK_NB) from
     acquire() to release() (or the with block). The file holds the holder's pid, so the
     refusal can name it. Creates the directory; release() removes it again when this
-    lock created it and nothing else was written there."""
+    lock created it and nothing else was written there. wait: acquire() blocks until
+    the holder lets go, instead of refusing; such a lock leaves the directory and its
+    lock file on release, since others may be waiting on that file."""
 
-    def __init__(self, directory: str | os.PathLike, what: str = "run"):
+    def __init__(self, directory: str | os.PathLike, what: str = "run", wait: bool = False):
         self.directory = Path(directory)
         self.what = what
+        self.wait = wait
         self._fd: int | None = None
         self._created = False
 
@@ -201,7 +205,7 @@ class DirectoryLock:
         except OSError as exc:
             raise write_error(self.path, exc, None) from None
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_EX if self.wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.pread(fd, 64, 0).decode("ascii", "replace").strip()
             os.close(fd)
@@ -215,7 +219,7 @@ class DirectoryLock:
     def release(self) -> None:
         if self._fd is None:
             return
-        if self._created and [p.name for p in self.directory.iterdir()] == [LOCK_FILE]:
+        if self._created and not self.wait and [p.name for p in self.directory.iterdir()] == [LOCK_FILE]:
             self.path.unlink()  # still locked by us: nobody else can be using it
             self.directory.rmdir()
         os.close(self._fd)  # closing drops the flock

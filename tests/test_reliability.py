@@ -136,6 +136,29 @@ def test_directory_lock_refuses_a_second_holder_and_frees_on_release(tmp_path):
     assert not (tmp_path / "new").exists()  # created for nothing: removed again
 
 
+
+def test_a_waiting_directory_lock_gets_it_when_the_holder_lets_go(tmp_path):
+    """wait=True (numba's kernel compile): the second holder blocks instead of refusing,
+    and holds the lock once the first releases it; the first, though it created the
+    directory, leaves it and the lock file that the second waits on."""
+    import threading
+    import time
+
+    from minilars.files import DirectoryBusy, DirectoryLock
+
+    first = DirectoryLock(tmp_path / "d", wait=True).acquire()
+    second = DirectoryLock(tmp_path / "d", wait=True)
+    waiter = threading.Thread(target=second.acquire)
+    waiter.start()
+    time.sleep(0.3)
+    assert waiter.is_alive()  # still waiting while the first holds it
+    first.release()
+    waiter.join(timeout=10)
+    assert not waiter.is_alive()
+    with pytest.raises(DirectoryBusy):
+        DirectoryLock(tmp_path / "d").acquire()  # the second holds it now
+    second.release()
+
 # ---------------------------------------------------------------- finding 2: corrupt checkpoints
 @pytest.fixture
 def interrupted_run(data_file, tmp_path, monkeypatch):
