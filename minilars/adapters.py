@@ -225,7 +225,13 @@ class LARSSite(_AdapterSite):
     the same quantities, one (N, d_in) x (d_in, d_out) product each instead of the
     frozen product plus the rank-r products z M and (dy M^T) P^T, which are thin and
     run far below BLAS's peak (18-37 GFLOP/s against ~120 at T = 2048,
-    docs/speed.md). Forming W_eff costs d_in r d_out, independent of N."""
+    docs/speed.md). Forming W_eff costs d_in r d_out, independent of N.
+
+    refresh() (docs/lars.md Part 1.6) folds P M into a frozen low-rank delta
+    P_f M_f (P_f (d_in, R_f) the earlier bases side by side, M_f (R_f, d_out) their M
+    stacked), takes a new basis and restarts M at zero:
+        W_eff = W + P_f M_f + P M,   dx = dy W^T + (dy M_f^T) P_f^T + (dy M^T) P^T
+    (backward keeps nothing more: z = x P is still all it reads)."""
 
     method = "lars"
 
@@ -238,10 +244,45 @@ class LARSSite(_AdapterSite):
         self.basis = backend.cast(basis, dtype)  # P (d_in, r), frozen
         self.rank = basis.shape[1]
         self.M = {s: backend.zeros((self.rank, outputs[s]), dtype) for s in self.targets}
+        self.folded_basis: Array | None = None  # P_f (d_in, R_f): the bases before refresh(), side by side
+        self.folded_M: dict[str, Array] = {}  # M_f,s (R_f, d_out_s): their M, stacked, frozen
         self.merged: Array | None = None  # W_eff (d_in, d_out) between merge() and unmerge()
 
     def trainable(self):
         return {f"{s}.lars_M": self.M[s] for s in self.targets}
+
+    def refresh(self, basis: Array, be) -> None:
+        """Part 1.6: P_f <- [P_f P], M_f,s <- [M_f,s; M_s], P <- basis (d_in, r), M_s <- 0
+        (in place: the optimizer holds M). W_eff is unchanged."""
+        if basis.shape != self.basis.shape:
+            raise ValueError(f"a refreshed basis must have shape {tuple(self.basis.shape)}, got {tuple(basis.shape)}")
+        self.folded_basis = self.basis if self.folded_basis is None else be.concat([self.folded_basis, self.basis], 1)
+        for s in self.targets:
+            kept = self.M[s] + 0  # a copy: M restarts at zero below
+            self.folded_M[s] = kept if s not in self.folded_M else be.concat([self.folded_M[s], kept], 0)
+            be.scale_(self.M[s], 0.0)
+        self.basis = be.cast(basis, self.basis.dtype)
+
+    def frozen_arrays(self, be) -> dict[str, np.ndarray]:
+        """What does not train but a resumed run needs: the basis, and after refresh()
+        the folded factors ({"basis", "folded_basis", "folded_M.{s}"})."""
+        out = {"basis": be.to_numpy(self.basis)}
+        if self.folded_basis is not None:
+            out["folded_basis"] = be.to_numpy(self.folded_basis)
+            out.update({f"folded_M.{s}": be.to_numpy(m) for s, m in self.folded_M.items()})
+        return out
+
+    def set_frozen(self, name: str, value: np.ndarray, be) -> None:
+        """Restore one of frozen_arrays()."""
+        array = be.cast(be.asarray(np.ascontiguousarray(value)), self.basis.dtype)
+        if name == "basis":
+            self.basis = array
+        elif name == "folded_basis":
+            self.folded_basis = array
+        elif name.startswith("folded_M.") and name[len("folded_M."):] in self.targets:
+            self.folded_M[name[len("folded_M."):]] = array
+        else:
+            raise ValueError(f"a LARS site has no frozen array {name!r}")
 
     def merge(self, be) -> None:
         """Form W_eff = W + P M for the products that follow, until unmerge(); M must
@@ -260,8 +301,11 @@ class LARSSite(_AdapterSite):
         if self.merged is not None:
             return self._affine(x, be, self.merged), LARSCache(z)  # x W_eff + b
         y = self._frozen(x, be)
+        z_folded = None if self.folded_basis is None else be.matmul(x, self.folded_basis)  # (N, R_f)
         for s in self.targets:
             y[:, self.slices[s]] += be.matmul(z, self.M[s])
+            if z_folded is not None:
+                y[:, self.slices[s]] += be.matmul(z_folded, self.folded_M[s])
         return y, LARSCache(z)
 
     def apply(self, x, be):
@@ -293,23 +337,37 @@ class LARSSite(_AdapterSite):
         dx = None
         if unmerged:
             dx = be.matmul_nt(dy, self.weight) + be.matmul_nt(dz, self.basis)  # dy W^T + dz P^T
+            if self.folded_basis is not None:  # + (sum_s dy_s M_f,s^T) P_f^T
+                dz_folded = sum(be.matmul_nt(dy[:, self.slices[s]], self.folded_M[s]) for s in self.targets)
+                dx = dx + be.matmul_nt(dz_folded, self.folded_basis)
         elif need_dx:
             dx = be.matmul_nt(dy, self.merged)  # dy W_eff^T
         return dx, grads
 
     def to_linear(self, be):
         """W + P M in one backend call (be.add_low_rank: one product and one sum),
-        with M (r, d_out) the targets' M_s in their columns, zero in the others. A
-        weight kept as GGUF blocks is dequantised first (export only: merge() never
-        folds a kept weight)."""
-        if list(self.targets) == list(self.outputs):  # every projection of the stream: M is theirs side by side
-            m = be.concat([self.M[s] for s in self.outputs], axis=1)
-        else:
-            m = be.zeros((self.rank, sum(self.outputs.values())), self.basis.dtype)
-            for s in self.targets:
-                m[:, self.slices[s]] = self.M[s]
-        return be.add_low_rank(dense_weight(self.weight, be), self.basis, m)
+        with M (r, d_out) the targets' M_s in their columns, zero in the others; after
+        refresh() P_f M_f is added the same way. A weight kept as GGUF blocks is
+        dequantised first (export only: merge() never folds a kept weight)."""
+        w = be.add_low_rank(dense_weight(self.weight, be), self.basis, self._columns(self.M, be))
+        if self.folded_basis is not None:
+            w = be.add_low_rank(w, self.folded_basis, self._columns(self.folded_M, be))
+        return w
 
-    def as_lora(self) -> dict[str, tuple[Array, Array]]:
-        """PEFT LoRA factors with scaling 1: lora_A = P^T (r, d_in), lora_B = M_s^T (d_out_s, r)."""
-        return {s: (self.basis.T, self.M[s].T) for s in self.targets}
+    def _columns(self, ms: dict[str, Array], be) -> Array:
+        """The targets' (R, d_out_s) matrices in their columns of one (R, d_out), zero in the others."""
+        if list(self.targets) == list(self.outputs):  # every projection of the stream: side by side
+            return be.concat([ms[s] for s in self.outputs], axis=1)
+        rank = ms[self.targets[0]].shape[0]
+        m = be.zeros((rank, sum(self.outputs.values())), self.basis.dtype)
+        for s in self.targets:
+            m[:, self.slices[s]] = ms[s]
+        return m
+
+    def as_lora(self, be) -> dict[str, tuple[Array, Array]]:
+        """PEFT LoRA factors with scaling 1: lora_A = P^T (r, d_in), lora_B = M_s^T (d_out_s, r);
+        after refresh() [P_f P]^T and [M_f,s; M_s]^T, of rank R_f + r."""
+        if self.folded_basis is None:
+            return {s: (self.basis.T, self.M[s].T) for s in self.targets}
+        basis = be.concat([self.folded_basis, self.basis], 1)  # (d_in, R_f + r)
+        return {s: (basis.T, be.concat([self.folded_M[s], self.M[s]], 0).T) for s in self.targets}

@@ -67,6 +67,13 @@ class AdamW:
                                  step=self.step_count)
         return norm
 
+    def reset(self) -> None:
+        """Forget the moments and the step count, as for a new run (bias correction restarts)."""
+        self.step_count = 0
+        for state in (self.m, self.v):
+            for moment in state.values():
+                self.be.scale_(moment, 0.0)
+
     def state_dict(self) -> dict:
         out = {"step": self.step_count}
         for name in self.params:

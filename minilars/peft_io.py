@@ -79,7 +79,7 @@ def adapter_tensors(model: Model) -> tuple[dict[str, np.ndarray], dict]:
     modules = [HF_MODULE[t].split(".")[-1] for t in method.resolved_targets]
     common = {"base_model_name_or_path": getattr(model, "source", None), "task_type": "CAUSAL_LM",
               "inference_mode": True, "target_modules": modules, "fan_in_fan_out": False}
-    config = kind.peft_config(common)
+    config = kind.peft_config(common, tensors)
     return {k: np.ascontiguousarray(v) for k, v in tensors.items()}, config  # the adapter's own dtype
 
 

@@ -105,9 +105,8 @@ def frozen_arrays(model: Model) -> dict[str, np.ndarray]:
     out = {}
     for i, block in enumerate(model.sites):
         for stream, site in block.items():
-            basis = getattr(site, "basis", None)
-            if basis is not None:
-                out[f"blocks.{i}.{stream}.basis"] = model.be.to_numpy(basis)
+            if hasattr(site, "frozen_arrays"):  # LARSSite: its basis, and what refresh() folded
+                out.update({f"blocks.{i}.{stream}.{k}": v for k, v in site.frozen_arrays(model.be).items()})
     for name, basis in model.bases.items():
         out[f"storage.{name}"] = model.be.to_numpy(basis)
     return out
@@ -118,9 +117,8 @@ def _set_frozen(model: Model, name: str, value: np.ndarray) -> None:
     if name.startswith("storage."):
         model.bases[name[len("storage."):]] = be.asarray(np.ascontiguousarray(value))
         return
-    _, i, stream, _ = name.split(".")  # "blocks.{i}.{stream}.basis"
-    site = model.sites[int(i)][stream]
-    site.basis = be.cast(be.asarray(np.ascontiguousarray(value)), site.basis.dtype)
+    _, i, stream, field = name.split(".", 3)  # "blocks.{i}.{stream}.{basis | folded_basis | folded_M.s}"
+    model.sites[int(i)][stream].set_frozen(field, value, be)
 
 
 def tensors_sha256(tensors: dict[str, np.ndarray]) -> str:
@@ -474,8 +472,12 @@ class Trainer:
         self._rewrite_log()
         return meta
 
+    def batch_rows(self, step: int) -> np.ndarray:
+        """Indices of step's rows (a pure function of the seed and the step)."""
+        return batch_indices(len(self.rows), self.config.batch_size, self.config.seed, step)
+
     def batch(self, step: int) -> tuple[np.ndarray, np.ndarray]:
-        idx = batch_indices(len(self.rows), self.config.batch_size, self.config.seed, step)
+        idx = self.batch_rows(step)
         return self.rows.tokens[idx], self.rows.targets[idx]
 
     def save(self) -> None:
@@ -515,6 +517,7 @@ class Trainer:
         except NonFiniteGradient as exc:
             self._diverged(f"{exc} at step {s + 1}")
         self.step = s + 1
+        self._refresh_if_due()
         self.peak_bytes = max(self.peak_bytes, tape.store.bytes_peak)
         entry = {"step": self.step, "loss": loss, "lr": lr, "grad_norm": float(norm),
                  "tokens_per_s": cfg.batch_size * cfg.seq_len / (time.perf_counter() - started),
@@ -522,6 +525,24 @@ class Trainer:
         if self.group is not None:
             entry["allreduce_s"] = self.group.last_reduce_s
         return entry
+
+    def _refresh_if_due(self) -> None:
+        """A method that refreshes what it calibrated (LARS with refresh_every K, docs/lars.md
+        Part 1.6) does so after every K steps but the last, on the next step's batch (the
+        whole batch, found by rank 0 and broadcast, so every rank takes the same bases);
+        the optimizer restarts with it, as the parameters it held restart at zero."""
+        method = self.model.method
+        kind = None if method is None else method.kind
+        every = 0 if kind is None else kind.refresh_every
+        if not every or self.step % every or self.step >= self.config.steps:
+            return
+        idx = self.batch_rows(self.step)
+        mask = None if self.rows.real is None else self.rows.real[idx]
+        bases = kind.calibrated_bases(self.model, self.rows.tokens[idx], mask) if self.writes else None
+        if self.group is not None:
+            bases = self.group.broadcast_arrays(bases)
+        kind.refresh(self.model, bases)
+        self.opt.reset()
 
     def run(self) -> list[float]:
         """Train to config.steps; returns every step's loss (resumed steps included)."""

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from minilars.cli import CommandError
+from minilars.methods.base import non_negative_int as _count
 from minilars.methods.base import positive_int as _positive_int  # the methods' --rank reads the same
 
 from minilars.pretrained import WEIGHT_FORMATS, WEIGHTS_HELP
@@ -36,13 +37,6 @@ def _size(text) -> int:
         return parse_size(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-def _count(text) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
 
 
 @dataclass(frozen=True)

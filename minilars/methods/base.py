@@ -36,6 +36,13 @@ def positive_int(text) -> int:
     return value
 
 
+def non_negative_int(text) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
 @dataclass(frozen=True)
 class MethodOption:
     """A setting a method reads from its MethodConfig (a field of it, or one of its
@@ -129,6 +136,20 @@ class Method:
         """Anything to do before the sites are wrapped (LARS calibrates here, or takes
         `bases`, what a calibration elsewhere found)."""
 
+    @property
+    def refresh_every(self) -> int:
+        """Steps between refreshes of what prepare() calibrated (0: never; LARS's
+        --refresh-every); the trainer then calls calibrated_bases and refresh."""
+        return 0
+
+    def calibrated_bases(self, model: Model, tokens, mask) -> dict[str, np.ndarray]:
+        """What prepare() would calibrate, found again on `tokens` through the model as it now is."""
+        raise NotImplementedError(f"method {self.name!r} calibrates nothing to refresh")
+
+    def refresh(self, model: Model, bases: dict[str, np.ndarray]) -> None:
+        """Take `bases` (calibrated_bases' result) in place of the current ones."""
+        raise NotImplementedError(f"method {self.name!r} calibrates nothing to refresh")
+
     def wrap(self, site: LinearSite, where: SiteContext) -> LinearSite:
         """The site that replaces `site`: an adapter where the stream has targets."""
         if not where.targets:
@@ -139,8 +160,9 @@ class Method:
         raise NotImplementedError(f"{type(self).__name__} wraps no adapter")
 
     # ---------------------------------------------------------------- PEFT
-    def peft_config(self, common: dict) -> dict:
-        """adapter_config.json: `common` (target modules, task type, ...) + this format's fields."""
+    def peft_config(self, common: dict, tensors: dict[str, np.ndarray]) -> dict:
+        """adapter_config.json: `common` (target modules, task type, ...) + this format's fields,
+        for the PEFT-named `tensors` (peft_tensors' of every site)."""
         raise NotImplementedError(f"method {self.name!r} has no PEFT format")
 
     def peft_tensors(self, site: LinearSite, key: PeftKey, be) -> dict[str, np.ndarray]:

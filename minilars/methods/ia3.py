@@ -32,7 +32,7 @@ class IA3(Method):
         return IA3Site(weight, where.outputs, where.targets, where.be, scale_input=where.stream == "mlp_out",
                        dtype=where.dtype, bias=where.bias)
 
-    def peft_config(self, common):
+    def peft_config(self, common, tensors):
         feedforward = [m for m in common["target_modules"] if m == "down_proj"]
         return {"peft_type": "IA3", **common, "init_ia3_weights": True, "feedforward_modules": feedforward}
 

@@ -18,7 +18,7 @@ from ..adapters import LARSSite
 from ..calibrate import calibrate
 from ..store import StoragePlan
 from ..weights import PROJECTION_STREAM, STREAMS
-from .base import RANK_HELP, TARGETS_HELP, Method, MethodOption, StudyRun, positive_int
+from .base import RANK_HELP, TARGETS_HELP, Method, MethodOption, StudyRun, non_negative_int, positive_int
 from .lora import lora_peft_config
 from .method_config import MethodConfig, apply_frozen
 from .registry import register
@@ -79,6 +79,10 @@ class LARS(Method):
                      note="e.g. 'attn_in=0.5,attn_out=0.5': P_s becomes c_s P_s, so an optimiser step on M_s "
                           "moves that stream's output c_s times as far (Adam's step on M does not depend on the "
                           "gradient's scale); the span, and the PEFT export's equality, are unchanged"),
+        MethodOption("refresh_every", non_negative_int, 0, "steps between basis refreshes (0: never)",
+                     note="every K steps P M is folded into a frozen low-rank delta, P is calibrated again on the "
+                          "next batch through the trained model, M and the optimizer restart at zero; the PEFT "
+                          "export is then a LoRA of rank r times (refreshes + 1)"),
     )
     needs_calibration = True
     saves_adapter = True
@@ -101,8 +105,8 @@ class LARS(Method):
 
     def describe(self):
         c = self.config
-        basis = "".join(f", {name.replace('_', ' ')} {c.option(name)}" for name in ("basis", "stream_scale")
-                        if c.option(name))
+        basis = "".join(f", {name.replace('_', ' ')} {c.option(name)}"
+                        for name in ("basis", "stream_scale", "refresh_every") if c.option(name))
         return (f"lars(r={c.rank}, targets={','.join(c.resolved_targets)}{basis}, "
                 f"storage: {self.storage_plan().describe()})")
 
@@ -119,22 +123,43 @@ class LARS(Method):
         if bases is not None:
             self.stream_bases, model.bases = bases
         else:
-            self.stream_bases, model.bases = calibrate(model, calibration_tokens, c.rank, seed=c.seed,
-                                                       token_mask=calibration_mask,
-                                                       whiten=c.option("basis") == "whitened",
-                                                       stream_scale=stream_scales(c.option("stream_scale")))
+            self.stream_bases, model.bases = self._calibrate(model, calibration_tokens, calibration_mask)
+
+    def _calibrate(self, model, tokens, mask):
+        c = self.config
+        return calibrate(model, tokens, c.rank, seed=c.seed, token_mask=mask, whiten=c.option("basis") == "whitened",
+                         stream_scale=stream_scales(c.option("stream_scale")))
+
+    # ---------------------------------------------------------------- refresh (Part 1.6)
+    @property
+    def refresh_every(self):
+        return self.config.option("refresh_every", 0)
+
+    def calibrated_bases(self, model, tokens, mask):
+        """The stream bases calibrated again, through the adapted model (the storage bases stay)."""
+        stream_bases, _ = self._calibrate(model, tokens, mask)
+        return {name: model.be.to_numpy(basis) for name, basis in stream_bases.items()}
+
+    def refresh(self, model, bases):
+        """Every LARS site folds P M and takes its stream's new basis (LARSSite.refresh)."""
+        for i, block in enumerate(model.sites):
+            for stream, site in block.items():
+                if isinstance(site, LARSSite) and site.targets:
+                    site.refresh(model.be.asarray(np.ascontiguousarray(bases[f"blocks.{i}.{stream}"])), model.be)
 
     def adapter(self, weight, where):
         basis = self.stream_bases[f"blocks.{where.block}.{where.stream}"]
         return LARSSite(weight, where.outputs, where.targets, basis, where.be, where.dtype, bias=where.bias)
 
     # ---------------------------------------------------------------- PEFT: the LoRA it equals
-    def peft_config(self, common):
-        return lora_peft_config(common, self.config.rank, self.config.rank)  # alpha = r: scaling 1
+    def peft_config(self, common, tensors):
+        """The LoRA it equals; its rank is lora_A's (r, or r (refreshes + 1) after refreshes)."""
+        rank = next((t.shape[0] for k, t in tensors.items() if k.endswith("lora_A.weight")), self.config.rank)
+        return lora_peft_config(common, rank, rank)  # alpha = rank: scaling 1
 
     def peft_tensors(self, site, key, be):
         tensors = {}
-        for s, (a, b) in site.as_lora().items():
+        for s, (a, b) in site.as_lora(be).items():
             tensors[key(s, "lora_A.weight")] = be.to_numpy(a)
             tensors[key(s, "lora_B.weight")] = be.to_numpy(b)
         return tensors

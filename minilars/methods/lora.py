@@ -48,7 +48,7 @@ class LoRA(Method):
         return LoRASite(weight, where.outputs, where.targets, c.rank, c.lora_alpha, where.rng, where.be, where.dtype,
                         bias=where.bias)
 
-    def peft_config(self, common):
+    def peft_config(self, common, tensors):
         return lora_peft_config(common, self.config.rank, self.config.lora_alpha)
 
     def peft_tensors(self, site, key, be):
