@@ -527,14 +527,14 @@ class Trainer:
         return entry
 
     def _refresh_if_due(self) -> None:
-        """A method that refreshes what it calibrated (LARS with refresh_every K, docs/lars.md
-        Part 1.6) does so after every K steps but the last, on the next step's batch (the
+        """A method that refreshes what it calibrated N times (LARS's --refreshes, docs/lars.md
+        Part 1.6) does so after steps k * steps // (N + 1), k = 1..N, on the next step's batch (the
         whole batch, found by rank 0 and broadcast, so every rank takes the same bases);
         the optimizer restarts with it, as the parameters it held restart at zero."""
         method = self.model.method
         kind = None if method is None else method.kind
-        every = 0 if kind is None else kind.refresh_every
-        if not every or self.step % every or self.step >= self.config.steps:
+        n, steps = (0 if kind is None else kind.refreshes), self.config.steps
+        if self.step not in {k * steps // (n + 1) for k in range(1, n + 1)} - {0, steps}:
             return
         idx = self.batch_rows(self.step)
         mask = None if self.rows.real is None else self.rows.real[idx]

@@ -1,4 +1,4 @@
-"""LARS's basis refresh (docs/lars.md Part 1.6): every K steps P M is folded into a
+"""LARS's basis refresh (docs/lars.md Part 1.6): N times in a run P M is folded into a
 frozen low-rank delta P_f M_f, P is calibrated again through the trained model, M and
 AdamW restart at zero. What must hold: the model does not change at a refresh, the
 gradient stays exact (dM = P^T dW_eff with W_eff = W + P_f M_f + P M), the PEFT
@@ -108,19 +108,19 @@ def _tiny_rows():
     return data.make_rows(examples, 32, 0, packing="pad")
 
 
-def _train(out, steps, refresh_every, rows, stop_after=None):
+def _train(out, steps, refreshes, rows, stop_after=None):
     from minilars import train
     from minilars.config import preset
     from minilars.methods import MethodConfig, apply_method
     from minilars.model import Model
     from minilars.optim import AdamW
 
-    method = MethodConfig("lars", rank=2, extra=(("refresh_every", refresh_every),))
+    method = MethodConfig("lars", rank=2, extra=(("refreshes", refreshes),))
     model = apply_method(Model.random(preset("tiny"), seed=0), method, calibration_tokens=rows.tokens[:2],
                          calibration_mask=rows.real[:2])
     trainer = train.Trainer(model, AdamW(model.trainable(), model.be), rows,
                             train.TrainConfig(steps=steps, batch_size=2, seq_len=32, lr=1e-2), out,
-                            {"refresh_every": refresh_every}, save_every=1, progress=False)
+                            {"refreshes": refreshes}, save_every=1, progress=False)
     if (out / train.CHECKPOINT).exists():
         trainer.resume()
     while trainer.step < (stop_after or steps):
@@ -135,17 +135,17 @@ def test_a_refreshed_run_exports_the_lora_it_trained_and_resumes_bitwise(tmp_pat
     from minilars.peft_io import adapter_tensors, load_adapter, save_adapter
 
     rows = _tiny_rows()
-    model, trainer = _train(tmp_path / "whole", 5, 2, rows)  # refreshes after steps 2 and 4
+    model, trainer = _train(tmp_path / "whole", 6, 2, rows)  # refreshes after steps 2 and 4
     tensors, config = adapter_tensors(model)
     assert config["r"] == config["lora_alpha"] == 3 * 2
-    assert trainer.opt.step_count == 1  # the optimizer restarted at the refresh after step 4
+    assert trainer.opt.step_count == 2  # the optimizer restarted at the refresh after step 4
     save_adapter(model, tmp_path / "adapter")
     reloaded = load_adapter(Model.random(preset("tiny"), seed=0), tmp_path / "adapter")
     tokens = rows.tokens[:2, :-1]
     assert_close(reloaded.logits(tokens), model.logits(tokens), name="logits of the reloaded adapter")
 
-    _train(tmp_path / "split", 5, 2, rows, stop_after=3)  # stopped between the two refreshes
-    resumed, _ = _train(tmp_path / "split", 5, 2, rows)
+    _train(tmp_path / "split", 6, 2, rows, stop_after=3)  # stopped between the two refreshes
+    resumed, _ = _train(tmp_path / "split", 6, 2, rows)
     for name, value in model.trainable().items():
         np.testing.assert_array_equal(resumed.trainable()[name], value)
     np.testing.assert_array_equal(resumed.logits(tokens), model.logits(tokens))
@@ -171,7 +171,7 @@ def test_peft_loads_a_refreshed_adapter_with_the_logits_minilars_trained(tmp_pat
     ref = hf_model("llama")
     ref.save_pretrained(tmp_path / "hf")
     model = load(tmp_path / "hf", "numpy")
-    config = MethodConfig("lars", rank=4, targets=ALL_PROJECTIONS, extra=(("refresh_every", 1),))
+    config = MethodConfig("lars", rank=4, targets=ALL_PROJECTIONS, extra=(("refreshes", 2),))
     apply_method(model, config, calibration_tokens=tokens_targets(seed=7)[0])
     kind, rng = config.kind, np.random.default_rng(3)
     for calibration_seed in (8, 9, None):

@@ -109,7 +109,7 @@ def test_the_built_in_methods_answer_what_the_commands_ask():
     assert MethodConfig("ia3").resolved_targets == ("k", "v", "down")
     assert MethodConfig("lora").resolved_targets == ("q", "k", "v", "o", "gate", "up", "down")
     assert [o.name for o in method_options()] == ["rank", "alpha", "targets", "storage", "basis", "stream_scale",
-                                                     "refresh_every"]
+                                                     "refreshes"]
     assert list(study_runs()) == ["full", "lora", "ia3", "lars", "lars-exact", "lars-whitened"]
     assert study_runs()["lars-exact"].flags == ("--method", "lars", "--rank", "16", "--storage", "exact")
     assert method_for_adapter("LORA", None).name == "lora"  # a LoRA minilars did not write

@@ -137,9 +137,9 @@ class Method:
         `bases`, what a calibration elsewhere found)."""
 
     @property
-    def refresh_every(self) -> int:
-        """Steps between refreshes of what prepare() calibrated (0: never; LARS's
-        --refresh-every); the trainer then calls calibrated_bases and refresh."""
+    def refreshes(self) -> int:
+        """How often what prepare() calibrated is found again during a run, evenly spaced
+        (0: never; LARS's --refreshes); the trainer then calls calibrated_bases and refresh."""
         return 0
 
     def calibrated_bases(self, model: Model, tokens, mask) -> dict[str, np.ndarray]:

@@ -79,10 +79,10 @@ class LARS(Method):
                      note="e.g. 'attn_in=0.5,attn_out=0.5': P_s becomes c_s P_s, so an optimiser step on M_s "
                           "moves that stream's output c_s times as far (Adam's step on M does not depend on the "
                           "gradient's scale); the span, and the PEFT export's equality, are unchanged"),
-        MethodOption("refresh_every", non_negative_int, 0, "steps between basis refreshes (0: never)",
-                     note="every K steps P M is folded into a frozen low-rank delta, P is calibrated again on the "
-                          "next batch through the trained model, M and the optimizer restart at zero; the PEFT "
-                          "export is then a LoRA of rank r times (refreshes + 1)"),
+        MethodOption("refreshes", non_negative_int, 0, "basis refreshes, evenly spaced over the run (0: none)",
+                     note="after steps k * steps / (N + 1), k = 1..N, P M is folded into a frozen low-rank delta, "
+                          "P is calibrated again on the next batch through the trained model, M and the optimizer "
+                          "restart at zero; the PEFT export is then a LoRA of rank r (N + 1)"),
     )
     needs_calibration = True
     saves_adapter = True
@@ -106,7 +106,7 @@ class LARS(Method):
     def describe(self):
         c = self.config
         basis = "".join(f", {name.replace('_', ' ')} {c.option(name)}"
-                        for name in ("basis", "stream_scale", "refresh_every") if c.option(name))
+                        for name in ("basis", "stream_scale", "refreshes") if c.option(name))
         return (f"lars(r={c.rank}, targets={','.join(c.resolved_targets)}{basis}, "
                 f"storage: {self.storage_plan().describe()})")
 
@@ -132,8 +132,8 @@ class LARS(Method):
 
     # ---------------------------------------------------------------- refresh (Part 1.6)
     @property
-    def refresh_every(self):
-        return self.config.option("refresh_every", 0)
+    def refreshes(self):
+        return self.config.option("refreshes", 0)
 
     def calibrated_bases(self, model, tokens, mask):
         """The stream bases calibrated again, through the adapted model (the storage bases stay)."""
