@@ -540,7 +540,8 @@ class Trainer:
         mask = None if self.rows.real is None else self.rows.real[idx]
         bases = kind.calibrated_bases(self.model, self.rows.tokens[idx], mask) if self.writes else None
         if self.group is not None:
-            bases = self.group.broadcast_arrays(bases)
+            be = self.model.be
+            bases = self.group.broadcast_arrays({k: be.to_numpy(v) for k, v in bases.items()} if self.writes else None)
         kind.refresh(self.model, bases)
         self.opt.reset()
 

@@ -54,7 +54,11 @@ def make_trainer(method: str, backend: str, steps: int, out: Path, group=None, s
     """A tiny float64 model with `method` applied, in a Trainer on make_rows()."""
     model = Model.random(preset("tiny"), seed=0, dtype=np.float64, backend=backend)
     rows = make_rows()
-    config = MethodConfig.lars_default(rank=4, seed=0) if method == "lars" else MethodConfig(method, rank=4, seed=0)
+    if method.startswith("lars"):  # lars-refresh: bases refreshed after step 1 of 3, by rank 0
+        extra = (("refreshes", 1),) if method == "lars-refresh" else ()
+        config = MethodConfig.lars_default(rank=4, seed=0, extra=extra)
+    else:
+        config = MethodConfig(method, rank=4, seed=0)
     calibration = first_rows(rows, BATCH, seed=0)
     distributed.apply_method(group, model, config, calibration.tokens, calibration.real)
     opt = AdamW(model.trainable(), model.be, AdamWConfig(lr=1e-2, max_grad_norm=MAX_GRAD_NORM))
@@ -182,7 +186,7 @@ def test_ranks_hold_uneven_labelled_tokens_in_every_step():
         assert counts[0] != counts[1], (step, counts)
 
 
-JOBS = [("lars", "numpy"), ("lora", "numpy"), ("full", "numpy"), ("lars", "torch")]
+JOBS = [("lars", "numpy"), ("lora", "numpy"), ("full", "numpy"), ("lars", "torch"), ("lars-refresh", "numpy")]
 
 
 @needs_torch

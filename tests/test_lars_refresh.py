@@ -186,3 +186,21 @@ def test_peft_loads_a_refreshed_adapter_with_the_logits_minilars_trained(tmp_pat
     with torch.no_grad():
         got = peft_model(input_ids=torch.as_tensor(tokens)).logits.numpy()
     assert_logits_close(model.logits(tokens), got, name="lars after two refreshes")
+
+
+def test_the_planner_counts_the_folded_factors_as_weights():
+    """After N refreshes every LARS stream holds P_f (d_in, N r) and, per target, M_f
+    (N r, d_out_s): N r (d_in + d_out) floats a stream, written out from the config."""
+    from minilars.config import preset
+    from minilars.methods import MethodConfig
+    from minilars.planner import plan_memory
+
+    cfg, rank, n = preset("tiny"), 4, 2
+    plain, refreshed = (plan_memory(cfg, MethodConfig.lars_default(rank=rank, extra=extra), 32, 1, "float32", "numpy")
+                        for extra in ((), (("refreshes", n),)))
+    q_k_v = cfg.n_heads * cfg.head_dim + 2 * cfg.n_kv_heads * cfg.head_dim
+    streams = [(cfg.dim, q_k_v), (cfg.n_heads * cfg.head_dim, cfg.dim), (cfg.dim, 2 * cfg.ffn_dim),
+               (cfg.ffn_dim, cfg.dim)]  # (d_in, d_out): attention in and out, MLP in and out
+    folded = cfg.n_layers * sum(n * rank * (d_in + d_out) for d_in, d_out in streams) * 4
+    assert refreshed.weights - plain.weights == folded
+    assert refreshed.trainable == plain.trainable and refreshed.activation_store == plain.activation_store

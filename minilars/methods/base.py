@@ -142,12 +142,13 @@ class Method:
         (0: never; LARS's --refreshes); the trainer then calls calibrated_bases and refresh."""
         return 0
 
-    def calibrated_bases(self, model: Model, tokens, mask) -> dict[str, np.ndarray]:
-        """What prepare() would calibrate, found again on `tokens` through the model as it now is."""
+    def calibrated_bases(self, model: Model, tokens, mask) -> dict:
+        """What prepare() would calibrate, found again on `tokens` through the model as it now is
+        (backend arrays by name)."""
         raise NotImplementedError(f"method {self.name!r} calibrates nothing to refresh")
 
-    def refresh(self, model: Model, bases: dict[str, np.ndarray]) -> None:
-        """Take `bases` (calibrated_bases' result) in place of the current ones."""
+    def refresh(self, model: Model, bases: dict) -> None:
+        """Take `bases` (calibrated_bases' result, or its arrays as numpy) in place of the current ones."""
         raise NotImplementedError(f"method {self.name!r} calibrates nothing to refresh")
 
     def wrap(self, site: LinearSite, where: SiteContext) -> LinearSite:

@@ -137,15 +137,14 @@ class LARS(Method):
 
     def calibrated_bases(self, model, tokens, mask):
         """The stream bases calibrated again, through the adapted model (the storage bases stay)."""
-        stream_bases, _ = self._calibrate(model, tokens, mask)
-        return {name: model.be.to_numpy(basis) for name, basis in stream_bases.items()}
+        return self._calibrate(model, tokens, mask)[0]
 
     def refresh(self, model, bases):
         """Every LARS site folds P M and takes its stream's new basis (LARSSite.refresh)."""
         for i, block in enumerate(model.sites):
             for stream, site in block.items():
                 if isinstance(site, LARSSite) and site.targets:
-                    site.refresh(model.be.asarray(np.ascontiguousarray(bases[f"blocks.{i}.{stream}"])), model.be)
+                    site.refresh(model.be.asarray(bases[f"blocks.{i}.{stream}"]), model.be)
 
     def adapter(self, weight, where):
         basis = self.stream_bases[f"blocks.{where.block}.{where.stream}"]
