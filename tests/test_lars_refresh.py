@@ -204,3 +204,33 @@ def test_the_planner_counts_the_folded_factors_as_weights():
     folded = cfg.n_layers * sum(n * rank * (d_in + d_out) for d_in, d_out in streams) * 4
     assert refreshed.weights - plain.weights == folded
     assert refreshed.trainable == plain.trainable and refreshed.activation_store == plain.activation_store
+
+
+@pytest.mark.parametrize("merged", [False, True], ids=["unmerged", "merged"])
+def test_a_refreshed_site_computes_the_same_on_torch(merged):
+    """The torch backend's refreshed site (forward, backward with a random upstream
+    gradient, export) against numpy's, merged and unmerged (the path over GGUF blocks)."""
+    pytest.importorskip("torch")
+    tb = get_backend("torch")
+    rng = np.random.default_rng(5)
+    outputs, d_in, rank = {"q": 6, "k": 3, "v": 3}, 10, 3
+    weight, bases = rng.standard_normal((d_in, 12)), [orthonormal(rng, d_in, rank) for _ in range(2)]
+    ms = [{s: rng.standard_normal((rank, w)) for s, w in outputs.items() if s != "k"} for _ in range(2)]
+    x, dy = rng.standard_normal((7, d_in)), rng.standard_normal((7, 12))
+    results = []
+    for b in (be, tb):
+        site = LARSSite(b.asarray(weight, "float64"), outputs, ["q", "v"], b.asarray(bases[0], "float64"), b)
+        for step, m in enumerate(ms):
+            for s, value in m.items():
+                site.M[s][...] = b.asarray(value, "float64")
+            if step == 0:
+                site.refresh(b.asarray(bases[1], "float64"), b)
+        if merged:
+            site.merge(b)
+        y, cache = site.forward(x if b is be else b.asarray(x, "float64"), b)
+        dx, grads = site.backward(dy if b is be else b.asarray(dy, "float64"), cache, b)
+        site.unmerge()
+        a, m = site.as_lora(b)["q"]
+        results.append([b.to_numpy(t) for t in (y, dx, grads["q.lars_M"], grads["v.lars_M"], a, m)])
+    for name, got, want in zip(("y", "dx", "dM_q", "dM_v", "lora_A", "lora_B"), results[1], results[0]):
+        assert_close(got, want, name=name)
