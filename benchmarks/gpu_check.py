@@ -154,6 +154,8 @@ def run_engine(args, be, cfg, params_np, method: str, seq_lens, started: float) 
             calibration_rng = np.random.default_rng(args.seed + 1)  # not the tokens' stream: same tokens for all
             calibration = calibration_rng.integers(0, cfg.vocab_size, (1, min(512, max(seq_lens))))
         methods.apply_method(model, config, calibration_tokens=calibration)
+        if calibration is not None:
+            config.kind.refresh_all(model, calibration)  # a step after the last refresh: the most it holds
         opt = AdamW(model.trainable(), be, AdamWConfig(lr=1e-4))
     except Exception as e:  # noqa: BLE001 - a method that is not ready is skipped, not fatal
         return [Row(name, t, f"skipped: {type(e).__name__}: {str(e)[:80]}") for t in seq_lens]

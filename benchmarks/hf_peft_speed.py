@@ -140,6 +140,7 @@ def lars_worker(args):
         warmup((str(model.compute_dtype),))
     config = MethodConfig.lars_default()
     apply_method(model, config, calibration_tokens=tokens[:, :512])
+    config.kind.refresh_all(model, tokens[:, :512])  # a step after the last refresh: the most it holds
     opt = AdamW(model.trainable(), model.be)
     labelled = int((targets != -100).sum())
 

@@ -270,9 +270,7 @@ def plan_memory(cfg: ModelConfig, method: MethodConfig | str, seq_len: int, batc
     calibration = np.zeros((1, min(cfg.max_seq_len, max(CALIBRATION_TOKENS, method.rank))), dtype=np.int64)
     be.phase = "calibration"
     apply_method(model, method, calibration)
-    kind = method.kind
-    for _ in range(kind.refreshes):  # the steps after the last refresh hold every factor it folded
-        kind.refresh(model, kind.calibrated_bases(model, calibration, None))
+    method.kind.refresh_all(model, calibration)  # the steps after the last refresh hold every factor it folded
     calibration_peak = be.ledger.bytes_peak
     if inference is None:
         inference = not model.trainable()

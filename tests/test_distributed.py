@@ -54,8 +54,8 @@ def make_trainer(method: str, backend: str, steps: int, out: Path, group=None, s
     """A tiny float64 model with `method` applied, in a Trainer on make_rows()."""
     model = Model.random(preset("tiny"), seed=0, dtype=np.float64, backend=backend)
     rows = make_rows()
-    if method.startswith("lars"):  # lars-refresh: bases refreshed after step 1 of 3, by rank 0
-        extra = (("refreshes", 1),) if method == "lars-refresh" else ()
+    if method.startswith("lars"):  # lars-refresh: bases refreshed after step 1 of 3, by rank 0; lars: never
+        extra = (("refreshes", 1 if method == "lars-refresh" else 0),)
         config = MethodConfig.lars_default(rank=4, seed=0, extra=extra)
     else:
         config = MethodConfig(method, rank=4, seed=0)

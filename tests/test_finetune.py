@@ -396,12 +396,31 @@ def test_adapter_for_a_different_base_model(data_file, finished, tmp_path, capsy
     assert not (out / "checkpoint.safetensors").exists() and not (out / "result.json").exists()
 
 
+def test_a_default_lars_run_refreshes_its_basis_twice(finished):
+    """The default recipe (docs/lars.md Part 1.6, --refreshes 2): the export is a LoRA of rank
+    3 r, the two folded bases and the last one side by side."""
+    from safetensors.numpy import load_file
+
+    config = json.loads((finished / "adapter_config.json").read_text())
+    tensors = load_file(str(finished / "adapter_model.safetensors"))
+    ranks = {t.shape[0] for k, t in tensors.items() if k.endswith("lora_A.weight")}
+    assert config["r"] == 3 * 16 and ranks == {3 * 16}
+
+
 def test_init_adapter_continues_from_a_saved_adapter(data_file, finished, tmp_path, capsys):
+    from safetensors.numpy import load_file
+
     out = tmp_path / "more"
-    assert main(tiny_args(data_file, out, "--init-adapter", str(finished), "--steps", "1", "--eval-samples", "2")) == 0
+    assert main(tiny_args(data_file, out, "--init-adapter", str(finished), "--steps", "3", "--eval-samples", "2")) == 0
     res = result(out)
     # it starts where the finished run ended, not from zero
     assert res["before"]["loss"] == pytest.approx(result(finished)["after"]["loss"], rel=1e-4)
+    # and trains the saved adapter as it is: its basis (lora_A) is not refreshed again, only M (lora_B) moves
+    before, after = (load_file(str(d / "adapter_model.safetensors")) for d in (finished, out))
+    assert before.keys() == after.keys()
+    for key in before:
+        same = np.array_equal(before[key], after[key])
+        assert same if key.endswith("lora_A.weight") else not same, key
 
 
 @pytest.mark.parametrize("extra, message", [

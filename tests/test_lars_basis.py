@@ -52,7 +52,8 @@ def test_a_column_without_energy_keeps_its_scale():
 def test_the_option_is_recorded_only_when_it_is_not_the_default():
     assert MethodConfig.from_options("lars", {}) == MethodConfig("lars", rank=16, storage=MethodConfig.from_options(
         "lars", {}).storage)
-    assert MethodConfig.from_options("lars", {}).option("basis") is None
+    assert MethodConfig.from_options("lars", {}).extra == ()  # the default is not recorded: read as declared
+    assert MethodConfig.from_options("lars", {}).option("basis") == "orthonormal"
     assert MethodConfig.from_options("lars", {"basis": "whitened"}).option("basis") == "whitened"
 
 
@@ -125,7 +126,7 @@ def test_stream_scales_parse_and_name_a_bad_part():
             stream_scales(bad)
     config = MethodConfig.from_options("lars", {"stream_scale": "attn_in=0.5"})
     assert config.option("stream_scale") == "attn_in=0.5"
-    assert MethodConfig.from_options("lars", {}).option("stream_scale") is None  # the default is not recorded
+    assert MethodConfig.from_options("lars", {}).option("stream_scale") == ""  # the default: no stream scaled
 
 
 def test_a_bad_stream_scale_is_one_argparse_line(capsys):

@@ -195,9 +195,9 @@ def test_the_planner_counts_the_folded_factors_as_weights():
     from minilars.methods import MethodConfig
     from minilars.planner import plan_memory
 
-    cfg, rank, n = preset("tiny"), 4, 2
-    plain, refreshed = (plan_memory(cfg, MethodConfig.lars_default(rank=rank, extra=extra), 32, 1, "float32", "numpy")
-                        for extra in ((), (("refreshes", n),)))
+    cfg, rank, n = preset("tiny"), 4, 3
+    plain, refreshed = (plan_memory(cfg, MethodConfig.lars_default(rank=rank, extra=(("refreshes", count),)), 32, 1,
+                                    "float32", "numpy") for count in (0, n))
     q_k_v = cfg.n_heads * cfg.head_dim + 2 * cfg.n_kv_heads * cfg.head_dim
     streams = [(cfg.dim, q_k_v), (cfg.n_heads * cfg.head_dim, cfg.dim), (cfg.dim, 2 * cfg.ffn_dim),
                (cfg.ffn_dim, cfg.dim)]  # (d_in, d_out): attention in and out, MLP in and out

@@ -32,7 +32,7 @@ class OutputOnly(Method):
     saves_merged = True
 
     def adapter(self, weight, where):
-        return FullSite(weight * self.config.option("toy_init_scale", 1.0), where.outputs)
+        return FullSite(weight * self.config.option("toy_init_scale"), where.outputs)
 
 
 @pytest.fixture
@@ -110,7 +110,7 @@ def test_the_built_in_methods_answer_what_the_commands_ask():
     assert MethodConfig("lora").resolved_targets == ("q", "k", "v", "o", "gate", "up", "down")
     assert [o.name for o in method_options()] == ["rank", "alpha", "targets", "storage", "basis", "stream_scale",
                                                      "refreshes"]
-    assert list(study_runs()) == ["full", "lora", "ia3", "lars", "lars-exact", "lars-whitened"]
+    assert list(study_runs()) == ["full", "lora", "ia3", "lars", "lars-exact", "lars-whitened", "lars-unrefreshed"]
     assert study_runs()["lars-exact"].flags == ("--method", "lars", "--rank", "16", "--storage", "exact")
     assert method_for_adapter("LORA", None).name == "lora"  # a LoRA minilars did not write
     assert method_for_adapter("LORA", "lars").name == "lars"

@@ -3,7 +3,8 @@
 Peak RSS is a property of a whole process (the C allocator keeps freed buffers, the
 loader peaks before training starts), so `minilars bench memory` starts one of these
 per (method, storage policy, T). It loads the model, applies the method (LARS
-calibrates on the first --calibration-tokens tokens of the batch), runs warm-up and
+calibrates on the first --calibration-tokens tokens of the batch, then refreshes its
+basis as often as a run does, so the steps hold what a run's last third holds), runs warm-up and
 timed training steps (forward, backward, AdamW) at batch --batch-size on random
 tokens, and prints one JSON object. AdamW's m and v are written once before the
 steps, so they are resident as in any step after the first.
@@ -211,6 +212,7 @@ def run(args) -> dict:
     targets = rng.integers(0, vocab, (args.batch_size, args.seq_len))
     calibration = tokens[:, :args.calibration_tokens] if method.kind.needs_calibration else None
     apply_method(model, method, calibration)
+    method.kind.refresh_all(model, calibration)  # as in a run's steps after its last refresh (LARS: folded factors)
     gc.collect()
     return_freed_heap()  # the calibration forward's work, freed (finetune does the same)
     result["method_described"] = method.describe()

@@ -23,7 +23,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--seq-lens", default="512,2048", type=comma_separated(int, "512,2048"),
                         help="T values, comma separated (default: %(default)s)")
     parser.add_argument("--methods", default="lars,lora,full", type=comma_separated(str, "lars,lora"),
-                        help="comma separated from lars (default recipe), lars-fast (--storage fast), lora, full "
+                        help="comma separated from lars (default recipe), lars-fast (--storage fast), lars-unrefreshed "
+                             "(the default without --refreshes), lora, full "
                              "(default: %(default)s)")
     parser.add_argument("--backends", default="numpy,numba", type=comma_separated(str, "numpy,numba"), help="comma separated (default: %(default)s)")
     parser.add_argument("--steps", type=int, default=2, help="timed steps after one warm-up step (default: %(default)s)")
@@ -101,6 +102,7 @@ def run(args) -> int:
     print(f"this machine's float32 matmul: {gflops_machine:.1f} GFLOP/s")
     models = {name: load_model(args.model, backend=get_backend(name)) for name in backends}
     configs = {"lars": MethodConfig.lars_default(), "lars-fast": MethodConfig("lars", storage=LARS_FAST_STORAGE),
+               "lars-unrefreshed": MethodConfig.lars_default(extra=(("refreshes", 0),)),
                "lora": MethodConfig("lora", rank=8), "full": MethodConfig("full")}
     methods = args.methods
     unknown = [m for m in methods if m not in configs]
@@ -112,6 +114,7 @@ def run(args) -> int:
             for name in backends:
                 model = models[name]
                 apply_method(model, configs[method], calibration_tokens=tokens[:, :512])
+                configs[method].kind.refresh_all(model, tokens[:, :512])  # a step after the last refresh
                 opt = AdamW(model.trainable(), model.be)
                 times = []
                 for step in range(args.steps + 1):

@@ -151,6 +151,12 @@ class Method:
         """Take `bases` (calibrated_bases' result, or its arrays as numpy) in place of the current ones."""
         raise NotImplementedError(f"method {self.name!r} calibrates nothing to refresh")
 
+    def refresh_all(self, model: Model, tokens, mask=None) -> None:
+        """Every refresh of a run, done now on `tokens`: the model as it is in the steps after
+        the last one, which hold the most (the planner and the benches measure that step)."""
+        for _ in range(self.refreshes):
+            self.refresh(model, self.calibrated_bases(model, tokens, mask))
+
     def wrap(self, site: LinearSite, where: SiteContext) -> LinearSite:
         """The site that replaces `site`: an adapter where the stream has targets."""
         if not where.targets:

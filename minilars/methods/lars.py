@@ -79,7 +79,7 @@ class LARS(Method):
                      note="e.g. 'attn_in=0.5,attn_out=0.5': P_s becomes c_s P_s, so an optimiser step on M_s "
                           "moves that stream's output c_s times as far (Adam's step on M does not depend on the "
                           "gradient's scale); the span, and the PEFT export's equality, are unchanged"),
-        MethodOption("refreshes", non_negative_int, 0, "basis refreshes, evenly spaced over the run (0: none)",
+        MethodOption("refreshes", non_negative_int, 2, "basis refreshes, evenly spaced over the run (0: none)",
                      note="after steps k * steps / (N + 1), k = 1..N, P M is folded into a frozen low-rank delta, "
                           "P is calibrated again on the next batch through the trained model, M and the optimizer "
                           "restart at zero; the PEFT export is then a LoRA of rank r (N + 1)"),
@@ -97,7 +97,8 @@ class LARS(Method):
         flags = ("--method", cls.name, "--rank", str(cls.typical_rank), "--storage")
         return {cls.name: StudyRun((*flags, "default"), cls.study_lrs, cls),  # lars_default()
                 f"{cls.name}-exact": StudyRun((*flags, "exact"), cls.study_lrs, cls),  # every activation exact
-                f"{cls.name}-whitened": StudyRun((*flags, "default", "--basis", "whitened"), cls.study_lrs, cls)}
+                f"{cls.name}-whitened": StudyRun((*flags, "default", "--basis", "whitened"), cls.study_lrs, cls),
+                f"{cls.name}-unrefreshed": StudyRun((*flags, "default", "--refreshes", "0"), cls.study_lrs, cls)}
 
     @classmethod
     def rank_limit(cls, d_in, d_out):
@@ -105,8 +106,9 @@ class LARS(Method):
 
     def describe(self):
         c = self.config
-        basis = "".join(f", {name.replace('_', ' ')} {c.option(name)}"
-                        for name in ("basis", "stream_scale", "refreshes") if c.option(name))
+        changes = {"basis": c.option("basis") != "orthonormal", "stream_scale": bool(c.option("stream_scale")),
+                   "refreshes": self.refreshes > 0}  # what departs from one calibrated basis, as calibrated
+        basis = "".join(f", {name.replace('_', ' ')} {c.option(name)}" for name, shown in changes.items() if shown)
         return (f"lars(r={c.rank}, targets={','.join(c.resolved_targets)}{basis}, "
                 f"storage: {self.storage_plan().describe()})")
 
@@ -133,7 +135,7 @@ class LARS(Method):
     # ---------------------------------------------------------------- refresh (Part 1.6)
     @property
     def refreshes(self):
-        return self.config.option("refreshes", 0)
+        return self.config.option("refreshes")
 
     def calibrated_bases(self, model, tokens, mask):
         """The stream bases calibrated again, through the adapted model (the storage bases stay)."""
@@ -166,8 +168,9 @@ class LARS(Method):
     @classmethod
     def config_from_peft(cls, peft_config, recorded, targets):
         storage = tuple(tuple(rule) for rule in recorded.get("storage", []))
+        # trained on (--init-adapter) as saved: its basis, of rank r (N + 1) after N refreshes, is not refreshed again
         return MethodConfig(cls.name, rank=int(peft_config["r"]), alpha=float(peft_config["lora_alpha"]),
-                            targets=targets, storage=storage)
+                            targets=targets, storage=storage, extra=(("refreshes", 0),))
 
     def attach(self, model, get):
         """The basis is stored (lora_A = P^T): rebuild LARS sites around it without calibrating."""

@@ -80,9 +80,13 @@ class MethodConfig:
         """The registered method this config describes, bound to it."""
         return method_class(self.name)(self)
 
-    def option(self, name: str, default=None):
-        """The value of an option kept in `extra` (a method's own option)."""
-        return dict(self.extra).get(name, default)
+    def option(self, name: str):
+        """The value of one of the method's own options: kept in `extra` when set, else
+        the default its class declares (from_options records only values that differ)."""
+        extra = dict(self.extra)
+        if name in extra:
+            return extra[name]
+        return next((o.default for o in self.kind.options if o.name == name), None)
 
     @property
     def resolved_targets(self) -> tuple[str, ...]:
