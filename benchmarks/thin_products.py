@@ -26,10 +26,8 @@ import numpy as np
 
 from minilars.backends import numba_backend
 from minilars.backends import numba_kernels as K
-from minilars.bench.speed import matmul_gflops
-from minilars.config import preset
-from minilars.methods import MethodConfig, apply_method
-from minilars.model import Model
+from minilars.bench.common import random_lars_step
+from minilars.bench.speed import paired_steps
 from minilars.optim import AdamW
 
 RANK = 16
@@ -69,12 +67,7 @@ def time_products(repeats: int) -> None:
 
 
 def time_steps(seq_len: int, repeats: int) -> None:
-    cfg = preset("smollm2-135m")
-    rng = np.random.default_rng(0)
-    tokens = rng.integers(0, cfg.vocab_size, (1, seq_len))
-    targets = rng.integers(0, cfg.vocab_size, (1, seq_len))
-    model = Model.random(cfg, seed=0, backend="numba")
-    apply_method(model, MethodConfig.lars_default(), tokens[:, :256])
+    model, tokens, targets = random_lars_step(seq_len)
     optimizer = AdamW(model.trainable(), model.be)
     rank = numba_backend.THIN_RANK
 
@@ -84,18 +77,10 @@ def time_steps(seq_len: int, repeats: int) -> None:
         optimizer.step(model.backward(model.forward(tokens, targets)))
         return time.perf_counter() - start
 
-    step(True), step(False)  # warm-up
-    one, numpy_ = [], []
-    for i in range(repeats):
-        for flag in ((True, False) if i % 2 == 0 else (False, True)):
-            (one if flag else numpy_).append(step(flag))
-        print(f"pair {i}: one thread {one[-1]:.2f} s, numpy {numpy_[-1]:.2f} s, load {os.getloadavg()[0]:.1f}",
-              flush=True)
-    numba_backend.THIN_RANK = rank
-    ratio = np.array(one) / np.array(numpy_)
-    print(f"T = {seq_len}: median one thread {np.median(one):.2f} s, numpy {np.median(numpy_):.2f} s; per-pair "
-          f"ratio median {np.median(ratio):.3f} ({ratio.min():.3f}-{ratio.max():.3f}); matmul "
-          f"{matmul_gflops():.0f} GFLOP/s; load {os.getloadavg()[0]:.1f}")
+    try:
+        paired_steps(f"T = {seq_len}", ("one thread", lambda: step(True)), ("numpy", lambda: step(False)), repeats)
+    finally:
+        numba_backend.THIN_RANK = rank
 
 
 def main(argv=None) -> None:

@@ -347,12 +347,20 @@ class LARSSite(_AdapterSite):
     def to_linear(self, be):
         """W + P M in one backend call (be.add_low_rank: one product and one sum),
         with M (r, d_out) the targets' M_s in their columns, zero in the others; after
-        refresh() P_f M_f is added the same way. A weight kept as GGUF blocks is
-        dequantised first (export only: merge() never folds a kept weight)."""
-        w = be.add_low_rank(dense_weight(self.weight, be), self.basis, self._columns(self.M, be))
-        if self.folded_basis is not None:
-            w = be.add_low_rank(w, self.folded_basis, self._columns(self.folded_M, be))
-        return w
+        refresh() W + [P_f P] [M_f; M], the whole delta in the same one call (two
+        calls, r then R_f, cost a second sum over W and a thinner product: docs/speed.md).
+        A weight kept as GGUF blocks is dequantised first (export only: merge() never
+        folds a kept weight)."""
+        basis, ms = self._stacked(be)
+        return be.add_low_rank(dense_weight(self.weight, be), basis, self._columns(ms, be))
+
+    def _stacked(self, be) -> tuple[Array, dict[str, Array]]:
+        """The delta P_f M_f + P M as one low-rank product: [P_f P] (d_in, R_f + r) and
+        each target's [M_f,s; M_s] (R_f + r, d_out_s); P and M before refresh()."""
+        if self.folded_basis is None:
+            return self.basis, self.M
+        return (be.concat([self.folded_basis, self.basis], 1),
+                {s: be.concat([self.folded_M[s], self.M[s]], 0) for s in self.targets})
 
     def _columns(self, ms: dict[str, Array], be) -> Array:
         """The targets' (R, d_out_s) matrices in their columns of one (R, d_out), zero in the others."""
@@ -367,7 +375,5 @@ class LARSSite(_AdapterSite):
     def as_lora(self, be) -> dict[str, tuple[Array, Array]]:
         """PEFT LoRA factors with scaling 1: lora_A = P^T (r, d_in), lora_B = M_s^T (d_out_s, r);
         after refresh() [P_f P]^T and [M_f,s; M_s]^T, of rank R_f + r."""
-        if self.folded_basis is None:
-            return {s: (self.basis.T, self.M[s].T) for s in self.targets}
-        basis = be.concat([self.folded_basis, self.basis], 1)  # (d_in, R_f + r)
-        return {s: (basis.T, be.concat([self.folded_M[s], self.M[s]], 0).T) for s in self.targets}
+        basis, ms = self._stacked(be)
+        return {s: (basis.T, ms[s].T) for s in self.targets}

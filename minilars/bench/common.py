@@ -19,6 +19,23 @@ def load_model(name: str, backend=None, weights: str = "float32", seed: int = 0,
     return load(name, backend, weights, seed=seed, **options)[0]
 
 
+def random_lars_step(seq_len: int, backend: str = "numba", preset_name: str = "smollm2-135m"):
+    """(model, tokens, targets) for timing a LARS default step: a preset's shapes with random
+    weights, the default recipe applied and every refresh done (the step of a run's last
+    third, which `bench speed` times), random tokens and targets (1, seq_len)."""
+    from minilars.config import preset
+    from minilars.methods import MethodConfig, apply_method
+    from minilars.model import Model
+
+    cfg = preset(preset_name)
+    tokens, targets = random_batch(cfg.vocab_size, 1, seq_len)
+    model = Model.random(cfg, seed=0, backend=backend)
+    config = MethodConfig.lars_default()
+    apply_method(model, config, tokens[:, :256])
+    config.kind.refresh_all(model, tokens[:, :256])
+    return model, tokens, targets
+
+
 def print_table(rows: list[dict], columns: list[str] | None = None, file=None) -> None:
     """A plain aligned table (Markdown pipe syntax, so it pastes into docs/)."""
     if not rows:

@@ -8,7 +8,9 @@ measured in the same run. The numba backend's first-run compile time (empty on-d
 cache) or cache-load time is printed first."""
 from __future__ import annotations
 
+import os
 import time
+from typing import Callable
 
 import numpy as np
 
@@ -47,6 +49,28 @@ def matmul_gflops(seconds: float = 1.0) -> float:
         a @ b
         count += 1
     return 2 * 2048 * 576 * 1536 * count / (time.perf_counter() - start) / 1e9
+
+
+def paired_steps(label: str, first: tuple[str, Callable[[], float]], second: tuple[str, Callable[[], float]],
+                 repeats: int) -> None:
+    """Time two ways of one step in one process, in the order AB BA AB ... (after a warm-up
+    of each), so a drift in the machine's load hits both; each callable returns its
+    seconds. Prints every pair, then the medians, the per-pair ratio first / second,
+    the machine's matmul GFLOP/s and the load (benchmarks/thin_products.py,
+    benchmarks/refreshed_merge.py)."""
+    (name_a, run_a), (name_b, run_b) = first, second
+    run_a(), run_b()  # warm-up
+    times: dict[str, list[float]] = {name_a: [], name_b: []}
+    for i in range(repeats):
+        for name, run in (first, second) if i % 2 == 0 else (second, first):
+            times[name].append(run())
+        print(f"pair {i}: {name_a} {times[name_a][-1]:.2f} s, {name_b} {times[name_b][-1]:.2f} s, "
+              f"load {os.getloadavg()[0]:.1f}", flush=True)
+    a, b = np.array(times[name_a]), np.array(times[name_b])
+    ratio = a / b
+    print(f"{label}: median {name_a} {np.median(a):.3f} s, {name_b} {np.median(b):.3f} s; per-pair ratio median "
+          f"{np.median(ratio):.3f} ({ratio.min():.3f}-{ratio.max():.3f}); matmul {matmul_gflops():.0f} GFLOP/s; "
+          f"load {os.getloadavg()[0]:.1f}")
 
 
 def step_flops(cfg, seq_len: int, method, recompute: bool, recompute_attention: bool = True,
