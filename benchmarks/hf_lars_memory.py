@@ -6,7 +6,9 @@ local GGUF cache, no model hub), batch 1, random tokens, AdamW; three systems:
     lars      minilars.hf.get_lars_model, r 16 on all seven projections, default
               recipe (each layer's input kept in float16 and the layer recomputed in
               backward, loss in slices of 256 tokens, glibc's mmap threshold fixed at
-              1 MiB: backends/resident.py); calibrated on 512 other tokens
+              1 MiB: backends/resident.py); calibrated on 512 other tokens, then
+              refreshed LarsConfig.refreshes times (2) on 512 more each, so the timed
+              steps hold the folded factors of a run's last third
     lora      peft LoRA r 8 on the same seven projections
     lora-gc   the same with transformers' gradient checkpointing (non-reentrant)
 
@@ -23,7 +25,8 @@ machine's available memory are skipped with the reason.
 --malloc-mmap-threshold BYTES runs every system's worker with MALLOC_MMAP_THRESHOLD_
 set (the baselines under the allocator setting LARS makes itself);
 --lars-cpu-mmap-threshold none runs LARS with glibc's allocator left as it is;
---lars-mlp-chunk-tokens none runs each layer's MLP whole (LarsConfig.mlp_chunk_tokens=None).
+--lars-mlp-chunk-tokens none runs each layer's MLP whole (LarsConfig.mlp_chunk_tokens=None);
+--lars-refreshes N sets LarsConfig.refreshes (0: one basis, no folded factors).
 
 Needs minilars[hf] (torch, transformers, peft) and `minilars models pull smollm2-135m`.
 """
@@ -61,6 +64,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="LarsConfig.cpu_mmap_threshold in bytes, or 'none' (allocator left alone)")
     p.add_argument("--lars-mlp-chunk-tokens", default="512",
                    help="LarsConfig.mlp_chunk_tokens, or 'none' (each layer's MLP run whole)")
+    p.add_argument("--lars-refreshes", type=int, default=2, help="LarsConfig.refreshes (default: %(default)s)")
     p.add_argument("--json", help="append each point's result as one JSON line to this file")
     p.add_argument("--worker", metavar="SYSTEM", help=argparse.SUPPRESS)  # one point, in this process
     p.add_argument("--seq-len", type=int, help=argparse.SUPPRESS)
@@ -97,8 +101,11 @@ def worker(args) -> dict:
         calibration = torch.from_numpy(np.random.default_rng(args.seed + 1).integers(0, vocab, (1, 512)))
         threshold = None if args.lars_cpu_mmap_threshold == "none" else int(args.lars_cpu_mmap_threshold)
         chunk = None if args.lars_mlp_chunk_tokens == "none" else int(args.lars_mlp_chunk_tokens)
-        config = LarsConfig(r=args.lars_rank, cpu_mmap_threshold=threshold, mlp_chunk_tokens=chunk)
+        config = LarsConfig(r=args.lars_rank, cpu_mmap_threshold=threshold, mlp_chunk_tokens=chunk,
+                            refreshes=args.lars_refreshes)
         model = get_lars_model(model, config, calibration)
+        for k in range(config.refreshes):  # a step after the last refresh, as the engine's benches: the most it holds
+            model.refresh(torch.from_numpy(np.random.default_rng(args.seed + 2 + k).integers(0, vocab, (1, 512))))
     else:
         if args.worker == "lora-gc":
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -131,6 +138,7 @@ def worker(args) -> dict:
             "malloc_mmap_threshold": os.environ.get("MALLOC_MMAP_THRESHOLD_"),
             "lars_cpu_mmap_threshold": args.lars_cpu_mmap_threshold if args.worker == "lars" else None,
             "lars_mlp_chunk_tokens": args.lars_mlp_chunk_tokens if args.worker == "lars" else None,
+            "lars_refreshes": args.lars_refreshes if args.worker == "lars" else None,
             "torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__}
 
 
@@ -150,7 +158,8 @@ def run_point(args, system: str, seq_len: int) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", system, "--seq-len", str(seq_len),
            "--model", args.model, "--warmup", str(args.warmup), "--steps", str(args.steps), "--threads", str(args.threads),
            "--lars-rank", str(args.lars_rank), "--lora-rank", str(args.lora_rank), "--seed", str(args.seed),
-           "--lars-cpu-mmap-threshold", args.lars_cpu_mmap_threshold, "--lars-mlp-chunk-tokens", args.lars_mlp_chunk_tokens]
+           "--lars-cpu-mmap-threshold", args.lars_cpu_mmap_threshold, "--lars-mlp-chunk-tokens", args.lars_mlp_chunk_tokens,
+           "--lars-refreshes", str(args.lars_refreshes)]
     # Passive OpenMP waits: on a shared machine, threads spinning for a busy core multiply step times.
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "OMP_WAIT_POLICY": "PASSIVE"}
     if args.malloc_mmap_threshold is not None:
@@ -176,7 +185,8 @@ def main(argv=None) -> int:
     seq_lens, systems = args.seq_lens, args.systems
     print(f"uptime: {open('/proc/loadavg').read().split()[:3]} (1, 5, 15 min load), "
           f"{args.threads} threads; one process per point; MALLOC_MMAP_THRESHOLD_={args.malloc_mmap_threshold}, "
-          f"LARS cpu_mmap_threshold={args.lars_cpu_mmap_threshold}, mlp_chunk_tokens={args.lars_mlp_chunk_tokens}",
+          f"LARS cpu_mmap_threshold={args.lars_cpu_mmap_threshold}, mlp_chunk_tokens={args.lars_mlp_chunk_tokens}, "
+          f"refreshes={args.lars_refreshes}",
           flush=True)
     last: dict[str, dict] = {}
     rows = []

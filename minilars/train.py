@@ -36,6 +36,7 @@ import numpy as np
 
 from .files import append_line, atomic_write, write_text
 from .data import Example, Rows, batch_indices, contains_answer, exact_match, make_rows
+from .methods.base import refresh_steps
 from .model import Model
 from .optim import AdamW, NonFiniteGradient
 
@@ -534,7 +535,7 @@ class Trainer:
         method = self.model.method
         kind = None if method is None else method.kind
         n, steps = (0 if kind is None else kind.refreshes), self.config.steps
-        if self.step not in {k * steps // (n + 1) for k in range(1, n + 1)} - {0, steps}:
+        if self.step not in refresh_steps(n, steps):
             return
         idx = self.batch_rows(self.step)
         mask = None if self.rows.real is None else self.rows.real[idx]

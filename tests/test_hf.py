@@ -8,6 +8,7 @@ and B = M^T, and the engine's calibrate() for the bases.
 from __future__ import annotations
 
 import copy
+import json
 
 import numpy as np
 import pytest
@@ -95,7 +96,7 @@ def test_lars_linear_dm_and_dx_match_autograd_of_the_unfactored_weight(bias):
     torch.testing.assert_close(y, y_ref, **TOL[torch.float64])
     torch.testing.assert_close(dm, dm_ref, **TOL[torch.float64])
     torch.testing.assert_close(dx, dx_ref, **TOL[torch.float64])
-    activations = [t for t in saved if t.shape[0] in (B, B * T)]  # kept per token: (B, T, ...) or (B T, ...)
+    activations = [t for t in saved if t is not None and t.shape[0] in (B, B * T)]  # kept per token: (B, T, ...) or (B T, ...)
     assert [tuple(t.shape) for t in activations] == [(B * T, r)], "only z = x P (N, r) is kept, never x"
     # the same values laid out strided (T-major, as a gradient through a transpose arrives)
     x_strided = x.detach().transpose(0, 1).contiguous().transpose(0, 1).requires_grad_(True)
@@ -380,6 +381,26 @@ def test_bfloat16_trains_with_float32_adapters():
     assert torch.nn.functional.cosine_similarity(g_ref, g_low, dim=0) > 0.99
 
 
+def test_a_bfloat16_model_keeps_its_folded_delta_beside_the_weight():
+    """bfloat16 would round P M away if added into W: refresh leaves W bit for bit and runs P_f M_f beside it."""
+    base = tiny_model("qwen2", torch.float32).to(torch.bfloat16)
+    ids = tokens()
+    with torch.no_grad():
+        base_logits = base(input_ids=ids).logits.float()
+    lars = get_lars_model(base, LarsConfig(r=4), ids)
+    randomize_m(lars)
+    weights = {name: layer.base_layer.weight.clone() for name, layer in lars.lars_layers().items()}
+    with torch.no_grad():
+        before = lars(input_ids=ids).logits.float()
+    lars.refresh(tokens(seed=5))
+    with torch.no_grad():
+        after = lars(input_ids=ids).logits.float()
+    for name, layer in lars.lars_layers().items():
+        assert not layer.folded_in_weight and torch.equal(layer.base_layer.weight, weights[name]), name
+        assert layer.lars_M_folded.dtype == torch.float32
+    assert (before - base_logits).abs().max() > 0.05, "the adapter counts"
+    torch.testing.assert_close(after, before, rtol=0, atol=0.05)
+
 def test_trainer_runs_steps_and_saves_the_adapter(tmp_path):
     base = tiny_model("llama", torch.float32)
     ids = tokens(rows=8, seq_len=12)
@@ -400,6 +421,121 @@ def test_trainer_runs_steps_and_saves_the_adapter(tmp_path):
         torch.testing.assert_close(reloaded(input_ids=ids).logits, lars(input_ids=ids).logits, **TOL[torch.float32])
 
 
+
+# ---------------------------------------------------------------- basis refresh (docs/lars.md Part 1.6)
+@pytest.mark.parametrize("into_weight", [True, False])
+def test_a_refreshed_layer_keeps_its_output_and_matches_autograd_of_the_summed_weight(into_weight):
+    """P_f M_f added into the weight (float32 and wider, the default) or run beside it (16-bit)."""
+    gen = torch.Generator().manual_seed(0)
+    B, T, d_in, d_out, r = 2, 5, 7, 6, 3
+    x = torch.randn(B, T, d_in, generator=gen, dtype=torch.float64, requires_grad=True)
+    base = torch.nn.Linear(d_in, d_out, dtype=torch.float64)
+    p1, _ = torch.linalg.qr(torch.randn(d_in, r, generator=gen, dtype=torch.float64))
+    p2, _ = torch.linalg.qr(torch.randn(d_in, r, generator=gen, dtype=torch.float64))
+    m1 = torch.randn(r, d_out, generator=gen, dtype=torch.float64)
+    m2 = torch.randn(r, d_out, generator=gen, dtype=torch.float64)
+    dy = torch.randn(B, T, d_out, generator=gen, dtype=torch.float64)
+    w0 = base.weight.detach().clone()
+    layer = LarsLinear(base, p1, torch.float64)
+    with torch.no_grad():
+        layer.lars_M.copy_(m1)
+        before = layer(x)
+    layer.refresh(p2, layer.lars_P, into_weight=into_weight)  # the first refresh: P_f = P1
+    assert layer.folded_in_weight is into_weight
+    with pytest.raises(ValueError, match="one way"):
+        layer.refresh(p2, layer.lars_P_folded, into_weight=not into_weight)
+    assert float(layer.lars_M.abs().max()) == 0.0
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), before, **TOL[torch.float64])
+        layer.lars_M.copy_(m2)
+
+    y = layer(x)
+    kept = [t for t in y.grad_fn.saved_tensors if t is not None and t.shape[0] in (B, B * T)]
+    dx, dm = torch.autograd.grad(y, (x, layer.lars_M), dy)
+    x_ref = x.detach().clone().requires_grad_(True)
+    m2_ref = m2.clone().requires_grad_(True)
+    w_eff = w0 + (p1 @ m1 + p2 @ m2_ref).T  # W + (P1 M1 + P2 M2)^T, unfactored, from the original W
+    y_ref = torch.nn.functional.linear(x_ref, w_eff, base.bias)
+    dx_ref, dm_ref = torch.autograd.grad(y_ref, (x_ref, m2_ref), dy)
+    torch.testing.assert_close(y, y_ref, **TOL[torch.float64])
+    torch.testing.assert_close(dx, dx_ref, **TOL[torch.float64])
+    torch.testing.assert_close(dm, dm_ref, **TOL[torch.float64])
+    assert [tuple(t.shape) for t in kept] == [(B * T, r)], "still only z = x P is kept"
+    a, b = layer.lora_tensors()
+    torch.testing.assert_close(a, torch.cat([p1, p2], 1).T)
+    torch.testing.assert_close(b, torch.cat([m1, m2]).T)
+    merged = layer.merge()
+    torch.testing.assert_close(merged.weight, w_eff.detach(), **TOL[torch.float64])
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_refresh_keeps_the_logits_and_the_adapter_of_rank_2r_reloads_in_peft(kind, tmp_path):
+    base = tiny_model(kind)
+    ids = tokens()
+    lars = get_lars_model(copy.deepcopy(base), LarsConfig(r=4), ids)
+    randomize_m(lars)
+    layers = lars.lars_layers()
+    optimizer = torch.optim.AdamW([layer.lars_M for layer in layers.values()], lr=1e-3)
+    lars.train()
+    lars(input_ids=ids, labels=ids).loss.backward()
+    optimizer.step()
+    assert all(layer.lars_M in optimizer.state for layer in layers.values())
+    lars.eval()
+    with torch.no_grad():
+        before = lars(input_ids=ids).logits
+    old_q = layers["model.layers.0.self_attn.q_proj"].lars_P
+
+    lars.refresh(tokens(seed=5), optimizer)  # calibrated again on other tokens, through the trained model
+
+    assert not any(layer.lars_M in optimizer.state for layer in layers.values()), "Adam's moments restart"
+    assert all(float(layer.lars_M.abs().max()) == 0.0 for layer in layers.values())
+    with torch.no_grad():
+        torch.testing.assert_close(lars(input_ids=ids).logits, before, **TOL[torch.float64])
+    q, k = layers["model.layers.0.self_attn.q_proj"], layers["model.layers.0.self_attn.k_proj"]
+    assert q.lars_P is k.lars_P and q.lars_P_folded is k.lars_P_folded, "one basis per stream, shared"
+    assert q.lars_P_folded is old_q and not torch.allclose(q.lars_P, old_q)
+    randomize_m(lars, seed=3)
+    with torch.no_grad():
+        logits = lars(input_ids=ids).logits
+    lars.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert (config["r"], config["lora_alpha"]) == (8, 8)
+    assert json.loads((tmp_path / "minilars_adapter.json").read_text())["refreshes"] == 1
+    reloaded = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=ids).logits, logits, **TOL[torch.float64])
+        torch.testing.assert_close(lars.merge_and_unload()(input_ids=ids).logits, logits, **TOL[torch.float64])
+
+
+def test_trainer_refreshes_at_the_engines_steps_once_per_accumulated_step(tmp_path, monkeypatch):
+    from minilars.hf.model import LarsModel
+    from minilars.hf.trainer import LarsTrainer
+
+    base = tiny_model("llama", torch.float32)
+    ids = tokens(rows=24, seq_len=12)
+    lars = get_lars_model(base, LarsConfig(r=4), ids[:2])
+    assert lars.refresh_steps(6) == {2, 4}  # k * 6 // 3, as the engine's --refreshes 2
+    seen = []
+    refresh = LarsModel.refresh
+
+    def spy(self, calibration, optimizer=None):
+        seen.append((trainer.state.global_step, tuple(calibration["input_ids"].shape)))
+        return refresh(self, calibration, optimizer)
+
+    monkeypatch.setattr(LarsModel, "refresh", spy)
+    data = [{"input_ids": row, "labels": row} for row in ids]
+    args = transformers.TrainingArguments(output_dir=str(tmp_path / "run"), max_steps=6, per_device_train_batch_size=2,
+                                          gradient_accumulation_steps=2, learning_rate=1e-2, report_to=[],
+                                          save_strategy="no", use_cpu=True, disable_tqdm=True)
+    trainer = LarsTrainer(model=lars, args=args, train_dataset=data)
+    trainer.train()
+    assert seen == [(2, (2, 12)), (4, (2, 12))], "before steps 2 and 4, once each, on the step's batch"
+    trainer.save_model(str(tmp_path / "adapter"))
+    assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["r"] == 12  # r (2 + 1)
+    reloaded = peft.PeftModel.from_pretrained(tiny_model("llama", torch.float32), tmp_path / "adapter")
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=ids).logits, lars(input_ids=ids).logits, **TOL[torch.float32])
+
 def test_bad_input_is_named():
     base = tiny_model("llama")
     with pytest.raises(TypeError, match="integer token ids"):
@@ -416,6 +552,8 @@ def test_bad_input_is_named():
         LarsConfig(cpu_mmap_threshold=0)
     with pytest.raises(ValueError, match="mlp_chunk_tokens"):
         LarsConfig(mlp_chunk_tokens=0)
+    with pytest.raises(ValueError, match="refreshes"):
+        LarsConfig(refreshes=-1)
 
 
 # ---------------------------------------------------------------- memory on the CPU

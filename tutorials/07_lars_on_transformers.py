@@ -72,6 +72,13 @@ def batch(rows=4, seq_len=T, seed=0):
 #
 # `calibration` is token ids (or an iterable of batches, or of dicts with
 # `input_ids` and `attention_mask`); padding is left out of the bases.
+#
+# The engine's default recipe refreshes each basis twice in a run (docs/lars.md
+# Part 1.6): before a third and two thirds of the steps, `model.refresh(batch,
+# optimizer)` folds `P M` into a frozen delta, calibrates `P` again on the batch
+# through the trained model, and restarts `M` and Adam's moments for it.
+# `model.refresh_steps(steps)` names those steps (`LarsConfig.refreshes`, 2);
+# `LarsTrainer` does this by itself.
 
 # %%
 model = get_lars_model(copy.deepcopy(base), LarsConfig(r=8), calibration=batch(seed=100))
@@ -79,8 +86,12 @@ model.print_trainable_parameters()
 optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-2)
 model.train()
 losses = []
-for step in range(20 if QUICK else 60):
+steps = 20 if QUICK else 60
+refresh_at = model.refresh_steps(steps)
+for step in range(steps):
     ids = batch(seed=step)
+    if step in refresh_at:  # the model's outputs are unchanged; the adapter's rank grows by r
+        model.refresh(ids, optimizer)
     loss = model(input_ids=ids, labels=ids).loss  # chunked loss; layers recomputed in backward
     loss.backward()
     optimizer.step()
@@ -88,7 +99,7 @@ for step in range(20 if QUICK else 60):
     losses.append(loss.item())
 print(f"loss {losses[0]:.3f} -> {losses[-1]:.3f}")
 adapter_dir = Path(tempfile.mkdtemp()) / "adapter"
-model.save_pretrained(adapter_dir)  # a peft LoRA adapter: lora_A = P^T, lora_B = M^T
+model.save_pretrained(adapter_dir)  # a peft LoRA adapter of rank 3r: lora_A = [P_f P]^T, lora_B = [M_f; M]^T
 print(sorted(p.name for p in adapter_dir.iterdir()))
 
 # %% [markdown]
@@ -131,8 +142,8 @@ print(f"LARS per token: {lars_per_token:.0f} bytes = L*d*2 (float16 layer inputs
 # ## The adapter in peft, and the merged model
 #
 # peft loads the saved directory as any LoRA adapter and gives the LARS model's
-# logits; `merge_and_unload()` folds `P M` into each weight and returns the plain
-# `LlamaForCausalLM`.
+# logits; `merge_and_unload()` folds the whole update (`P_f M_f + P M`) into each
+# weight and returns the plain `LlamaForCausalLM`.
 
 # %%
 ids = batch(rows=2, seed=999)

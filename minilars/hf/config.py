@@ -30,6 +30,13 @@ class LarsConfig:
                           "exist at once instead of (T, f) ones. Exact because the MLP is token-wise (row t of "
                           "its output depends on row t of its input only, minilars/hf/tokenwise.py); None runs "
                           "it whole (needed for a feed-forward that mixes tokens)."})
+    refreshes: int = field(
+        default=2,
+        metadata={"help": "Basis refreshes in a run, evenly spaced (docs/lars.md Part 1.6; the engine's default "
+                          "recipe, --refreshes 2): before each, every stream folds P M into a frozen delta and "
+                          "takes a basis calibrated again on the next batch, and M and the optimizer restart. "
+                          "LarsTrainer does it; a loop of your own calls model.refresh(batch, optimizer) before "
+                          "each step of model.refresh_steps(total_steps). 0: one basis."})
     loss_chunk: int = field(default=256, metadata={"help": "Tokens per slice of the chunked logits and loss: at most "
                                                            "(loss_chunk, V) float32 logits exist at once."})
     calibration_seed: int = field(default=0, metadata={"help": "Seed of the randomized range finder; layer i uses "
@@ -62,6 +69,8 @@ class LarsConfig:
                 not isinstance(self.mlp_chunk_tokens, int) or self.mlp_chunk_tokens < 1):
             raise ValueError("LarsConfig.mlp_chunk_tokens must be a positive integer or None, "
                              f"got {self.mlp_chunk_tokens!r}")
+        if not isinstance(self.refreshes, int) or self.refreshes < 0:
+            raise ValueError(f"LarsConfig.refreshes must be a non-negative integer, got {self.refreshes!r}")
         if not isinstance(self.loss_chunk, int) or self.loss_chunk < 1:
             raise ValueError(f"LarsConfig.loss_chunk must be a positive integer, got {self.loss_chunk!r}")
         if self.cpu_mmap_threshold is not None and (

@@ -4,7 +4,8 @@ in the shape of peft's get_peft_model / PeftModel.
     model = get_lars_model(model, LarsConfig(r=16), calibration=token_ids)
     loss = model(input_ids=ids, labels=ids).loss     # chunked loss, layers recomputed
     loss.backward()                                  # grads on the lars_M only
-    model.save_pretrained("adapter")                 # a peft LoRA adapter (A = P^T, B = M^T)
+    model.refresh(next_ids, optimizer)               # before each step of model.refresh_steps(total)
+    model.save_pretrained("adapter")                 # a peft LoRA adapter (A = [P_f P]^T, B = [M_f; M]^T)
     plain = model.merge_and_unload()                 # the base model with P M folded in
 """
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch
 from torch import nn
 
 from ..files import atomic_write, write_text
+from ..methods.base import refresh_steps
 from ..peft_io import CONFIG_FILE, MINILARS_FILE, WEIGHTS_FILE
 from ..backends.resident import fix_mmap_threshold
 from .calibrate import calibrate_bases
@@ -106,6 +108,7 @@ class LarsModel(nn.Module):
         self.lars_config = config
         self.streams = streams  # [[target names reading one input]]: q/k/v, o, gate/up, down per layer
         self._layers = [layers] if layers is not None else []  # a list: not a registered submodule
+        self.refreshes_done = 0
 
     def __getattr__(self, name):
         try:
@@ -161,10 +164,40 @@ class LarsModel(nn.Module):
         trainable, total = self.get_nb_trainable_parameters()
         print(f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}")
 
+    # ------------------------------------------------------------ refresh (docs/lars.md Part 1.6)
+    def refresh_steps(self, steps: int) -> frozenset[int]:
+        """The steps (counted from 0) before which a run of `steps` steps calls refresh():
+        lars_config.refreshes of them, evenly spaced, as the engine's --refreshes."""
+        return refresh_steps(self.lars_config.refreshes, steps)
+
+    @torch.no_grad()
+    def refresh(self, calibration, optimizer: torch.optim.Optimizer | None = None) -> None:
+        """Every stream folds P M into its frozen delta and takes a basis calibrated again
+        on `calibration` (as get_lars_model's: token ids or batches) through the model as
+        it now is; every M restarts at zero, and `optimizer`'s state for them (Adam's
+        moments) is dropped, as the engine restarts AdamW. The outputs are unchanged;
+        the saved adapter's rank grows by r."""
+        layers = self.lars_layers()
+        prefix, decoder_layers = find_layers(self.base_model, layers)
+        config = self.lars_config
+        bases, streams = calibrate_bases(self.base_model, layers, decoder_layers, prefix, calibration, config.r,
+                                         config.calibration_seed)
+        for stream in streams:
+            first = layers[stream[0]]
+            basis = bases[stream[0]].to(first.lars_P)  # one tensor per stream, as get_lars_model shares P
+            old = first.lars_P if first.lars_P_folded is None else torch.cat([first.lars_P_folded, first.lars_P], 1)
+            for name in stream:
+                layers[name].refresh(basis, old)
+        if optimizer is not None:
+            for layer in layers.values():
+                optimizer.state.pop(layer.lars_M, None)
+        self.refreshes_done += 1
+
     # ------------------------------------------------------------ export
     def adapter_state(self) -> tuple[dict[str, torch.Tensor], dict]:
         """(peft-named tensors, adapter_config) of the LoRA this model equals:
-        lora_A = P^T, lora_B = M^T, lora_alpha = r (scaling 1), docs/lars.md Part 1.5."""
+        lora_A = P^T, lora_B = M^T, lora_alpha = r (scaling 1), docs/lars.md Part 1.5;
+        after refresh() [P_f P]^T and [M_f; M]^T, of rank r (refreshes + 1)."""
         layers = self.lars_layers()
         tensors = {}
         for name, layer in layers.items():
@@ -176,7 +209,7 @@ class LarsModel(nn.Module):
                    and n.split(".")[-1] in leaves and not n.endswith(".base_layer")]
         # Leaf names when they select exactly the adapted modules, else every name in full.
         targets = leaves if sorted(linears) == sorted(layers) else sorted(layers)
-        r = self.lars_config.r
+        r = self.lars_config.r * (self.refreshes_done + 1)
         config = getattr(self.base_model, "config", None)
         adapter_config = {
             "peft_type": "LORA", "task_type": "CAUSAL_LM" if self._split_head() else None,
@@ -195,8 +228,8 @@ class LarsModel(nn.Module):
         directory = Path(save_directory)
         directory.mkdir(parents=True, exist_ok=True)
         tensors, adapter_config = self.adapter_state()
-        info = {"method": "lars", "rank": self.lars_config.r, "streams": self.streams,
-                "layer_storage": self.lars_config.layer_storage}
+        info = {"method": "lars", "rank": self.lars_config.r, "refreshes": self.refreshes_done,
+                "streams": self.streams, "layer_storage": self.lars_config.layer_storage}
         atomic_write(directory / WEIGHTS_FILE, lambda p: save_file(tensors, p, metadata={"format": "pt"}),
                      sum(t.numel() * t.element_size() for t in tensors.values()))
         write_text(directory / CONFIG_FILE, json.dumps(adapter_config, indent=2))
@@ -204,7 +237,7 @@ class LarsModel(nn.Module):
         return directory
 
     def merge_and_unload(self) -> nn.Module:
-        """The base model with every P M folded into its weight (W + (P M)^T), the
+        """The base model with every update folded into its weight (W + (P_f M_f + P M)^T), the
         LarsLinear layers replaced by plain nn.Linear and the layers' forward restored."""
         model = self.base_model
         for name, layer in self.lars_layers().items():

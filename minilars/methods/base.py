@@ -23,6 +23,14 @@ from ..sites import FrozenSite, LinearSite
 from ..store import StoragePlan
 from .method_config import ALL_PROJECTIONS, MethodConfig, SiteContext, apply_method
 
+
+def refresh_steps(refreshes: int, steps: int) -> frozenset[int]:
+    """The steps before which a run of `steps` steps refreshes its bases (docs/lars.md
+    Part 1.6): k * steps // (N + 1) for k = 1..N, evenly spaced, never before the first
+    step or after the last (minilars/train.py's Trainer and minilars.hf's LarsTrainer)."""
+    return frozenset(k * steps // (refreshes + 1) for k in range(1, refreshes + 1)) - {0, steps}
+
+
 # key(proj, suffix) -> the PEFT tensor name of projection `proj` in the current layer
 PeftKey = Callable[[str, str], str]
 # get(proj, suffix, shape) -> that tensor (numpy), checked to have `shape`
