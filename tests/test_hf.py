@@ -554,6 +554,10 @@ def test_bad_input_is_named():
         LarsConfig(mlp_chunk_tokens=0)
     with pytest.raises(ValueError, match="refreshes"):
         LarsConfig(refreshes=-1)
+    merged = get_lars_model(copy.deepcopy(base), LarsConfig(r=4), tokens())
+    merged.merge_and_unload()
+    with pytest.raises(RuntimeError, match="no LARS layers"):
+        merged.refresh(tokens())
 
 
 # ---------------------------------------------------------------- memory on the CPU

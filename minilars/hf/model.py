@@ -178,6 +178,8 @@ class LarsModel(nn.Module):
         moments) is dropped, as the engine restarts AdamW. The outputs are unchanged;
         the saved adapter's rank grows by r."""
         layers = self.lars_layers()
+        if not layers:
+            raise RuntimeError("refresh: the model has no LARS layers left (merge_and_unload() took them out)")
         prefix, decoder_layers = find_layers(self.base_model, layers)
         config = self.lars_config
         bases, streams = calibrate_bases(self.base_model, layers, decoder_layers, prefix, calibration, config.r,
