@@ -49,14 +49,15 @@ class LarsLinearFunction(torch.autograd.Function):
         # transpose) is copied once here, not multiplied as a batch of broadcast weights
         dy2 = dy.reshape(-1, dy.shape[-1])
         dx = dm = None
+        dya = dy2.to(m.dtype)  # in the adapter's dtype (dy2 itself when they agree)
         if ctx.needs_input_grad[0]:
             dx = dy2 @ weight  # (N, d_in)
-            _add_low_rank_(dx, dy2.to(m.dtype) @ m.T, basis.T)  # dx += (dy M^T) P^T
+            _add_low_rank_(dx, dya @ m.T, basis.T)  # dx += (dy M^T) P^T
             if folded_basis is not None:
-                _add_low_rank_(dx, dy2.to(m.dtype) @ folded_m.T, folded_basis.T)  # dx += (dy M_f^T) P_f^T
+                _add_low_rank_(dx, dya @ folded_m.T, folded_basis.T)  # dx += (dy M_f^T) P_f^T
             dx = dx.reshape(*dy.shape[:-1], dx.shape[-1])
         if ctx.needs_input_grad[4]:
-            dm = z.T @ dy2.to(m.dtype)  # (r, d_out)
+            dm = z.T @ dya  # (r, d_out)
         return dx, None, None, None, dm, None, None
 
 
@@ -116,7 +117,7 @@ class LarsLinear(nn.Module):
         if into_weight != self.folded_in_weight and self.lars_P_folded is not None:
             raise ValueError("a layer keeps its folded delta one way: in the weight or beside it")
         if into_weight:
-            self.base_layer.weight += (self.lars_P @ self.lars_M).T.to(self.base_layer.weight.dtype)
+            self.base_layer.weight += self._pending_delta()  # (P M)^T: the weight held P_f M_f already, or none
         self.folded_in_weight = into_weight
         m = self.lars_M.detach().clone()
         self.lars_M_folded = m if self.lars_M_folded is None else torch.cat([self.lars_M_folded, m])
@@ -124,19 +125,28 @@ class LarsLinear(nn.Module):
         self.lars_P = basis.to(self.lars_P)
         self.lars_M.zero_()
 
+    def stacked_basis(self) -> torch.Tensor:
+        """[P_f P] (d_in, R_f + r): every basis this layer has had (P before refresh())."""
+        return self.lars_P if self.lars_P_folded is None else torch.cat([self.lars_P_folded, self.lars_P], 1)
+
     def stacked(self) -> tuple[torch.Tensor, torch.Tensor]:
         """([P_f P] (d_in, R_f + r), [M_f; M] (R_f + r, d_out)): the whole update as one
         low-rank product (P and M before refresh())."""
         m = self.lars_M.detach()
-        if self.lars_P_folded is None:
-            return self.lars_P, m
-        return torch.cat([self.lars_P_folded, self.lars_P], 1), torch.cat([self.lars_M_folded, m])
+        return self.stacked_basis(), (m if self.lars_M_folded is None else torch.cat([self.lars_M_folded, m]))
 
     def delta_weight(self) -> torch.Tensor:
         """(P_f M_f + P M)^T (d_out, d_in), in the base weight's dtype: the whole update
         from the original W (what merge() adds, unless refresh() put P_f M_f there)."""
         basis, m = self.stacked()
         return (basis @ m).T.to(self.base_layer.weight.dtype)
+
+    def _pending_delta(self) -> torch.Tensor:
+        """What base_layer.weight does not hold yet: (P M)^T where refresh() put P_f M_f
+        there, else the whole delta_weight()."""
+        if self.folded_in_weight:
+            return (self.lars_P @ self.lars_M).T.to(self.base_layer.weight.dtype)
+        return self.delta_weight()
 
     def lora_tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(lora_A (R, d_in), lora_B (d_out, R)) = ([P_f P]^T, [M_f; M]^T): the LoRA this
@@ -148,10 +158,7 @@ class LarsLinear(nn.Module):
         """The base layer with the update folded into its weight (W + (P_f M_f + P M)^T;
         P M alone where refresh() put P_f M_f there already)."""
         with torch.no_grad():
-            if self.folded_in_weight:
-                self.base_layer.weight += (self.lars_P @ self.lars_M).T.to(self.base_layer.weight.dtype)
-            else:
-                self.base_layer.weight += self.delta_weight()
+            self.base_layer.weight += self._pending_delta()
         return self.base_layer
 
     def extra_repr(self) -> str:

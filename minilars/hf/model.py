@@ -108,7 +108,6 @@ class LarsModel(nn.Module):
         self.lars_config = config
         self.streams = streams  # [[target names reading one input]]: q/k/v, o, gate/up, down per layer
         self._layers = [layers] if layers is not None else []  # a list: not a registered submodule
-        self.refreshes_done = 0
 
     def __getattr__(self, name):
         try:
@@ -165,6 +164,13 @@ class LarsModel(nn.Module):
         print(f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}")
 
     # ------------------------------------------------------------ refresh (docs/lars.md Part 1.6)
+    @property
+    def refreshes_done(self) -> int:
+        """How often refresh() has run: the folded bases' columns over r."""
+        first = next(iter(self.lars_layers().values()), None)
+        folded = None if first is None else first.lars_P_folded
+        return 0 if folded is None else folded.shape[1] // self.lars_config.r
+
     def refresh_steps(self, steps: int) -> frozenset[int]:
         """The steps (counted from 0) before which a run of `steps` steps calls refresh():
         lars_config.refreshes of them, evenly spaced, as the engine's --refreshes."""
@@ -187,13 +193,12 @@ class LarsModel(nn.Module):
         for stream in streams:
             first = layers[stream[0]]
             basis = bases[stream[0]].to(first.lars_P)  # one tensor per stream, as get_lars_model shares P
-            old = first.lars_P if first.lars_P_folded is None else torch.cat([first.lars_P_folded, first.lars_P], 1)
+            old = first.stacked_basis()  # the stream's P_f to be, one tensor for its layers
             for name in stream:
                 layers[name].refresh(basis, old)
         if optimizer is not None:
             for layer in layers.values():
                 optimizer.state.pop(layer.lars_M, None)
-        self.refreshes_done += 1
 
     # ------------------------------------------------------------ export
     def adapter_state(self) -> tuple[dict[str, torch.Tensor], dict]:
@@ -211,7 +216,7 @@ class LarsModel(nn.Module):
                    and n.split(".")[-1] in leaves and not n.endswith(".base_layer")]
         # Leaf names when they select exactly the adapted modules, else every name in full.
         targets = leaves if sorted(linears) == sorted(layers) else sorted(layers)
-        r = self.lars_config.r * (self.refreshes_done + 1)
+        r = next(t.shape[0] for k, t in tensors.items() if k.endswith("lora_A.weight"))  # r (refreshes + 1)
         config = getattr(self.base_model, "config", None)
         adapter_config = {
             "peft_type": "LORA", "task_type": "CAUSAL_LM" if self._split_head() else None,
